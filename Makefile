@@ -1,0 +1,40 @@
+# The two commands of the README:
+#   make run   - create .venv, install the project, run the daemon on configs/demo.toml
+#   make test  - create .venv, install the project with its test extra, run lint, types, tests
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+CONFIG ?= configs/demo.toml
+
+.PHONY: run test venv lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+	  { echo "osk-daemon needs Python >= 3.11 (set PYTHON=...)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+run: venv
+	$(BIN)/osk-daemon run --config $(CONFIG)
+
+lint: venv
+	$(BIN)/ruff check osk_daemon tests bench configs
+	$(BIN)/ruff format --check osk_daemon tests bench configs
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/python -m pytest
+
+bench: venv
+	$(BIN)/python bench/rpc.py
+	$(BIN)/python bench/spawn.py
+	$(BIN)/python bench/restart.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
