@@ -1,0 +1,1 @@
+"""Inter-process messaging: frame codec, broker (ROUTER), worker and client sockets (DEALER)."""
