@@ -60,9 +60,7 @@ class Header:
     meta: dict[str, Any] | None = None
 
     def encode(self) -> bytes:
-        return encode_header(
-            self.kind, self.id, self.target, self.method, self.deadline, self.meta
-        )
+        return encode_header(self.kind, self.id, self.target, self.method, self.deadline, self.meta)
 
 
 def encode_header(
@@ -88,9 +86,7 @@ def decode_header(data: bytes) -> Header:
     if len(data) > MAX_HEADER_SIZE:
         raise FrameError(f"header of {len(data)} bytes exceeds {MAX_HEADER_SIZE}")
     try:
-        raw = msgpack.unpackb(
-            data, raw=False, strict_map_key=True, ext_hook=_reject_ext, max_buffer_size=len(data)
-        )
+        raw = msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=_reject_ext)
     except FrameError:
         raise
     except Exception as exc:  # msgpack raises several unrelated types on garbage
@@ -134,9 +130,7 @@ def unpack(data: bytes, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> Any:
     if not data:
         return None
     try:
-        return msgpack.unpackb(
-            data, raw=False, strict_map_key=False, ext_hook=_reject_ext, max_buffer_size=max_size
-        )
+        return msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=_reject_ext)
     except FrameError:
         raise
     except Exception as exc:

@@ -1,0 +1,292 @@
+"""The shape of the configuration: frozen pydantic models, one per TOML table.
+
+These models say what a valid file looks like and nothing else: which keys exist, their
+types, defaults and bounds, and rules that relate two keys of the same table (a health
+check's ``timeout`` may not exceed its ``interval``). Everything that needs to know where a
+value came from (which file, which directory relative paths are resolved against), and every
+rule that spans tables (group children must exist, no cycles), lives in ``loader.py``.
+
+The models are strict: TOML is typed, so ``interval = "1"`` or ``enabled = 1`` is an error,
+not a silent coercion. Only paths and enumerations are parsed from strings. Validation
+errors use short, human reasons in their ``ValueError`` messages because the loader shows
+them to operators verbatim.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+
+from osk_daemon.config.sizes import parse_size
+
+__all__ = [
+    "NAME_PATTERN",
+    "BackoffConfig",
+    "Config",
+    "ConfigFile",
+    "DaemonConfig",
+    "GroupConfig",
+    "HealthCheckConfig",
+    "LogFormat",
+    "LogLevel",
+    "PluginConfig",
+    "Restart",
+    "SpawnMode",
+    "Strategy",
+    "config_json_schema",
+]
+
+NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,62}$"
+_NAME_RE = re.compile(NAME_PATTERN)
+_SEMVER_RE = re.compile(
+    r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
+    r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
+    r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$"
+)
+
+
+class Restart(StrEnum):
+    """When a supervisor restarts an exited plugin instance (OTP restart types)."""
+
+    PERMANENT = "permanent"  # always
+    TRANSIENT = "transient"  # only after an abnormal exit
+    TEMPORARY = "temporary"  # never
+
+
+class Strategy(StrEnum):
+    """What a group does to its other children when one of them fails (OTP strategies)."""
+
+    ONE_FOR_ONE = "one_for_one"
+    ONE_FOR_ALL = "one_for_all"
+    REST_FOR_ONE = "rest_for_one"
+
+
+class SpawnMode(StrEnum):
+    """How a plugin process is created: forked from the zygote, or a fresh interpreter."""
+
+    ZYGOTE = "zygote"
+    EXEC = "exec"
+
+
+class LogFormat(StrEnum):
+    TEXT = "text"
+    JSON = "json"
+
+
+class LogLevel(StrEnum):
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+def _check_name(value: str) -> str:
+    if not _NAME_RE.match(value):
+        raise ValueError(
+            f"invalid name {value!r}: use 1-63 characters a-z, 0-9, '_' or '-', "
+            "starting with a lowercase letter"
+        )
+    return value
+
+
+def _check_size(value: Any) -> Any:
+    if isinstance(value, str | int):
+        return parse_size(value)
+    return value
+
+
+# Plugin and group names, used as table keys and in group children.
+Name = Annotated[
+    str,
+    AfterValidator(_check_name),
+    WithJsonSchema({"type": "string", "pattern": NAME_PATTERN}),
+]
+# Paths and enum members are written as TOML strings, so they are parsed even in strict mode.
+LaxPath = Annotated[Path, Strict(False)]
+Size = Annotated[
+    int,
+    BeforeValidator(_check_size),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "integer", "minimum": 1024},
+                {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*[a-zA-Z]*\s*$"},
+            ],
+            "description": "bytes, or a size such as '16MiB', '512KiB', '1G'",
+        }
+    ),
+]
+
+_MODEL = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+class HealthCheckConfig(BaseModel):
+    """Periodic ``health`` calls to each instance and what to do when they fail."""
+
+    model_config = _MODEL
+
+    enabled: bool = True
+    interval: float = Field(default=1.0, gt=0)
+    timeout: float = Field(default=0.5, gt=0)
+    failure_threshold: int = Field(default=3, ge=1)
+    success_threshold: int = Field(default=1, ge=1)
+    auto_restart: bool = True
+
+    @field_validator("timeout")
+    @classmethod
+    def _timeout_within_interval(cls, value: float, info: ValidationInfo) -> float:
+        interval = info.data.get("interval")
+        if interval is not None and value > interval:
+            raise ValueError(f"must be <= interval ({interval!r}), got {value!r}")
+        return value
+
+
+class BackoffConfig(BaseModel):
+    """Restart delay: ``min(max, base * factor**n)`` with +-``jitter`` (a fraction)."""
+
+    model_config = _MODEL
+
+    base: float = Field(default=0.1, ge=0)
+    factor: float = Field(default=2.0, ge=1)
+    max: float = Field(default=30.0, ge=0)
+    jitter: float = Field(default=0.1, ge=0, le=1)
+    reset_after: float = Field(default=10.0, ge=0)
+
+
+class PluginConfig(BaseModel):
+    """One plugin: where its code is, how many instances run, and how they are supervised."""
+
+    model_config = _MODEL
+
+    entry: str
+    path: list[LaxPath] = Field(default_factory=list)
+    version: str = "0.0.0"
+    instances: int = Field(default=1, ge=1, le=64)
+    restart: Annotated[Restart, Strict(False)] = Restart.PERMANENT
+    shutdown_timeout: float = Field(default=5.0, gt=0)
+    start_timeout: float = Field(default=10.0, gt=0)
+    spawn: Annotated[SpawnMode, Strict(False)] = SpawnMode.ZYGOTE
+    config: dict[str, Any] = Field(default_factory=dict)
+    env: dict[str, str] = Field(default_factory=dict)
+    health_check: HealthCheckConfig = Field(default_factory=HealthCheckConfig)
+    backoff: BackoffConfig = Field(default_factory=BackoffConfig)
+
+    @field_validator("entry")
+    @classmethod
+    def _check_entry(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        if ":" in value:
+            module, _, attr = value.partition(":")
+            if not _is_dotted(module) or not _is_dotted(attr):
+                raise ValueError(f"expected 'module:Class' with dotted Python names, got {value!r}")
+        elif any(c.isspace() for c in value):
+            raise ValueError(f"an entry-point name may not contain spaces, got {value!r}")
+        return value
+
+    @field_validator("version")
+    @classmethod
+    def _check_version(cls, value: str) -> str:
+        if not _SEMVER_RE.match(value):
+            raise ValueError(f"must be a SemVer 2.0 version such as '1.2.3', got {value!r}")
+        return value
+
+
+def _is_dotted(text: str) -> bool:
+    return bool(text) and all(part.isidentifier() for part in text.split("."))
+
+
+class GroupConfig(BaseModel):
+    """A supervision group: children (plugins or groups) in start order and a strategy."""
+
+    model_config = _MODEL
+
+    strategy: Annotated[Strategy, Strict(False)] = Strategy.ONE_FOR_ONE
+    intensity: int = Field(default=5, ge=0)
+    period: float = Field(default=10.0, gt=0)
+    children: list[Name] = Field(default_factory=list)
+
+
+class DaemonConfig(BaseModel):
+    """Daemon-wide settings. ``control_socket`` defaults to ``runtime_dir/control.sock``."""
+
+    model_config = _MODEL
+
+    runtime_dir: LaxPath = Path("/run/osk")
+    control_socket: LaxPath = Field(
+        default=Path("/run/osk/control.sock"),
+        description="defaults to runtime_dir/control.sock",
+    )
+    control_group: str | None = None
+    log_format: Annotated[LogFormat, Strict(False)] = LogFormat.TEXT
+    log_level: Annotated[LogLevel, Strict(False)] = LogLevel.INFO
+    log_buffer_lines: int = Field(default=1000, gt=0)
+    heartbeat_interval: float = Field(default=0.5, gt=0)
+    heartbeat_timeout: float = Field(default=3.0, gt=0)
+    max_message_size: Size = Field(default=16 * 1024 * 1024, ge=1024)
+    call_timeout: float = Field(default=10.0, gt=0)
+    shutdown_timeout: float = Field(default=30.0, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_control_socket(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("control_socket") is None:
+            runtime_dir = data.get("runtime_dir", Path("/run/osk"))
+            if isinstance(runtime_dir, str | Path):
+                return {**data, "control_socket": Path(runtime_dir) / "control.sock"}
+        return data
+
+    @field_validator("heartbeat_timeout")
+    @classmethod
+    def _timeout_above_interval(cls, value: float, info: ValidationInfo) -> float:
+        interval = info.data.get("heartbeat_interval")
+        if interval is not None and value <= interval:
+            raise ValueError(f"must be > heartbeat_interval ({interval!r}), got {value!r}")
+        return value
+
+
+class _Tables(BaseModel):
+    model_config = _MODEL
+
+    daemon: DaemonConfig = Field(default_factory=DaemonConfig)
+    plugins: dict[Name, PluginConfig] = Field(default_factory=dict)
+    groups: dict[Name, GroupConfig] = Field(default_factory=dict)
+
+
+class ConfigFile(_Tables):
+    """What one TOML file may contain: the tables plus ``include`` globs for drop-ins."""
+
+    include: list[str] = Field(
+        default_factory=list,
+        description="globs of drop-in files, relative to this file, merged over it in order",
+    )
+
+
+class Config(_Tables):
+    """A loaded, cross-checked configuration.
+
+    ``plugins`` keep file order. ``groups`` always holds ``"root"``, whose children include
+    every plugin and group no other group lists. ``source`` is the main file, absolute.
+    """
+
+    source: Path
+
+
+def config_json_schema() -> dict[str, Any]:
+    """JSON Schema (draft 2020-12) of one TOML config file, for editors and linters."""
+    return ConfigFile.model_json_schema()

@@ -1,0 +1,437 @@
+"""The daemon's broker: one ROUTER socket that every worker and outside caller talks to.
+
+Theory of operation
+-------------------
+Workers connect a DEALER and say HELLO with the one-time token the daemon gave their
+process at spawn; only then is their routing id bound to an instance ``(plugin, index)``
+and only then are worker-only kinds (READY, HEARTBEAT, REPLY, ...) accepted from it.
+Anyone who can reach the socket (it lives in the daemon's 0700 runtime dir) may send a
+REQUEST: outside clients, ``oskctl call`` through the control socket, or a plugin calling
+another plugin.
+
+A REQUEST gets a broker-wide id; the table ``_pending`` maps it back to the caller's own
+id and routing id, so replies from a worker are forwarded to whoever asked, with the
+caller's id restored. Bodies are never unpacked here: the broker only reads headers.
+
+Requests go to the ready instance with the fewest requests in flight. While a plugin is
+starting or restarting (no instance ready yet but one on its way) requests wait in a
+queue until their deadline; a plugin that is stopped, failed or unknown is answered at
+once with ``unavailable``. Every request has a deadline (the caller's, or the default);
+one heap and one timer answer expired requests with ``timeout``, so nothing hangs. When
+an instance is lost, its in-flight requests are answered with an error at once.
+
+The socket is read from the asyncio loop with ``add_reader`` on ZMQ_FD. That fd is
+edge-triggered, so every wake-up drains until EAGAIN and every send re-checks
+ZMQ_EVENTS (a send can consume the edge of a pending read).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import zmq
+
+from osk_daemon.errors import (
+    DeadlineExceeded,
+    FrameError,
+    OskError,
+    PluginError,
+    Unavailable,
+)
+from osk_daemon.ipc.codec import Header, Kind, encode_header, pack, split_router_frames, unpack
+
+log = logging.getLogger("osk.broker")
+
+InstanceKey = tuple[str, int]
+WorkerListener = Callable[[InstanceKey, Header, bytes], None]
+
+_WORKER_KINDS = frozenset(
+    {Kind.READY, Kind.HEARTBEAT, Kind.REPLY, Kind.ERROR, Kind.EVENT, Kind.HEALTH_REPLY}
+) | {Kind.START_FAILED}
+_DRAIN_BATCH = 256
+
+
+@dataclass(slots=True)
+class _Route:
+    key: InstanceKey
+    rid: bytes
+    ready: bool = False
+    in_flight: int = 0
+
+
+@dataclass(slots=True)
+class _Plugin:
+    routes: dict[int, _Route] = field(default_factory=dict)
+    accepting: bool = True  # starting or running: queue requests rather than refuse them
+    queue: deque[int] = field(default_factory=deque)
+    rr: int = 0
+
+
+@dataclass(slots=True)
+class _Pending:
+    caller_rid: bytes | None  # None: a local call, answered through ``future``
+    caller_id: int
+    target: str
+    method: str
+    deadline: float
+    meta: dict[str, Any] | None
+    body: bytes
+    future: asyncio.Future[tuple[Kind, bytes]] | None = None
+    route: _Route | None = None
+
+
+@dataclass
+class BrokerStats:
+    requests: int = 0
+    replies: int = 0
+    timeouts: int = 0
+    unavailable: int = 0
+    dropped_malformed: int = 0
+    dropped_unauthenticated: int = 0
+    late_replies: int = 0
+
+
+class Broker:
+    """Route frames between callers and plugin instances. See the module docstring."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        listener: WorkerListener,
+        *,
+        max_message_size: int,
+        default_timeout: float = 10.0,
+        ctx: zmq.Context[Any] | None = None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.stats = BrokerStats()
+        self._listener = listener
+        self._max = max_message_size
+        self._default_timeout = default_timeout
+        self._ctx = ctx or zmq.Context.instance()
+        self._sock: zmq.Socket[bytes] = self._ctx.socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self._sock.setsockopt(zmq.MAXMSGSIZE, max_message_size + 8192)
+        self._sock.setsockopt(zmq.SNDHWM, 100_000)
+        self._sock.setsockopt(zmq.RCVHWM, 100_000)
+        self._sock.bind(endpoint)
+        self._fd = cast(int, self._sock.getsockopt(zmq.FD))
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tokens: dict[str, InstanceKey] = {}
+        self._by_rid: dict[bytes, _Route] = {}
+        self._plugins: dict[str, _Plugin] = {}
+        self._pending: dict[int, _Pending] = {}
+        self._ids = itertools.count(1)
+        self._heap: list[tuple[float, int]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._drain_scheduled = False
+
+    # ---- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start reading the socket from the running asyncio loop."""
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._fd, self._drain)
+        self._schedule_drain()
+
+    def close(self) -> None:
+        """Answer everything pending with ``unavailable`` and close the socket."""
+        for bid in list(self._pending):
+            self._fail(bid, Unavailable("the daemon is shutting down"))
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._loop is not None and not self._sock.closed:
+            self._loop.remove_reader(self._fd)
+        self._sock.close(0)
+
+    # ---- what the supervisor tells the broker -----------------------------------------
+
+    def declare(self, plugin: str) -> None:
+        """Make ``plugin`` known so requests to it queue instead of failing."""
+        self._plugins.setdefault(plugin, _Plugin())
+
+    def expect(self, token: str, key: InstanceKey) -> None:
+        """A process for ``key`` was spawned with ``token``; its HELLO will bind it."""
+        self._tokens[token] = key
+
+    def set_ready(self, key: InstanceKey, ready: bool) -> None:
+        route = self._route_of(key)
+        if route is None:
+            return
+        route.ready = ready
+        if ready:
+            self._flush_queue(key[0])
+
+    def set_accepting(self, plugin: str, accepting: bool) -> None:
+        """False: no instance of ``plugin`` is running or on its way; refuse at once."""
+        entry = self._plugins.setdefault(plugin, _Plugin())
+        entry.accepting = accepting
+        if not accepting:
+            while entry.queue:
+                self._fail(entry.queue.popleft(), Unavailable(f"plugin '{plugin}' is stopped"))
+
+    def detach(self, key: InstanceKey, reason: str) -> None:
+        """The instance is gone: unbind it and fail its in-flight requests."""
+        for token, k in list(self._tokens.items()):
+            if k == key:
+                del self._tokens[token]
+        entry = self._plugins.get(key[0])
+        route = entry.routes.pop(key[1], None) if entry else None
+        if route is None:
+            return
+        self._by_rid.pop(route.rid, None)
+        for bid, pending in list(self._pending.items()):
+            if pending.route is route:
+                self._fail(bid, PluginError(f"{key[0]}/{key[1]} {reason} during the request"))
+
+    def send_to(self, key: InstanceKey, header: Header, body: bytes = b"") -> bool:
+        """Send a control frame (HEALTH, STOP) to one instance; False if it is not bound."""
+        route = self._route_of(key)
+        if route is None:
+            return False
+        return self._send(route.rid, header.encode(), body)
+
+    # ---- local calls (oskctl call, health of the daemon itself) ------------------------
+
+    async def call(
+        self,
+        plugin: str,
+        method: str,
+        body: bytes,
+        timeout: float | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> bytes:
+        """Route a request from inside the daemon; returns the reply body or raises."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[tuple[Kind, bytes]] = loop.create_future()
+        deadline = time.monotonic() + (timeout or self._default_timeout)
+        self._accept_request(None, 0, plugin, method, deadline, meta, body, future)
+        kind, reply = await future
+        if kind is Kind.ERROR:
+            from osk_daemon.errors import error_from_wire
+
+            raise error_from_wire(unpack(reply, self._max))
+        return reply
+
+    # ---- the socket ------------------------------------------------------------------
+
+    def _schedule_drain(self) -> None:
+        if not self._drain_scheduled and self._loop is not None and not self._sock.closed:
+            self._drain_scheduled = True
+            self._loop.call_soon(self._drain)
+
+    def _drain(self) -> None:
+        self._drain_scheduled = False
+        sock = self._sock
+        for _ in range(_DRAIN_BATCH):
+            if sock.closed:
+                return
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except zmq.ZMQError as exc:
+                log.warning("broker receive failed: %s", exc)
+                return
+            self._handle(frames)
+        self._schedule_drain()  # more may be waiting; let other callbacks run first
+
+    def _send(self, rid: bytes, header: bytes, body: bytes) -> bool:
+        try:
+            self._sock.send_multipart((rid, header, body), zmq.NOBLOCK, copy=len(body) < 65536)
+        except zmq.ZMQError as exc:
+            log.debug("broker send to %r failed: %s", rid, exc)
+            return False
+        finally:
+            if cast(int, self._sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+                self._schedule_drain()
+        return True
+
+    def _handle(self, frames: list[bytes]) -> None:
+        try:
+            rid, header, body = split_router_frames(frames)
+            if len(body) > self._max:
+                raise FrameError(f"body of {len(body)} bytes exceeds {self._max}")
+        except FrameError as exc:
+            self.stats.dropped_malformed += 1
+            log.warning(
+                "dropped a malformed frame (%d dropped so far): %s",
+                self.stats.dropped_malformed,
+                exc,
+            )
+            return
+        kind = header.kind
+        if kind is Kind.REQUEST:
+            deadline = header.deadline or time.monotonic() + self._default_timeout
+            self._accept_request(
+                rid, header.id, header.target, header.method, deadline, header.meta, body, None
+            )
+        elif kind is Kind.HELLO:
+            self._hello(rid, header, body)
+        elif kind in _WORKER_KINDS:
+            route = self._by_rid.get(rid)
+            if route is None:
+                self.stats.dropped_unauthenticated += 1
+                log.warning("dropped %s from a peer that never said HELLO", kind.name)
+            elif kind in (Kind.REPLY, Kind.ERROR):
+                self._reply(route, header, body)
+            else:
+                self._listener(route.key, header, body)
+        else:
+            self.stats.dropped_malformed += 1
+            log.warning("dropped %s: not a kind a peer may send to the daemon", kind.name)
+
+    def _hello(self, rid: bytes, header: Header, body: bytes) -> None:
+        try:
+            info = unpack(body, 4096)
+            key = self._tokens.pop(str(info["token"])) if isinstance(info, dict) else None
+        except (FrameError, KeyError):
+            key = None
+        if key is None:
+            self.stats.dropped_unauthenticated += 1
+            log.warning("refused a HELLO with a missing or unknown token")
+            return
+        entry = self._plugins.setdefault(key[0], _Plugin())
+        old = entry.routes.get(key[1])
+        if old is not None:
+            self._by_rid.pop(old.rid, None)
+        route = _Route(key, rid)
+        entry.routes[key[1]] = route
+        self._by_rid[rid] = route
+        self._listener(key, header, body)
+
+    # ---- requests and replies ---------------------------------------------------------
+
+    def _accept_request(
+        self,
+        caller_rid: bytes | None,
+        caller_id: int,
+        target: str,
+        method: str,
+        deadline: float,
+        meta: dict[str, Any] | None,
+        body: bytes,
+        future: asyncio.Future[tuple[Kind, bytes]] | None,
+    ) -> None:
+        self.stats.requests += 1
+        bid = next(self._ids)
+        self._pending[bid] = _Pending(
+            caller_rid, caller_id, target, method, deadline, meta, body, future
+        )
+        entry = self._plugins.get(target)
+        if entry is None:
+            self._fail(bid, Unavailable(f"no plugin named '{target}'"))
+            return
+        if not self._dispatch(bid, entry):
+            if not entry.accepting:
+                self._fail(bid, Unavailable(f"plugin '{target}' is stopped"))
+                return
+            entry.queue.append(bid)
+        heapq.heappush(self._heap, (deadline, bid))
+        if self._timer is None or deadline < self._timer_at:
+            self._arm_timer(deadline)
+
+    def _dispatch(self, bid: int, entry: _Plugin) -> bool:
+        ready = [r for r in entry.routes.values() if r.ready]
+        if not ready:
+            return False
+        entry.rr += 1
+        n = len(ready)
+        route = min((ready[(entry.rr + i) % n] for i in range(n)), key=lambda r: r.in_flight)
+        pending = self._pending[bid]
+        header = encode_header(
+            Kind.REQUEST, bid, pending.target, pending.method, pending.deadline, pending.meta
+        )
+        if not self._send(route.rid, header, pending.body):
+            return False
+        pending.route = route
+        pending.body = b""  # the worker has it now; do not keep large bodies alive
+        route.in_flight += 1
+        return True
+
+    def _flush_queue(self, plugin: str) -> None:
+        entry = self._plugins[plugin]
+        while entry.queue:
+            bid = entry.queue[0]
+            if bid not in self._pending:
+                entry.queue.popleft()
+                continue
+            if not self._dispatch(bid, entry):
+                return
+            entry.queue.popleft()
+
+    def _reply(self, route: _Route, header: Header, body: bytes) -> None:
+        pending = self._pending.get(header.id)
+        if pending is None or pending.route is not route:
+            self.stats.late_replies += 1
+            return
+        del self._pending[header.id]
+        route.in_flight -= 1
+        self.stats.replies += 1
+        self._answer(pending, header.kind, body)
+
+    def _answer(self, pending: _Pending, kind: Kind, body: bytes) -> None:
+        if pending.future is not None:
+            if not pending.future.done():
+                pending.future.set_result((kind, body))
+        elif pending.caller_rid is not None:
+            self._send(pending.caller_rid, encode_header(kind, pending.caller_id), body)
+
+    def _fail(self, bid: int, error: OskError) -> None:
+        pending = self._pending.pop(bid, None)
+        if pending is None:
+            return
+        if isinstance(error, Unavailable):
+            self.stats.unavailable += 1
+        if pending.route is not None:
+            pending.route.in_flight -= 1
+        self._answer(pending, Kind.ERROR, pack(error.to_wire()))
+
+    # ---- deadlines --------------------------------------------------------------------
+
+    def _arm_timer(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        assert self._loop is not None
+        self._timer_at = when
+        self._timer = self._loop.call_at(
+            self._loop.time() + max(0.0, when - time.monotonic()), self._expire
+        )
+
+    def _expire(self) -> None:
+        self._timer = None
+        now = time.monotonic()
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            _, bid = heapq.heappop(heap)
+            pending = self._pending.get(bid)
+            if pending is not None:
+                self.stats.timeouts += 1
+                where = (
+                    f" (at {pending.route.key[0]}/{pending.route.key[1]})" if pending.route else ""
+                )
+                self._fail(
+                    bid,
+                    DeadlineExceeded(
+                        f"{pending.target}.{pending.method} got no answer before its "
+                        f"deadline{where}"
+                    ),
+                )
+        while heap and heap[0][1] not in self._pending:
+            heapq.heappop(heap)
+        if heap:
+            self._arm_timer(heap[0][0])
+
+    def _route_of(self, key: InstanceKey) -> _Route | None:
+        entry = self._plugins.get(key[0])
+        return entry.routes.get(key[1]) if entry else None

@@ -1,0 +1,127 @@
+"""Calling plugins from outside the daemon.
+
+``Client`` is a blocking DEALER connected to the daemon's broker socket. Each call sends a
+REQUEST with an absolute deadline; the broker answers every request (with the reply, or
+with a ``timeout``/``unavailable`` error), so a call never waits past its deadline plus a
+small grace. ``call_many`` pipelines a batch: it sends everything first, then collects the
+answers in any order.
+
+    with Client("ipc:///run/osk/broker.sock") as client:
+        client.call("echo", "echo", {"text": "hi"})
+
+Arguments travel as msgpack: a dict becomes keyword arguments, a list positional ones.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterable, Sequence
+from types import TracebackType
+from typing import Any
+
+import zmq
+
+from osk_daemon.errors import DeadlineExceeded, OskError, error_from_wire
+from osk_daemon.ipc.codec import (
+    DEFAULT_MAX_MESSAGE_SIZE,
+    Kind,
+    encode_header,
+    pack,
+    split_dealer_frames,
+    unpack,
+)
+
+_GRACE = 0.5
+
+
+class Client:
+    """A blocking RPC client. Not thread-safe: use one per thread."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        timeout: float = 10.0,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+    ) -> None:
+        self.timeout = timeout
+        self._max = max_message_size
+        self._ctx = zmq.Context()
+        self._sock: zmq.Socket[bytes] = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.MAXMSGSIZE, max_message_size + 8192)
+        self._sock.setsockopt(zmq.SNDHWM, 0)
+        self._sock.setsockopt(zmq.RCVHWM, 0)
+        self._sock.connect(endpoint)
+        self._ids = itertools.count(1)
+
+    def call(
+        self,
+        plugin: str,
+        method: str,
+        args: Any = None,
+        *,
+        timeout: float | None = None,
+        version: str | None = None,
+    ) -> Any:
+        """Call ``plugin.method(args)`` and return its result.
+
+        Raises the plugin's error (``RemoteError``, ``MethodNotFound``), ``Unavailable``
+        or ``DeadlineExceeded``, all ``OskError``s.
+        """
+        result = self.call_many([(plugin, method, args)], timeout=timeout, version=version)[0]
+        if isinstance(result, OskError):
+            raise result
+        return result
+
+    def call_many(
+        self,
+        calls: Iterable[tuple[str, str, Any]],
+        *,
+        timeout: float | None = None,
+        version: str | None = None,
+    ) -> list[Any]:
+        """Send all calls at once, then collect; a failed call's slot holds its OskError."""
+        deadline = time.monotonic() + (timeout or self.timeout)
+        meta = {"version": version} if version else None
+        order: dict[int, int] = {}
+        for slot, (plugin, method, args) in enumerate(calls):
+            rid = next(self._ids)
+            order[rid] = slot
+            frame = encode_header(Kind.REQUEST, rid, plugin, method, deadline, meta)
+            self._sock.send_multipart((frame, pack(args)), copy=False)
+        results: list[Any] = [None] * len(order)
+        while order:
+            remaining = deadline + _GRACE - time.monotonic()
+            if remaining <= 0 or not self._sock.poll(int(remaining * 1000) + 1, zmq.POLLIN):
+                error = DeadlineExceeded("no answer from the daemon before the deadline")
+                for slot in order.values():
+                    results[slot] = error
+                break
+            header, body = split_dealer_frames(self._sock.recv_multipart())
+            slot_or_none = order.pop(header.id, None)
+            if slot_or_none is None:
+                continue  # an answer to an earlier call that already timed out
+            value = unpack(body, self._max)
+            results[slot_or_none] = error_from_wire(value) if header.kind is Kind.ERROR else value
+        return results
+
+    def call_batch(self, plugin: str, method: str, batch: Sequence[Any]) -> list[Any]:
+        """Shortcut: the same method with many argument sets, pipelined."""
+        return self.call_many([(plugin, method, args) for args in batch])
+
+    def close(self) -> None:
+        self._sock.close(0)
+        self._ctx.term()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
