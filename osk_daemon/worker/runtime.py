@@ -1,0 +1,391 @@
+"""The main loop of a plugin process: one DEALER socket, one asyncio loop, one plugin.
+
+Why: the daemon supervises plugins it cannot trust to stay responsive, so the worker's
+job is to make the plugin's state observable over the wire — alive (HELLO), started
+(READY or START_FAILED), responsive (HEARTBEAT from the event loop itself) — and to turn
+REQUEST/HEALTH/STOP frames into calls on the plugin.
+
+How (theory of operation):
+
+1. ``run_worker`` configures logging, creates the zmq context (never earlier: the process
+   may be a fork of a zygote that must not own one) and runs ``_Worker.run`` under
+   ``asyncio.run``; it always ends in ``os._exit`` with the code ``run`` returned.
+2. ``run`` connects and sends HELLO before importing anything of the plugin, then starts
+   the heartbeat and receive tasks. Heartbeats are sent by an event-loop task on purpose:
+   a plugin that blocks the loop stops them, which is how the daemon detects a hang.
+3. The plugin class is loaded (``module:Class`` or an ``osk.plugins`` entry point),
+   instantiated, given its handed-over state and started; then READY lists its methods.
+   Any failure is reported as START_FAILED and the process exits with 1.
+4. Frames are dispatched by kind. REQUEST: sync handlers run inline, async ones as tasks,
+   and each request gets exactly one REPLY or ERROR unless its deadline has passed. REPLY
+   and ERROR resolve our own outgoing ``ctx.call`` futures. HEALTH runs ``health()`` in a
+   task. STOP (or SIGTERM) sets the stop event. Undecodable frames are logged and dropped.
+5. Shutdown: ``stop()``, cancel the remaining tasks, close the socket with a linger so
+   queued replies still leave, exit 0. A second SIGTERM exits immediately.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import itertools
+import logging
+import os
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Callable, Coroutine
+from typing import Any, NoReturn, cast
+
+import zmq
+import zmq.asyncio
+
+from osk_daemon.errors import (
+    DeadlineExceeded,
+    FrameError,
+    MethodNotFound,
+    OskError,
+    PluginLoadError,
+    RemoteError,
+    Unavailable,
+    error_from_wire,
+)
+from osk_daemon.ipc.codec import Header, Kind, encode_header, pack, split_dealer_frames, unpack
+from osk_daemon.worker.context import Context
+from osk_daemon.worker.sdk import (
+    RESERVED_PREFIX,
+    Plugin,
+    load_plugin_class,
+    rpc_methods,
+    split_args,
+    to_health,
+)
+
+__all__ = ["run_worker"]
+
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+LINGER_MS = 500
+CALL_GRACE = 0.5  # seconds past a call's deadline before giving up locally
+
+log = logging.getLogger("osk.worker")
+
+
+def run_worker(spec: dict[str, Any]) -> NoReturn:
+    """Run one plugin process to completion and exit; never returns.
+
+    Exit code 0 after STOP/SIGTERM, 1 when the plugin failed to load or start or the
+    runtime itself failed. See the module docstring for the protocol.
+    """
+    level = spec.get("log_level", "INFO")
+    logging.basicConfig(
+        stream=sys.stderr,
+        format=LOG_FORMAT,
+        level=level.upper() if isinstance(level, str) else level,
+        force=True,
+    )
+    zctx = zmq.asyncio.Context()
+    code = 1
+    try:
+        code = asyncio.run(_Worker(spec, zctx).run())
+    except BaseException:
+        log.critical("worker runtime failed:\n%s", traceback.format_exc())
+    finally:
+        with contextlib.suppress(Exception):
+            zctx.destroy(linger=LINGER_MS)
+        _flush_std()
+    os._exit(code)
+
+
+def error_body(exc: BaseException) -> bytes:
+    """The ERROR body for an exception raised by a handler."""
+    err = exc if isinstance(exc, OskError) else RemoteError(str(exc), type(exc).__name__)
+    return pack(err.to_wire())
+
+
+class _Worker:
+    """One plugin process's state: the socket, the plugin, in-flight tasks and calls."""
+
+    def __init__(self, spec: dict[str, Any], zctx: zmq.asyncio.Context) -> None:
+        self.spec = spec
+        self.name: str = spec["plugin"]
+        self.max_size = int(spec["max_message_size"])
+        self.call_timeout = float(spec["call_timeout"])
+        self.zctx = zctx
+        self.sock: zmq.asyncio.Socket | None = None
+        self.plugin: Plugin | None = None
+        self.methods: dict[str, Callable[..., Any]] = {}
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.pending: dict[int, asyncio.Future[tuple[Kind, bytes]]] = {}
+        self.ids = itertools.count(1)
+        self.stopping = asyncio.Event()
+        self.broken = False
+
+    def send(self, kind: Kind, body: bytes = b"", id: int = 0, **header: Any) -> None:
+        """Queue a frame without awaiting; pyzmq keeps the order of queued sends."""
+        assert self.sock is not None
+        sent = self.sock.send_multipart([encode_header(kind, id, **header), body])
+        fut = cast("asyncio.Future[Any]", sent)
+        fut.add_done_callback(_log_send_failure)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def run(self) -> int:
+        sock = self.sock = self.zctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.max_size)
+        sock.setsockopt(zmq.LINGER, LINGER_MS)
+        sock.connect(self.spec["endpoint"])
+        hello = {
+            "plugin": self.name,
+            "instance": self.spec["instance"],
+            "token": self.spec["token"],
+            "pid": os.getpid(),
+            "version": self.spec["version"],
+        }
+        self.send(Kind.HELLO, pack(hello), target=self.name)
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.on_sigterm)
+        heartbeat = loop.create_task(self.heartbeat_loop(), name="heartbeat")
+        receiver = loop.create_task(self.receive_loop(), name="receive")
+        for task in (heartbeat, receiver):
+            task.add_done_callback(self.on_loop_died)
+        code = 0
+        try:
+            if await self.load_and_start():
+                self.send(Kind.READY, pack({"methods": sorted(self.methods)}))
+                await self.stopping.wait()
+                await self.stop_plugin()
+            elif not self.stopping.is_set():
+                code = 1
+            if self.broken:
+                code = 1
+        finally:
+            for task in (heartbeat, receiver, *self.tasks):
+                task.cancel()
+            await asyncio.gather(heartbeat, receiver, *self.tasks, return_exceptions=True)
+            loop.remove_signal_handler(signal.SIGTERM)
+            sock.close(linger=LINGER_MS)
+        return code
+
+    async def load_and_start(self) -> bool:
+        """Load, instantiate and start the plugin; False if it failed or STOP came first."""
+        loop = asyncio.get_running_loop()
+        starting, stop_wait = (
+            loop.create_task(self.start_plugin()),
+            loop.create_task(self.stopping.wait()),
+        )
+        await asyncio.wait({starting, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        stop_wait.cancel()
+        if not starting.done():
+            log.info("stop requested while plugin %r was starting", self.name)
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await starting
+            return False
+        exc = starting.exception()
+        if exc is None:
+            return True
+        if not isinstance(exc, PluginLoadError):
+            exc = PluginLoadError(
+                f"plugin {self.name!r} failed to start: {type(exc).__name__}: {exc}"
+            )
+        trace = "".join(traceback.format_exception(starting.exception()))
+        log.error("%s\n%s", exc, trace)
+        self.send(Kind.START_FAILED, pack({**exc.to_wire(), "traceback": trace}))
+        return False
+
+    async def start_plugin(self) -> None:
+        cls = load_plugin_class(self.spec["entry"], list(self.spec.get("path") or []))
+        ctx = Context(
+            self.name,
+            str(self.spec["instance"]),
+            str(self.spec["version"]),
+            self.spec.get("config") or {},
+            link=self,
+        )
+        plugin = cls(ctx)
+        methods = rpc_methods(plugin)
+        if "state" in self.spec:
+            await plugin.import_state(self.spec["state"])
+        await plugin.start()
+        self.plugin, self.methods = plugin, methods
+
+    async def stop_plugin(self) -> None:
+        assert self.plugin is not None
+        try:
+            await self.plugin.stop()
+        except Exception:
+            log.exception("plugin %r raised in stop()", self.name)
+
+    def on_loop_died(self, task: asyncio.Task[Any]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.critical("%s loop failed; exiting", task.get_name(), exc_info=task.exception())
+            self.broken = True
+            self.stopping.set()
+
+    def on_sigterm(self) -> None:
+        if self.stopping.is_set():
+            log.warning("second SIGTERM: exiting now")
+            _flush_std()
+            os._exit(1)
+        self.stopping.set()
+
+    async def heartbeat_loop(self) -> None:
+        interval = float(self.spec["heartbeat_interval"])
+        while True:
+            self.send(Kind.HEARTBEAT)
+            await asyncio.sleep(interval)
+
+    async def receive_loop(self) -> None:
+        assert self.sock is not None
+        while True:
+            frames = await self.sock.recv_multipart()
+            try:
+                header, body = split_dealer_frames(frames)
+            except FrameError as exc:
+                log.warning("dropped a bad frame from the daemon: %s", exc)
+                continue
+            try:
+                self.dispatch(header, body)
+            except Exception:
+                log.exception("failed to handle a %s frame; dropped it", header.kind.name)
+
+    def dispatch(self, header: Header, body: bytes) -> None:
+        if header.kind is Kind.REQUEST:
+            self.on_request(header, body)
+        elif header.kind in (Kind.REPLY, Kind.ERROR):
+            fut = self.pending.get(header.id)
+            if fut is None or fut.done():
+                log.debug("dropped a %s for unknown call id %d", header.kind.name, header.id)
+            else:
+                fut.set_result((header.kind, body))
+        elif header.kind is Kind.HEALTH:
+            self.spawn(self.answer_health(header.id))
+        elif header.kind is Kind.STOP:
+            self.stopping.set()
+        else:
+            log.warning("dropped an unexpected %s frame", header.kind.name)
+
+    def on_request(self, header: Header, body: bytes) -> None:
+        if header.deadline and time.monotonic() > header.deadline:
+            log.debug("dropped request %d for %r: deadline passed", header.id, header.method)
+            return
+        try:
+            args = unpack(body, self.max_size)
+        except FrameError as exc:
+            self.send(Kind.ERROR, pack(exc.to_wire()), header.id)
+            return
+        handler = self.find_handler(header.method)
+        if handler is None:
+            self.send(Kind.ERROR, pack(self.not_found(header.method).to_wire()), header.id)
+            return
+        pos, kw = split_args(args)
+        try:  # a sync handler runs right here; an async one only builds its coroutine
+            result = handler(*pos, **kw)
+        except Exception as exc:
+            self.reply_error(header, exc)
+            return
+        if inspect.isawaitable(result):
+            self.spawn(self.finish_request(header, result))
+        else:
+            self.reply(header, result)
+
+    def find_handler(self, method: str) -> Callable[..., Any] | None:
+        if self.plugin is None:
+            return None
+        if method.startswith(RESERVED_PREFIX):
+            reserved: dict[str, Callable[..., Any]] = {
+                "osk.export_state": self.plugin.export_state,
+                "osk.methods": lambda: sorted(self.methods),
+            }
+            return reserved.get(method)
+        return self.methods.get(method)
+
+    def not_found(self, method: str) -> OskError:
+        if self.plugin is None:
+            return Unavailable(f"plugin {self.name!r} is still starting; retry after READY")
+        have = ", ".join(sorted(self.methods)) or "no methods"
+        return MethodNotFound(f"plugin {self.name!r} has no method {method!r} (it has: {have})")
+
+    async def finish_request(self, header: Header, awaitable: Any) -> None:
+        try:
+            result = await awaitable
+        except Exception as exc:
+            self.reply_error(header, exc)
+        else:
+            self.reply(header, result)
+
+    def reply(self, header: Header, result: Any) -> None:
+        try:
+            body = self.pack_limited(result, f"the result of {header.method!r}")
+        except Exception as exc:
+            self.send(Kind.ERROR, error_body(exc), header.id)
+        else:
+            self.send(Kind.REPLY, body, header.id)
+
+    def pack_limited(self, value: Any, what: str) -> bytes:
+        body = pack(value)
+        if len(body) > self.max_size:
+            raise FrameError(f"{what} is {len(body)} bytes, over the limit of {self.max_size}")
+        return body
+
+    def reply_error(self, header: Header, exc: Exception) -> None:
+        log.warning("handler %r raised %s: %s", header.method, type(exc).__name__, exc)
+        log.debug("traceback of %r", header.method, exc_info=exc)
+        self.send(Kind.ERROR, error_body(exc), header.id)
+
+    async def answer_health(self, id: int) -> None:
+        if self.plugin is None:
+            status, detail = "unhealthy", "plugin is still starting"
+        else:
+            try:
+                health = to_health(await self.plugin.health())
+                status, detail = health.status.value, health.detail
+            except Exception as exc:
+                status, detail = "unhealthy", f"health() raised {type(exc).__name__}: {exc}"
+        self.send(Kind.HEALTH_REPLY, pack({"status": status, "detail": detail}), id)
+
+    async def call(self, plugin: str, method: str, args: Any, timeout: float | None) -> Any:
+        timeout = self.call_timeout if timeout is None else timeout
+        body = self.pack_limited(args, f"the arguments for {plugin}.{method}")
+        id = next(self.ids)
+        fut: asyncio.Future[tuple[Kind, bytes]] = asyncio.get_running_loop().create_future()
+        self.pending[id] = fut
+        try:
+            self.send(
+                Kind.REQUEST,
+                body,
+                id,
+                target=plugin,
+                method=method,
+                deadline=time.monotonic() + timeout,
+            )
+            async with asyncio.timeout(timeout + CALL_GRACE):
+                kind, reply = await fut
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"call to {plugin}.{method} got no answer within {timeout:g}s"
+            ) from None
+        finally:
+            self.pending.pop(id, None)
+        if kind is Kind.REPLY:
+            return unpack(reply, self.max_size)
+        raise error_from_wire(unpack(reply, self.max_size))
+
+    def emit(self, event: str, data: Any) -> None:
+        self.send(Kind.EVENT, self.pack_limited(data, f"event {event!r}"), method=event)
+
+
+def _log_send_failure(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.warning("sending a frame failed: %s", fut.exception())
+
+
+def _flush_std() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
