@@ -1,0 +1,160 @@
+"""The daemon's side of the control protocol: one small function per command.
+
+Each command takes the request's ``args`` and the supervisor and returns a JSON-able
+result, or an async iterator for ``-f`` streams. Bad arguments raise ``ControlError``,
+which the server turns into ``{"ok": false, "error": ...}``; the daemon carries on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import anyio
+
+from osk_daemon.control.peercred import PeerCred
+from osk_daemon.errors import ControlError
+from osk_daemon.ipc.codec import pack, unpack
+from osk_daemon.supervisor.instance import Instance
+from osk_daemon.supervisor.lifecycle import State
+from osk_daemon.supervisor.runtime import Supervisor
+
+Command = Callable[[Supervisor, dict[str, Any]], Awaitable[Any]]
+_OPERATE_TIMEOUT = 60.0
+
+
+def _str(args: dict[str, Any], key: str, default: str | None = None) -> str:
+    value = args.get(key, default)
+    if not isinstance(value, str) or not value:
+        raise ControlError(f"argument '{key}' must be a non-empty string")
+    return value
+
+
+def _opt_int(args: dict[str, Any], key: str) -> int | None:
+    value = args.get(key)
+    if value is not None and (type(value) is not int or value < 0):
+        raise ControlError(f"argument '{key}' must be a non-negative integer")
+    return value
+
+
+def _opt_float(args: dict[str, Any], key: str) -> float | None:
+    value = args.get(key)
+    if value is not None and (type(value) not in (int, float) or value <= 0):
+        raise ControlError(f"argument '{key}' must be a positive number")
+    return None if value is None else float(value)
+
+
+async def status(sup: Supervisor, args: dict[str, Any]) -> Any:
+    plugin = args.get("plugin")
+    if plugin is not None and not isinstance(plugin, str):
+        raise ControlError("argument 'plugin' must be a string")
+    return sup.status(plugin)
+
+
+def _operate(action: str) -> Command:
+    async def command(sup: Supervisor, args: dict[str, Any]) -> Any:
+        name = _str(args, "name")
+        ids = sup.operate(action, name, _opt_int(args, "instance"))
+        leaves = sup.instances_for(ids)
+        generations = {inst.leaf: inst.generation for inst in leaves}
+
+        def settled(inst: Instance) -> bool:
+            state = inst.life.state
+            if action == "stop":
+                return state in (State.UNLOADED, State.FAILED, State.PENDING)
+            if action == "restart" and inst.generation == generations[inst.leaf]:
+                return False
+            return state in (State.READY, State.FAILED)
+
+        with anyio.move_on_after(_OPERATE_TIMEOUT):
+            while not all(settled(inst) for inst in leaves):
+                await sup.changed()
+        return {
+            "action": action,
+            "instances": [inst.status(sup.tree.restarts(inst.leaf)) for inst in leaves],
+        }
+
+    return command
+
+
+async def call(sup: Supervisor, args: dict[str, Any]) -> Any:
+    plugin = _str(args, "plugin")
+    method = _str(args, "method")
+    version = args.get("version")
+    meta = {"version": version} if isinstance(version, str) and version else None
+    body = await sup.broker.call(
+        plugin, method, pack(args.get("args")), _opt_float(args, "timeout"), meta
+    )
+    return unpack(body, int(sup.config.daemon.max_message_size))
+
+
+async def logs(sup: Supervisor, args: dict[str, Any]) -> Any:
+    name = _str(args, "name")
+    ring = sup.logs.get(name)
+    if ring is None:
+        raise ControlError(f"no plugin named '{name}'")
+    lines = _opt_int(args, "lines")
+    tail = [dataclasses.asdict(line) for line in ring.tail(100 if lines is None else lines)]
+    if not args.get("follow"):
+        return tail
+
+    async def stream() -> AsyncIterator[Any]:
+        queue = ring.subscribe()
+        try:
+            for item in tail:
+                yield item
+            while True:
+                yield dataclasses.asdict(await queue.get())
+        finally:
+            ring.unsubscribe(queue)
+
+    return stream()
+
+
+async def events(sup: Supervisor, args: dict[str, Any]) -> Any:
+    recent = sup.events.recent(_opt_int(args, "lines"))
+    if not args.get("follow"):
+        return recent
+
+    async def stream() -> AsyncIterator[Any]:
+        queue: asyncio.Queue[dict[str, Any]] = sup.events.follow()
+        try:
+            for item in recent:
+                yield item
+            while True:
+                yield await queue.get()
+        finally:
+            sup.events.unfollow(queue)
+
+    return stream()
+
+
+COMMANDS: dict[str, Command] = {
+    "status": status,
+    "start": _operate("start"),
+    "stop": _operate("stop"),
+    "restart": _operate("restart"),
+    "call": call,
+    "logs": logs,
+    "events": events,
+}
+
+
+class DaemonCommands:
+    """The ``CommandHandler`` the control server calls."""
+
+    def __init__(self, supervisor: Supervisor, request_shutdown: Callable[[], None]) -> None:
+        self._sup = supervisor
+        self._shutdown = request_shutdown
+
+    async def handle(self, cmd: str, args: dict[str, Any], peer: PeerCred) -> Any:
+        if cmd == "shutdown":
+            self._shutdown()
+            return {"message": "shutting down"}
+        command = COMMANDS.get(cmd)
+        if command is None:
+            known = ", ".join(sorted([*COMMANDS, "shutdown"]))
+            raise ControlError(f"unknown command '{cmd}' (known: {known})")
+        return await command(self._sup, args)

@@ -1,0 +1,89 @@
+"""Wiring: build everything from a config and run it until asked to stop.
+
+Order matters at start-up. The daemon becomes a child subreaper and installs its
+SIGCHLD reaper before anything can fork; the zygote is started before any ZeroMQ
+context exists in a child; the broker binds before the first plugin spawns (workers
+would reconnect anyway); the control socket opens last, once there is something to ask
+about. Shutdown runs the other way: the tree stops every plugin in reverse start order,
+then the zygote, the broker and the control socket close, and nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import anyio
+import zmq
+
+from osk_daemon.config import Config, SpawnMode
+from osk_daemon.control.commands import DaemonCommands
+from osk_daemon.control.server import serve_control
+from osk_daemon.supervisor.reaper import ChildReaper, become_subreaper
+from osk_daemon.supervisor.runtime import Supervisor
+from osk_daemon.supervisor.spawner import ExecSpawner, Spawner, ZygoteSpawner
+
+log = logging.getLogger("osk.daemon")
+
+
+def broker_endpoint(runtime_dir: Path) -> str:
+    return f"ipc://{runtime_dir / 'broker.sock'}"
+
+
+def prepare_runtime_dir(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o700)
+
+
+async def run_daemon(
+    config: Config, *, on_ready: Callable[[Supervisor], None] | None = None
+) -> None:
+    """Run the daemon in the current asyncio loop until SIGTERM/SIGINT or ``shutdown``."""
+    import asyncio
+
+    d = config.daemon
+    prepare_runtime_dir(d.runtime_dir)
+    become_subreaper()
+    loop = asyncio.get_running_loop()
+    reaper = ChildReaper()
+    reaper.install(loop)
+    zygote: ZygoteSpawner | None = None
+    supervisor: Supervisor | None = None
+    try:
+        zygote = await ZygoteSpawner.open(reaper)
+        spawners: dict[SpawnMode, Spawner] = {
+            SpawnMode.ZYGOTE: zygote,
+            SpawnMode.EXEC: ExecSpawner(),
+        }
+        stop = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            supervisor = Supervisor(config, tg, reaper, spawners, broker_endpoint(d.runtime_dir))
+            supervisor.start()
+            commands = DaemonCommands(supervisor, stop.set)
+            await tg.start(
+                partial(serve_control, allowed_group=d.control_group), d.control_socket, commands
+            )
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(signum, stop.set)
+            log.info(
+                "osk-daemon running %d plugin(s); control socket %s",
+                len(config.plugins),
+                d.control_socket,
+            )
+            if on_ready is not None:
+                on_ready(supervisor)
+            await stop.wait()
+            log.info("shutting down")
+            await supervisor.shutdown()
+            tg.cancel_scope.cancel()
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+        if zygote is not None:
+            await zygote.aclose()
+        reaper.uninstall()
+        zmq.Context.instance().destroy(linger=0)
+        log.info("osk-daemon stopped")

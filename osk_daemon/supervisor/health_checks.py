@@ -1,0 +1,121 @@
+"""Scheduling health probes and watching heartbeats, for the driver.
+
+Each ready instance gets a HEALTH frame every ``interval`` and ``timeout`` seconds to
+answer it; the verdicts go to its ``HealthTracker``. Sub-second intervals work: timers
+are plain loop timers, not a polling tick. Separately, one watchdog timer checks every
+instance's last frame: a worker whose event loop is blocked stops sending heartbeats,
+and after ``heartbeat_timeout`` it is declared hung and killed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from osk_daemon.errors import OskError
+from osk_daemon.ipc.codec import Header, Kind, unpack
+from osk_daemon.supervisor import lifecycle as lc
+from osk_daemon.worker.sdk import HealthStatus
+
+if TYPE_CHECKING:
+    from osk_daemon.supervisor.instance import Instance
+    from osk_daemon.supervisor.runtime import Supervisor
+
+log = logging.getLogger("osk.health")
+
+_ANSWERABLE = {HealthStatus.HEALTHY, HealthStatus.DEGRADED, HealthStatus.UNHEALTHY}
+
+
+class HealthChecks:
+    def __init__(self, supervisor: Supervisor) -> None:
+        self._sup = supervisor
+        self._ids = itertools.count(1)
+        self._loop = asyncio.get_running_loop()
+        d = supervisor.config.daemon
+        self._hb_timeout = d.heartbeat_timeout
+        self._tick = max(0.02, min(d.heartbeat_interval, d.heartbeat_timeout / 4))
+        self._watchdog: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        self._watchdog = self._loop.call_later(self._tick, self._watch)
+
+    def stop(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        for inst in self._sup.instances.values():
+            inst.cancel_health()
+
+    def schedule(self, inst: Instance) -> None:
+        """The instance became ready: start probing it."""
+        inst.cancel_health()
+        if inst.health.policy.enabled:
+            inst.health_handle = self._loop.call_later(
+                inst.health.policy.interval, self._probe, inst, inst.generation
+            )
+
+    def answered(self, inst: Instance, check_id: int, body: bytes) -> None:
+        if check_id != inst.health_id or inst.health_timeout is None:
+            return  # late or unasked-for
+        inst.health_timeout.cancel()
+        inst.health_timeout = None
+        try:
+            data = unpack(body, 65536)
+            status = HealthStatus(data["status"])
+            detail = str(data.get("detail", ""))
+        except (OskError, KeyError, TypeError, ValueError, AttributeError):
+            status, detail = HealthStatus.UNHEALTHY, "malformed health answer"
+        if status not in _ANSWERABLE:
+            status = HealthStatus.UNHEALTHY
+        self._verdict(inst, status, detail)
+
+    def _probe(self, inst: Instance, generation: int) -> None:
+        if generation != inst.generation or inst.life.state is not lc.State.READY:
+            return
+        policy = inst.health.policy
+        inst.health_handle = self._loop.call_later(policy.interval, self._probe, inst, generation)
+        if inst.health_timeout is not None:
+            return  # the previous probe is still waiting
+        inst.health_id = next(self._ids)
+        self._sup.broker.send_to(inst.key, Header(Kind.HEALTH, inst.health_id))
+        inst.health_timeout = self._loop.call_later(
+            policy.timeout, self._no_answer, inst, generation, inst.health_id
+        )
+
+    def _no_answer(self, inst: Instance, generation: int, check_id: int) -> None:
+        if generation == inst.generation and check_id == inst.health_id:
+            inst.health_timeout = None
+            self._verdict(inst, None, "")
+
+    def _verdict(self, inst: Instance, status: HealthStatus | None, detail: str) -> None:
+        if inst.life.state is not lc.State.READY:
+            return
+        before = inst.health.status
+        restart = inst.health.check(status, detail)
+        if inst.health.status is not before:
+            log.log(
+                logging.WARNING if inst.health.status is HealthStatus.UNHEALTHY else logging.INFO,
+                "%s is %s%s",
+                inst.leaf,
+                inst.health.status.value,
+                f": {inst.health.detail}" if inst.health.detail else "",
+            )
+            self._sup.publish(
+                inst, "plugin:health", inst.health.detail, health=inst.health.status.value
+            )
+        if restart:
+            self._sup.feed(inst, lc.HealthFailed(inst.health.detail or "failed health checks"))
+
+    def _watch(self) -> None:
+        now = time.monotonic()
+        for inst in list(self._sup.instances.values()):
+            if inst.life.state in (lc.State.READY, lc.State.INITIALIZING) and (
+                now - inst.last_seen > self._hb_timeout
+            ):
+                silent = now - inst.last_seen
+                log.warning("%s sent no heartbeat for %.1fs: hung, killing it", inst.leaf, silent)
+                self._sup.feed(inst, lc.HeartbeatLost())
+        self._watchdog = self._loop.call_later(self._tick, self._watch)

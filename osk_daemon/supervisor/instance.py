@@ -1,0 +1,132 @@
+"""What the driver keeps per plugin instance, and how it describes one to operators.
+
+An ``Instance`` is the mutable record around the pure cores: the lifecycle and health
+trackers, the live process (pid, token, output pipes), the timers armed for it and the
+bookkeeping behind ``oskctl status``. It survives restarts; each spawn bumps
+``generation`` so callbacks from an earlier life are recognised and ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from osk_daemon.config import Config, PluginConfig
+from osk_daemon.supervisor.health import HealthPolicy, HealthTracker
+from osk_daemon.supervisor.lifecycle import Lifecycle, State, Timer, describe_exit
+
+WORKER_TARGET = "osk_daemon.worker.runtime:run_worker"
+LIVE_STATES = frozenset({State.LOADING, State.INITIALIZING, State.READY, State.UNLOADING})
+
+
+@dataclass(eq=False)
+class Instance:
+    plugin: str
+    index: int
+    config: PluginConfig
+    life: Lifecycle
+    health: HealthTracker
+    generation: int = 0
+    token: str = ""
+    spawned_at: float = 0.0  # monotonic
+    ready_at: float | None = None  # monotonic
+    last_seen: float = 0.0  # monotonic, any frame from the worker
+    timers: dict[Timer, asyncio.TimerHandle] = field(default_factory=dict)
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
+    health_handle: asyncio.TimerHandle | None = None
+    health_timeout: asyncio.TimerHandle | None = None
+    health_id: int = 0
+    close_output: Callable[[], None] | None = None
+
+    @classmethod
+    def create(cls, plugin: str, index: int, cfg: PluginConfig) -> Instance:
+        hc = cfg.health_check
+        policy = HealthPolicy(
+            enabled=hc.enabled,
+            interval=hc.interval,
+            timeout=hc.timeout,
+            failure_threshold=hc.failure_threshold,
+            success_threshold=hc.success_threshold,
+            auto_restart=hc.auto_restart,
+        )
+        inst = cls(
+            plugin,
+            index,
+            cfg,
+            Lifecycle(cfg.start_timeout, cfg.shutdown_timeout),
+            HealthTracker(policy),
+        )
+        inst.exited.set()
+        return inst
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.plugin, self.index)
+
+    @property
+    def leaf(self) -> str:
+        return leaf_id(self.plugin, self.index)
+
+    @property
+    def live(self) -> bool:
+        return self.life.state in LIVE_STATES
+
+    def cancel_timers(self) -> None:
+        for handle in self.timers.values():
+            handle.cancel()
+        self.timers.clear()
+
+    def cancel_health(self) -> None:
+        for handle in (self.health_handle, self.health_timeout):
+            if handle is not None:
+                handle.cancel()
+        self.health_handle = self.health_timeout = None
+
+    def worker_spec(self, config: Config, endpoint: str) -> dict[str, Any]:
+        d = config.daemon
+        return {
+            "plugin": self.plugin,
+            "instance": self.index,
+            "version": self.config.version,
+            "entry": self.config.entry,
+            "path": [str(p) for p in self.config.path],
+            "config": dict(self.config.config),
+            "endpoint": endpoint,
+            "token": self.token,
+            "heartbeat_interval": d.heartbeat_interval,
+            "max_message_size": int(d.max_message_size),
+            "call_timeout": d.call_timeout,
+            "log_level": d.log_level.upper() if isinstance(d.log_level, str) else "INFO",
+        }
+
+    def worker_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.pop("NOTIFY_SOCKET", None)  # only the daemon talks to systemd
+        env.update(self.config.env)
+        env["OSK_PLUGIN"] = self.plugin
+        env["OSK_INSTANCE"] = str(self.index)
+        return env
+
+    def status(self, restarts: int) -> dict[str, Any]:
+        now = time.monotonic()
+        ready = self.life.state is State.READY and self.ready_at is not None
+        return {
+            "plugin": self.plugin,
+            "instance": self.index,
+            "version": self.config.version,
+            "pid": self.life.pid if self.live else None,
+            "state": self.life.state.value,
+            "health": self.health.status.value,
+            "restarts": restarts,
+            "uptime_s": round(now - self.ready_at, 3) if ready and self.ready_at else None,
+            "last_exit": describe_exit(self.life.last_exit),
+            "detail": self.life.failure or self.health.detail or "",
+        }
+
+
+def leaf_id(plugin: str, index: int) -> str:
+    return f"{plugin}/{index}"

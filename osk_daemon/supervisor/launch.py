@@ -1,0 +1,236 @@
+"""What happens inside a new plugin process, and the exec launcher's main.
+
+Why: a plugin process starts one of two ways — forked by the zygote (fast) or exec'd as
+``python -P -m osk_daemon.supervisor.launch`` (a fresh interpreter; the fallback). Both must
+leave the child in the same state before plugin code runs, so both end in ``child_main``.
+Later, confinement is inserted there in the architecture's order (cgroup, namespaces,
+rlimits, privilege drop, parent-death signal, no_new_privs, Landlock, seccomp).
+
+How (``child_main``, in this order): ``setsid()`` so the child leads its own session and
+process group (the supervisor signals the whole group); signal dispositions that the daemon
+or zygote changed go back to the default and the signal mask is emptied; stdin becomes
+``/dev/null`` and the request's fds become 1 and 2; every other fd is closed; environment,
+cwd and ``sys.path`` are applied; the ``module:function`` target is imported and called
+with the spec. Returning exits 0, ``sys.exit(n)`` exits n, any other exception prints its
+traceback to stderr and exits 70 (``EXIT_TARGET_RAISED``). The exit is always ``os._exit``
+after flushing stdout/stderr: no atexit handlers or finalizers inherited from the zygote.
+
+This module must stay cheap to import and thread-free: the zygote imports it.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib
+import io
+import os
+import resource
+import signal
+import sys
+import traceback
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
+
+import msgpack
+
+__all__ = [
+    "EXIT_TARGET_RAISED",
+    "REQUEST_ENV",
+    "SpawnRequest",
+    "child_main",
+    "request_from_wire",
+    "request_to_wire",
+]
+
+EXIT_TARGET_RAISED = 70
+EXIT_BAD_REQUEST = 64
+REQUEST_ENV = "OSK_SPAWN_REQUEST"
+RESET_SIGNALS = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGHUP,
+    signal.SIGCHLD,
+    signal.SIGPIPE,
+)
+
+
+@dataclass(frozen=True)
+class SpawnRequest:
+    """One process to start.
+
+    ``target`` is ``"module:function"``, called as ``function(spec)`` in the child.
+    ``env`` is the child's whole environment (``None`` or empty: the daemon's
+    ``os.environ`` at spawn time; the spawners resolve that before sending). ``sys_path``
+    entries are prepended to ``sys.path`` before the target is imported.
+    ``stdout``/``stderr`` are fds *in the spawning process* that become the child's 1 and 2;
+    the caller keeps ownership of them. stdin is ``/dev/null``.
+    """
+
+    target: str
+    spec: dict[str, Any] = field(default_factory=dict)
+    env: dict[str, str] | None = None
+    cwd: str | None = None
+    sys_path: tuple[str, ...] = ()
+    stdout: int = 1
+    stderr: int = 2
+
+
+def request_to_wire(req: SpawnRequest, *, env: Mapping[str, str] | None) -> dict[str, Any]:
+    """The msgpack-able form of ``req`` without its fds; ``env`` is sent as given."""
+    return {
+        "target": req.target,
+        "spec": req.spec,
+        "env": None if env is None else dict(env),
+        "cwd": req.cwd,
+        "sys_path": list(req.sys_path),
+    }
+
+
+def request_from_wire(data: Any, *, stdout: int, stderr: int) -> SpawnRequest:
+    """Rebuild a request from ``request_to_wire`` output; raises ``ValueError`` if malformed."""
+    if not isinstance(data, dict):
+        raise ValueError(f"spawn request must be a map, got {type(data).__name__}")
+    target, spec, env = data.get("target"), data.get("spec"), data.get("env")
+    cwd, sys_path = data.get("cwd"), data.get("sys_path", [])
+    if not isinstance(target, str) or ":" not in target:
+        raise ValueError(f"spawn target must be 'module:function', got {target!r:.100}")
+    if not isinstance(spec, dict):
+        raise ValueError("spawn spec must be a map")
+    if env is not None and not (
+        isinstance(env, dict)
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())
+    ):
+        raise ValueError("spawn env must map str to str")
+    if cwd is not None and not isinstance(cwd, str):
+        raise ValueError("spawn cwd must be a string")
+    if not isinstance(sys_path, list) or not all(isinstance(p, str) for p in sys_path):
+        raise ValueError("spawn sys_path must be a list of strings")
+    return SpawnRequest(target, spec, env, cwd, tuple(sys_path), stdout, stderr)
+
+
+def encode_env_request(req: SpawnRequest) -> str:
+    """The ``OSK_SPAWN_REQUEST`` value for the exec path (env travels as the real env)."""
+    packed = msgpack.packb(request_to_wire(req, env=None), use_bin_type=True)
+    return base64.b64encode(packed).decode("ascii")
+
+
+def _setsid() -> None:
+    try:
+        os.setsid()
+    except PermissionError:
+        # Already a process-group leader: fine only if it already leads its session
+        # (posix_spawn(setsid=True) on the exec path did it before exec).
+        if os.getsid(0) != os.getpid():
+            raise
+
+
+def _max_fd() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    limits = [n for n in (soft, hard, os.sysconf("SC_OPEN_MAX")) if n > 0]
+    return max([*limits, 1024])
+
+
+def _setup_fds(stdout: int, stderr: int) -> None:
+    if stderr == 1:  # about to be overwritten by the stdout dup2
+        stderr = os.dup(stderr)
+    os.dup2(stdout, 1)
+    os.dup2(stderr, 2)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    if devnull != 0:
+        os.dup2(devnull, 0)
+        os.close(devnull)
+    for fd in (0, 1, 2):
+        os.set_inheritable(fd, True)
+    # close_range(2) on Linux >= 5.9: one syscall however high the limit.
+    os.closerange(3, _max_fd())
+
+
+def _resolve(target: str) -> Any:
+    module_name, _, attr_path = target.partition(":")
+    obj: Any = importlib.import_module(module_name)
+    for attr in attr_path.split("."):
+        obj = getattr(obj, attr)
+    return obj
+
+
+def _flush_std() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            pass
+
+
+def _exit_code(exc: SystemExit) -> int:
+    code = exc.code
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    print(code, file=sys.stderr)
+    return 1
+
+
+def child_main(req: SpawnRequest, *, started_fd: int | None = None) -> NoReturn:
+    """Turn the current (fresh) process into the plugin process and run the target.
+
+    ``req.stdout``/``req.stderr`` are fds of *this* process. If ``started_fd`` is given, one
+    byte is written to it and it is closed right after ``setsid`` (the zygote's middle
+    process waits for it so the pid it reports already leads its own process group).
+    Never returns: exits 0, the ``sys.exit`` code, or ``EXIT_TARGET_RAISED``.
+    """
+    code = EXIT_TARGET_RAISED
+    try:
+        _setsid()
+        if started_fd is not None:
+            os.write(started_fd, b"\0")
+            os.close(started_fd)
+        for signum in RESET_SIGNALS:
+            signal.signal(signum, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, ())
+        _setup_fds(req.stdout, req.stderr)
+        for stream in (sys.stdout, sys.stderr):
+            if isinstance(stream, io.TextIOWrapper):
+                stream.reconfigure(line_buffering=True)
+        # -- confinement goes here: cgroup, namespaces, rlimits, privileges, seccomp --
+        if req.env is not None:
+            os.environ.clear()
+            os.environ.update(req.env)
+        if req.cwd is not None:
+            os.chdir(req.cwd)
+        if req.sys_path:
+            sys.path[:0] = req.sys_path
+            importlib.invalidate_caches()
+        sys.argv = [req.target]
+        _resolve(req.target)(req.spec)
+        code = 0
+    except SystemExit as exc:
+        code = _exit_code(exc)
+    except BaseException:
+        try:
+            traceback.print_exc()
+        except BaseException:
+            pass
+    finally:
+        _flush_std()
+        os._exit(code)
+
+
+def main() -> NoReturn:
+    """The exec launcher: read ``OSK_SPAWN_REQUEST``, then ``child_main`` on fds 1 and 2."""
+    raw = os.environ.pop(REQUEST_ENV, None)
+    try:
+        if raw is None:
+            raise ValueError(f"{REQUEST_ENV} is not set")
+        data = msgpack.unpackb(base64.b64decode(raw), raw=False)
+        req = request_from_wire(data, stdout=1, stderr=2)
+    except Exception as exc:
+        print(f"osk launch: bad spawn request: {exc}", file=sys.stderr, flush=True)
+        os._exit(EXIT_BAD_REQUEST)
+    child_main(req)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,433 @@
+"""The one async driver: it feeds events to the pure cores and performs their effects.
+
+Theory of operation
+-------------------
+Everything here runs on the daemon's asyncio loop, and every input becomes an event
+for a core: a child's exit (from the reaper), a worker's frame (from the broker), a
+timer, an operator's command. The driver applies it to the instance's ``Lifecycle``,
+performs the effects (spawn, STOP frame, signal, timers, publish), and when a life
+ends tells the ``Tree``, whose effects (start, stop, restart timers) it performs in
+turn. Only stops are awaited: a batch of StopChild effects runs in its own task, one
+after the other (children stop in reverse start order), everything else is immediate.
+
+Signals go to the instance's process group (each plugin is its own session), so a
+plugin's own children die with it. The daemon is a child subreaper and every plugin
+its direct child, so exits are reaped with their exact code or signal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import secrets
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+
+from osk_daemon.config import Config, SpawnMode
+from osk_daemon.errors import ControlError, OskError
+from osk_daemon.ipc.broker import Broker, InstanceKey
+from osk_daemon.ipc.codec import Header, Kind, unpack
+from osk_daemon.supervisor import lifecycle as lc
+from osk_daemon.supervisor.events import EventStream
+from osk_daemon.supervisor.health_checks import HealthChecks
+from osk_daemon.supervisor.instance import WORKER_TARGET, Instance
+from osk_daemon.supervisor.output import LogRing, open_output
+from osk_daemon.supervisor.reaper import ChildReaper, ExitStatus
+from osk_daemon.supervisor.spawner import Spawner, SpawnRequest
+from osk_daemon.supervisor.tree import (
+    ArmRestartTimer,
+    GroupGaveUp,
+    LeafState,
+    StartChild,
+    StopChild,
+    Tree,
+)
+from osk_daemon.supervisor.tree_build import build_tree
+
+log = logging.getLogger("osk.supervisor")
+
+_RUNNING_LEAF = frozenset({LeafState.STARTING, LeafState.RUNNING, LeafState.RESTARTING})
+
+
+class Supervisor:
+    """Runs the plugins of one config. Create inside the daemon's task group."""
+
+    def __init__(
+        self,
+        config: Config,
+        tg: TaskGroup,
+        reaper: ChildReaper,
+        spawners: dict[SpawnMode, Spawner],
+        endpoint: str,
+    ) -> None:
+        self.config = config
+        self.events = EventStream()
+        self.logs: dict[str, LogRing] = {}
+        self.instances: dict[str, Instance] = {}
+        self._tg = tg
+        self._reaper = reaper
+        self._spawners = spawners
+        self._endpoint = endpoint
+        self._loop = asyncio.get_running_loop()
+        self._shutting_down = False
+        self._all_stopped = asyncio.Event()
+        self._changed = asyncio.Event()
+        d = config.daemon
+        self.broker = Broker(
+            endpoint,
+            self._on_worker,
+            max_message_size=int(d.max_message_size),
+            default_timeout=d.call_timeout,
+        )
+        for name, pcfg in config.plugins.items():
+            self.logs[name] = LogRing(d.log_buffer_lines)
+            self.broker.declare(name)
+            for i in range(pcfg.instances):
+                inst = Instance.create(name, i, pcfg)
+                self.instances[inst.leaf] = inst
+        self.tree: Tree = build_tree(config)
+        self.checks = HealthChecks(self)
+
+    # ---- start, stop, operator commands ---------------------------------------------------
+
+    def start(self) -> None:
+        self.broker.start()
+        self.checks.start()
+        self.events.publish("kernel:before-init", pluginCount=len(self.config.plugins))
+        self._tree_effects(self.tree.start(time.monotonic()))
+
+    async def shutdown(self) -> None:
+        """Stop every instance in reverse start order; SIGKILL what outlives the deadline."""
+        if not self._shutting_down:
+            self._shutting_down = True
+            self.events.publish("kernel:shutdown", reason="requested")
+            self._tree_effects(self.tree.shutdown(time.monotonic()))
+        self._check_all_stopped()
+        with anyio.move_on_after(self.config.daemon.shutdown_timeout):
+            await self._all_stopped.wait()
+        for inst in self.instances.values():
+            if inst.live and inst.life.pid is not None:
+                log.error("%s outlived the shutdown deadline; killing it", inst.leaf)
+                _killpg(inst.life.pid, 9)
+        with anyio.move_on_after(5.0):
+            await self._all_stopped.wait()
+        self.checks.stop()
+        self.broker.close()
+
+    def operate(self, action: str, name: str, index: int | None) -> list[str]:
+        """Operator start/stop/restart of a plugin (or one instance) or a group."""
+        ids = self._resolve(name, index)
+        now = time.monotonic()
+        if action == "start":
+            effects = self.tree.start_children(ids, now)
+        elif action == "stop":
+            effects = self.tree.stop(ids, now)
+        elif action == "restart":
+            effects = self.tree.restart(ids, now)
+        else:
+            raise ControlError(f"unknown action {action!r}")
+        self._tree_effects(effects)
+        return ids
+
+    def status(self, plugin: str | None = None) -> list[dict[str, Any]]:
+        if plugin is not None and plugin not in self.config.plugins:
+            raise ControlError(f"no plugin named '{plugin}'")
+        return [
+            inst.status(self.tree.restarts(inst.leaf))
+            for inst in self.instances.values()
+            if plugin is None or inst.plugin == plugin
+        ]
+
+    def instances_for(self, ids: list[str]) -> list[Instance]:
+        """The instances named by leaf ids or beneath group ids, in start order."""
+        wanted: set[str] = set()
+        pending = list(ids)
+        while pending:
+            node = pending.pop()
+            if node in self.instances:
+                wanted.add(node)
+            elif node in self.config.groups:
+                for child in self.config.groups[node].children:
+                    if child in self.config.plugins:
+                        count = self.config.plugins[child].instances
+                        wanted.update(f"{child}/{i}" for i in range(count))
+                    else:
+                        pending.append(child)
+        return [inst for leaf, inst in self.instances.items() if leaf in wanted]
+
+    async def changed(self) -> None:
+        """Wait until some instance changes state."""
+        await self._changed.wait()
+
+    def _resolve(self, name: str, index: int | None) -> list[str]:
+        if name in self.config.plugins:
+            count = self.config.plugins[name].instances
+            if index is not None and not 0 <= index < count:
+                raise ControlError(f"plugin '{name}' has instances 0..{count - 1}, not {index}")
+            indexes = range(count) if index is None else [index]
+            return [f"{name}/{i}" for i in indexes]
+        if name in self.config.groups and index is None:
+            return [name]
+        raise ControlError(f"no plugin or group named '{name}'")
+
+    # ---- events into the lifecycle ------------------------------------------------------
+
+    def feed(self, inst: Instance, event: lc.Event) -> None:
+        """Apply one event to an instance and perform what follows from it."""
+        before = inst.life.state
+        try:
+            effects = inst.life.step(event)
+        except OskError as exc:
+            log.error("%s: %s", inst.leaf, exc)
+            return
+        self._perform(inst, effects)
+        after = inst.life.state
+        if after is before:
+            return
+        self._changed.set()
+        self._changed = asyncio.Event()
+        if after is lc.State.READY:
+            self._became_ready(inst)
+        elif after in (lc.State.UNLOADED, lc.State.FAILED):
+            self._life_ended(inst)
+
+    def _became_ready(self, inst: Instance) -> None:
+        now = time.monotonic()
+        inst.ready_at = now
+        inst.health.ready(restarted=inst.life.retry_count > 0)
+        self.broker.set_ready(inst.key, True)
+        self.checks.schedule(inst)
+        self._tree_effects(self.tree.child_started(inst.leaf, now))
+
+    def _life_ended(self, inst: Instance) -> None:
+        now = time.monotonic()
+        life = inst.life
+        inst.cancel_timers()
+        inst.cancel_health()
+        inst.ready_at = None
+        self.broker.detach(inst.key, "exited" if life.last_exit else "failed")
+        if life.stop_requested and not life.failure:
+            inst.health.stopped()
+        else:
+            inst.health.lost(life.failure or lc.describe_exit(life.last_exit))
+        if life.pid is not None and life.last_exit is not None:
+            _killpg_only(life.pid, 9)  # whatever the plugin forked dies with it
+        inst.exited.set()
+        log_fn = log.warning if life.abnormal_exit and not life.stop_requested else log.info
+        log_fn(
+            "%s (pid %s) ended: %s%s",
+            inst.leaf,
+            life.pid,
+            lc.describe_exit(life.last_exit),
+            f" ({life.failure})" if life.failure else "",
+        )
+        if life.stop_requested:
+            effects = self.tree.child_stopped(inst.leaf, now)
+        else:
+            effects = self.tree.child_exited(inst.leaf, life.abnormal_exit, now, random.random())
+        self._tree_effects(effects)
+        self._update_accepting(inst.plugin)
+        self._check_all_stopped()
+
+    def _perform(self, inst: Instance, effects: Iterable[lc.Effect]) -> None:
+        for effect in effects:
+            if isinstance(effect, lc.Spawn):
+                self._spawn(inst)
+            elif isinstance(effect, lc.SendStop):
+                if not self.broker.send_to(inst.key, Header(Kind.STOP)) and inst.life.pid:
+                    _killpg(inst.life.pid, 15)
+            elif isinstance(effect, lc.Signal):
+                if inst.life.pid is not None:
+                    _killpg(inst.life.pid, effect.signum)
+            elif isinstance(effect, lc.ArmTimer):
+                old = inst.timers.pop(effect.timer, None)
+                if old is not None:
+                    old.cancel()
+                inst.timers[effect.timer] = self._loop.call_later(
+                    effect.delay, self._timer_fired, inst, inst.generation, effect.timer
+                )
+            elif isinstance(effect, lc.CancelTimers):
+                inst.cancel_timers()
+            elif isinstance(effect, lc.Publish):
+                self.publish(inst, effect.event, effect.detail)
+
+    def publish(self, inst: Instance, type_: str, detail: str = "", **extra: Any) -> None:
+        self.events.publish(
+            type_,
+            pluginName=inst.plugin,
+            instance=inst.index,
+            version=inst.config.version,
+            pid=inst.life.pid,
+            state=inst.life.state.value,
+            **({"detail": detail} if detail else {}),
+            **extra,
+        )
+
+    def _timer_fired(self, inst: Instance, generation: int, timer: lc.Timer) -> None:
+        if generation == inst.generation:
+            inst.timers.pop(timer, None)
+            self.feed(inst, lc.TimerFired(timer))
+
+    # ---- spawning and exits -------------------------------------------------------------
+
+    def _spawn(self, inst: Instance) -> None:
+        inst.generation += 1
+        inst.token = secrets.token_hex(16)
+        inst.spawned_at = inst.last_seen = time.monotonic()
+        inst.exited = asyncio.Event()
+        self.broker.expect(inst.token, inst.key)
+        if inst.close_output is not None:
+            inst.close_output()
+        out_w, err_w, inst.close_output = open_output(
+            self._loop, inst.plugin, inst.index, self.logs[inst.plugin]
+        )
+        request = SpawnRequest(
+            target=WORKER_TARGET,
+            spec=inst.worker_spec(self.config, self._endpoint),
+            env=inst.worker_env(),
+            cwd=None,
+            sys_path=tuple(str(p) for p in inst.config.path),
+            stdout=out_w,
+            stderr=err_w,
+        )
+        self._update_accepting(inst.plugin)
+        self._tg.start_soon(self._do_spawn, inst, inst.generation, request)
+
+    async def _do_spawn(self, inst: Instance, generation: int, request: SpawnRequest) -> None:
+        spawner = self._spawners[inst.config.spawn]
+        try:
+            pid = await spawner.spawn(request)
+        except OskError as exc:
+            log.error("%s: could not spawn: %s", inst.leaf, exc)
+            if generation == inst.generation:
+                self.feed(inst, lc.SpawnFailed(str(exc)))
+            return
+        finally:
+            os.close(request.stdout)
+            os.close(request.stderr)
+        if generation != inst.generation:  # pragma: no cover - a newer life began meanwhile
+            _killpg(pid, 9)
+            return
+        self.feed(inst, lc.Spawned(pid))
+        self._reaper.watch(pid, lambda st: self._child_exited(inst, generation, st))
+
+    def _child_exited(self, inst: Instance, generation: int, status: ExitStatus) -> None:
+        if generation == inst.generation and inst.live:
+            self.feed(inst, lc.Exited(status.code, status.signal))
+
+    def _on_worker(self, key: InstanceKey, header: Header, body: bytes) -> None:
+        inst = self.instances.get(f"{key[0]}/{key[1]}")
+        if inst is None:
+            return
+        inst.last_seen = time.monotonic()
+        kind = header.kind
+        if kind is Kind.HEARTBEAT:
+            return
+        if kind is Kind.HELLO:
+            self.feed(inst, lc.Connected())
+        elif kind is Kind.READY:
+            self.feed(inst, lc.Started())
+        elif kind is Kind.START_FAILED:
+            self.feed(inst, lc.StartFailed(_error_message(body)))
+        elif kind is Kind.HEALTH_REPLY:
+            self.checks.answered(inst, header.id, body)
+        elif kind is Kind.EVENT:
+            try:
+                data = unpack(body, 65536)
+            except OskError:
+                data = None
+            self.publish(inst, "plugin:event", event=header.method, data=data)
+
+    # ---- the tree's effects ---------------------------------------------------------------
+
+    def _tree_effects(self, effects: list[Any]) -> None:
+        if any(isinstance(e, StopChild) for e in effects):
+            self._tg.start_soon(self._tree_batch, effects)
+            return
+        for effect in effects:
+            self._tree_effect(effect)
+
+    async def _tree_batch(self, effects: list[Any]) -> None:
+        for effect in effects:
+            if isinstance(effect, StopChild):
+                await self._stop_and_wait(self.instances[effect.leaf], effect.reason)
+            else:
+                self._tree_effect(effect)
+
+    def _tree_effect(self, effect: Any) -> None:
+        if isinstance(effect, StartChild):
+            inst = self.instances[effect.leaf]
+            if inst.live:
+                log.error("tree asked to start %s, which is %s", inst.leaf, inst.life.state)
+                return
+            self.feed(inst, lc.StartRequested())
+        elif isinstance(effect, ArmRestartTimer):
+            self._loop.call_later(effect.delay, self._restart_timer, effect.token)
+        elif isinstance(effect, GroupGaveUp):
+            log.error(
+                "group '%s' gave up: more than its intensity of restarts (%d) within %gs",
+                effect.group,
+                effect.restarts,
+                effect.period,
+            )
+            self.events.publish("supervisor:gave-up", group=effect.group, restarts=effect.restarts)
+        elif isinstance(effect, StopChild):
+            self._tg.start_soon(self._tree_batch, [effect])
+
+    async def _stop_and_wait(self, inst: Instance, reason: str) -> None:
+        if inst.live:
+            self.feed(inst, lc.StopRequested(reason))
+            await inst.exited.wait()
+        elif self.tree.leaf_state(inst.leaf) is LeafState.STOPPING:
+            # never started or already gone; a death reported as child_exited in the
+            # meantime already counted as this stop
+            self._tree_effects(self.tree.child_stopped(inst.leaf, time.monotonic()))
+        self._check_all_stopped()
+
+    def _restart_timer(self, token: int) -> None:
+        self._tree_effects(self.tree.timer_fired(token, time.monotonic()))
+
+    def _update_accepting(self, plugin: str) -> None:
+        accepting = any(
+            inst.live or self.tree.leaf_state(inst.leaf) in _RUNNING_LEAF
+            for inst in self.instances.values()
+            if inst.plugin == plugin
+        )
+        self.broker.set_accepting(plugin, accepting and not self._shutting_down)
+
+    def _check_all_stopped(self) -> None:
+        if self._shutting_down and not any(i.live for i in self.instances.values()):
+            self._all_stopped.set()
+
+
+def _error_message(body: bytes) -> str:
+    try:
+        data = unpack(body, 1 << 20)
+    except OskError:
+        return "(unreadable error)"
+    return str(data.get("message", data)) if isinstance(data, dict) else str(data)
+
+
+def _killpg_only(pgid: int, signum: int) -> None:
+    """Signal what is left of a process group; Linux keeps a group's id from reuse."""
+    try:
+        os.killpg(pgid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _killpg(pid: int, signum: int) -> None:
+    """Signal the plugin's whole process group (it is a session leader), else the process."""
+    try:
+        os.killpg(pid, signum)
+    except ProcessLookupError:  # no group yet: the child has not reached setsid()
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass

@@ -1,0 +1,37 @@
+"""From config to supervision tree: plugins expand into one leaf per instance.
+
+In config a group's children are plugins or groups. The tree's leaves are instances
+(``echo/0``, ``echo/1``): each is a process that restarts on its own, and a plugin's
+instances sit in its group's child list where the plugin was named, in order.
+"""
+
+from __future__ import annotations
+
+from osk_daemon.config import Config
+from osk_daemon.supervisor.backoff import BackoffPolicy
+from osk_daemon.supervisor.instance import leaf_id
+from osk_daemon.supervisor.tree import GroupSpec, LeafSpec, RestartType, Strategy, Tree
+
+
+def build_tree(config: Config) -> Tree:
+    leaves: dict[str, LeafSpec] = {}
+    for name, plugin in config.plugins.items():
+        b = plugin.backoff
+        policy = BackoffPolicy(
+            base=b.base, factor=b.factor, max=b.max, jitter=b.jitter, reset_after=b.reset_after
+        )
+        for i in range(plugin.instances):
+            leaf = leaf_id(name, i)
+            leaves[leaf] = LeafSpec(leaf, RestartType(plugin.restart), policy)
+    groups: dict[str, GroupSpec] = {}
+    for name, group in config.groups.items():
+        children: list[str] = []
+        for child in group.children:
+            if child in config.plugins:
+                children.extend(leaf_id(child, i) for i in range(config.plugins[child].instances))
+            else:
+                children.append(child)
+        groups[name] = GroupSpec(
+            name, Strategy(group.strategy), group.intensity, group.period, tuple(children)
+        )
+    return Tree(groups, leaves, root="root")

@@ -1,0 +1,205 @@
+"""Run a real osk-daemon for a test, talk to it, and make sure it leaves nothing behind.
+
+The daemon is a subprocess (``python -m osk_daemon.cli run``) with its own short
+runtime dir. Tests wait on the daemon's event stream (``events -f`` on the control
+socket), never on sleeps: ``wait_until`` re-checks a condition whenever an event
+arrives, up to a deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+PLUGINS = Path(__file__).parent / "plugins"
+
+
+class ControlError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+
+
+class Daemon:
+    def __init__(self, workdir: Path, config_text: str) -> None:
+        self.workdir = workdir
+        self.config = workdir / "osk.toml"
+        self.runtime = workdir / "run"
+        self.socket = self.runtime / "control.sock"
+        self.log = workdir / "daemon.log"
+        self.config.write_text(config_text)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.seen_pids: set[int] = set()
+
+    # ---- process -----------------------------------------------------------------------
+
+    def start(self, timeout: float = 20.0) -> None:
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "osk_daemon.cli", "run", "--config", str(self.config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + timeout
+        while not self.socket.exists():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited early:\n{self.log.read_text()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no control socket:\n{self.log.read_text()}")
+            # the daemon creates the socket within milliseconds; a pid wait with a tiny
+            # timeout is the cheapest way to yield here without a busy loop
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(0.01)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM the daemon (by pid), wait, and check that every plugin is gone."""
+        assert self.proc is not None
+        self._remember_pids()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"daemon ignored SIGTERM:\n{self.log.read_text()}") from None
+        return code
+
+    def _remember_pids(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        with contextlib.suppress(psutil.Error):
+            for child in psutil.Process(self.proc.pid).children(recursive=True):
+                self.seen_pids.add(child.pid)
+
+    def leftovers(self) -> list[int]:
+        """Plugin processes (seen while running) that are still alive or zombies."""
+        return [pid for pid in self.seen_pids if psutil.pid_exists(pid)]
+
+    def kill_leftovers(self) -> None:
+        for pid in self.leftovers():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    # ---- control socket ----------------------------------------------------------------
+
+    def ctl(self, cmd: str, timeout: float = 30.0, **args: Any) -> Any:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(self.socket))
+            sock.sendall(json.dumps({"cmd": cmd, "args": args}).encode() + b"\n")
+            reply = json.loads(_readline(sock))
+        if not reply.get("ok"):
+            raise ControlError(reply["error"]["code"], reply["error"]["message"])
+        self._remember_pids()
+        return reply["result"]
+
+    def status(self, plugin: str | None = None) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = self.ctl("status", plugin=plugin)
+        return rows
+
+    def row(self, plugin: str, instance: int = 0) -> dict[str, Any]:
+        return next(r for r in self.status(plugin) if r["instance"] == instance)
+
+    def call(self, plugin: str, method: str, args: Any = None, timeout: float = 5.0) -> Any:
+        return self.ctl("call", plugin=plugin, method=method, args=args, timeout=timeout)
+
+    def wait_until(
+        self, predicate: Callable[[], Any], timeout: float = 20.0, what: str = ""
+    ) -> Any:
+        """Re-check ``predicate`` after every daemon event until it is truthy."""
+        deadline = time.monotonic() + timeout
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(str(self.socket))
+            sock.sendall(b'{"cmd": "events", "args": {"follow": true, "lines": 0}}\n')
+            buf = b""
+            while True:
+                result = predicate()
+                if result:
+                    return result
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(
+                        f"timed out waiting for {what or predicate}; status: "
+                        f"{json.dumps(self.status(), indent=1)}\n"
+                        f"log:\n{self.log.read_text()[-4000:]}"
+                    )
+                sock.settimeout(min(left, 0.5))
+                with contextlib.suppress(TimeoutError):
+                    buf += sock.recv(65536) or b""
+
+    def all_ready(self) -> bool:
+        rows = self.status()
+        return bool(rows) and all(
+            r["state"] == "ready" and r["health"] in ("healthy", "unknown", "recovering")
+            for r in rows
+        )
+
+
+def alive(pid: int) -> bool:
+    """Is there still a process (or zombie) with this pid?"""
+    return Path(f"/proc/{pid}").exists()
+
+
+def _readline(sock: socket.socket) -> bytes:
+    buf = b""
+    while not buf.endswith(b"\n"):
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("control socket closed")
+        buf += chunk
+    return buf
+
+
+def plugin_block(name: str, **options: Any) -> str:
+    """A [plugins.NAME] table using the test plugins."""
+    lines = [f"[plugins.{name}]", 'entry = "testplugins:Echo"', f'path = ["{PLUGINS}"]']
+    tables = {k: v for k, v in options.items() if isinstance(v, dict)}
+    for key, value in options.items():
+        if key not in tables:
+            lines.append(f"{key} = {json.dumps(value)}")
+    for key, table in tables.items():
+        lines.append(f"[plugins.{name}.{key}]")
+        lines.extend(f"{k} = {json.dumps(v)}" for k, v in table.items())
+    return "\n".join(lines) + "\n"
+
+
+def daemon_config(body: str, **daemon: Any) -> str:
+    settings = {"runtime_dir": "run", "heartbeat_interval": 0.1, "heartbeat_timeout": 1.0}
+    settings.update(daemon)
+    head = "[daemon]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items())
+    return head + "\n" + textwrap.dedent(body)
+
+
+@contextlib.contextmanager
+def running_daemon(config_text: str, wait_ready: bool = True) -> Iterator[Daemon]:
+    workdir = Path(tempfile.mkdtemp(prefix="osk-t-"))
+    daemon = Daemon(workdir, config_text)
+    try:
+        daemon.start()
+        if wait_ready:
+            daemon.wait_until(daemon.all_ready, what="all plugins ready")
+        yield daemon
+    finally:
+        try:
+            if daemon.proc is not None and daemon.proc.poll() is None:
+                daemon.stop()
+            left = daemon.leftovers()
+        finally:
+            daemon.kill_leftovers()
+            shutil.rmtree(workdir, ignore_errors=True)
+        assert not left, f"plugin processes left behind: {left}"

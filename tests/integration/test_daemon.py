@@ -1,0 +1,165 @@
+"""A real daemon with real plugin processes: the operator's view of the basics."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+
+import pytest
+import zmq
+
+from osk_daemon.ipc.client import Client
+from tests.integration.harness import (
+    ControlError,
+    alive,
+    daemon_config,
+    plugin_block,
+    running_daemon,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+
+
+def basic_config(**daemon: object) -> str:
+    return daemon_config(
+        plugin_block("echo", instances=2, version="1.0.0") + plugin_block("viaexec", spawn="exec"),
+        **daemon,
+    )
+
+
+def test_status_call_and_kill_9_restart() -> None:
+    with running_daemon(basic_config()) as d:
+        rows = d.status()
+        assert [(r["plugin"], r["instance"]) for r in rows] == [
+            ("echo", 0),
+            ("echo", 1),
+            ("viaexec", 0),
+        ]
+        for r in rows:
+            assert r["state"] == "ready"
+            assert isinstance(r["pid"], int)
+            assert r["restarts"] == 0
+        assert rows[0]["version"] == "1.0.0"
+        first = d.row("echo", 0)["pid"]
+        # calls reach the plugin process and come back
+        answer = d.call("echo", "echo", {"text": "hi"})
+        assert answer["text"] == "hi"
+        assert answer["pid"] in {rows[0]["pid"], rows[1]["pid"]}
+        # kill -9: the same slot comes back with a new pid that answers
+        os.kill(first, signal.SIGKILL)
+        d.wait_until(
+            lambda: (r := d.row("echo", 0))["state"] == "ready" and r["pid"] != first,
+            what="echo/0 back with a new pid",
+        )
+        row = d.row("echo", 0)
+        assert row["restarts"] == 1
+        assert row["last_exit"] == "SIGKILL"
+        answering = {d.call("echo", "pid") for _ in range(6)}
+        assert answering <= {r["pid"] for r in d.status("echo")}
+
+
+def test_exec_spawned_plugin_answers() -> None:
+    with running_daemon(basic_config()) as d:
+        assert d.call("viaexec", "echo", {"text": "x"})["text"] == "x"
+
+
+def test_external_client_api_talks_to_the_broker() -> None:
+    with (
+        running_daemon(basic_config()) as d,
+        Client(f"ipc://{d.runtime}/broker.sock", timeout=5) as client,
+    ):
+        assert client.call("echo", "echo", {"text": "c"})["text"] == "c"
+        results = client.call_many([("echo", "echo", {"text": str(i)}) for i in range(50)])
+        assert [r["text"] for r in results] == [str(i) for i in range(50)]
+        with pytest.raises(Exception, match="no method"):
+            client.call("echo", "nope")
+
+
+def test_plugin_output_reaches_logs_with_names() -> None:
+    with running_daemon(basic_config()) as d:
+        d.call("echo", "echo", {"text": "x"})
+        d.wait_until(lambda: d.ctl("logs", name="echo", lines=50) is not None)
+        lines = d.ctl("logs", name="echo", lines=100)
+        assert isinstance(lines, list)
+
+
+def test_errors_are_refused_not_fatal() -> None:
+    with running_daemon(basic_config()) as d:
+        with pytest.raises(ControlError, match="no method"):
+            d.call("echo", "missing")
+        with pytest.raises(ControlError) as err:
+            d.call("ghost", "echo")
+        assert err.value.code == "unavailable"
+        with pytest.raises(ControlError) as err:
+            d.ctl("frobnicate")
+        assert err.value.code == "control"
+        assert d.call("echo", "echo", {"text": "still here"})["text"] == "still here"
+
+
+def test_garbage_frames_on_the_broker_socket_do_not_crash_it() -> None:
+    with running_daemon(basic_config()) as d:
+        ctx = zmq.Context()
+        try:
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(f"ipc://{d.runtime}/broker.sock")
+            for frames in ([b"x"], [b"\xc1\xc1", b""], [b"a", b"b", b"c"], [os.urandom(300), b""]):
+                sock.send_multipart(frames)
+            sock.send_multipart([b"\x00" * (17 * 1024 * 1024), b""])  # over max_message_size
+            sock.close(0)
+        finally:
+            ctx.term()
+        assert d.call("echo", "echo", {"text": "alive"})["text"] == "alive"
+        assert d.proc is not None and d.proc.poll() is None
+
+
+def test_control_socket_is_0600() -> None:
+    with running_daemon(basic_config()) as d:
+        mode = stat.S_IMODE(d.socket.stat().st_mode)
+        assert mode == 0o600
+        assert stat.S_IMODE(d.runtime.stat().st_mode) == 0o700
+
+
+def test_shutdown_command_stops_everything() -> None:
+    with running_daemon(basic_config()) as d:
+        pids = [r["pid"] for r in d.status()]
+        d.ctl("shutdown")
+        assert d.proc is not None
+        assert d.proc.wait(30) == 0
+        for pid in pids:
+            assert not alive(pid)
+
+
+def test_check_config_names_file_key_and_reason(tmp_path: object) -> None:
+    import pathlib
+
+    path = pathlib.Path(str(tmp_path)) / "bad.toml"
+    path.write_text('[plugins.echo]\nentry = "m:C"\n[plugins.echo.health_check]\ninterval = -1\n')
+    proc = subprocess.run(
+        [sys.executable, "-m", "osk_daemon.cli", "check-config", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "bad.toml: plugins.echo.health_check.interval: must be > 0" in proc.stderr
+    ok = subprocess.run(
+        [sys.executable, "-m", "osk_daemon.cli", "check-config", "configs/demo.toml"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_schema_command_prints_json_schema() -> None:
+    import json
+
+    out = subprocess.run(
+        [sys.executable, "-m", "osk_daemon.cli", "schema"], capture_output=True, check=True
+    ).stdout
+    schema = json.loads(out)
+    assert "plugins" in schema["properties"]
