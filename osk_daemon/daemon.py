@@ -79,6 +79,11 @@ async def run_daemon(
             log.info("shutting down")
             await supervisor.shutdown()
             tg.cancel_scope.cancel()
+    except BaseException:
+        if supervisor is not None:
+            log.critical("the daemon failed; killing its plugins so none is orphaned")
+            supervisor.kill_all()
+        raise
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)

@@ -120,6 +120,12 @@ class Supervisor:
         self.checks.stop()
         self.broker.close()
 
+    def kill_all(self) -> None:
+        """Last resort when the daemon itself fails: SIGKILL every live plugin group."""
+        for inst in self.instances.values():
+            if inst.live and inst.life.pid is not None:
+                _killpg(inst.life.pid, 9)
+
     def operate(self, action: str, name: str, index: int | None) -> list[str]:
         """Operator start/stop/restart of a plugin (or one instance) or a group."""
         ids = self._resolve(name, index)

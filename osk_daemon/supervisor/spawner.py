@@ -26,7 +26,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import msgpack
@@ -322,8 +322,11 @@ class ZygoteSpawner:
             except TimeoutError:
                 log.warning("zygote %d did not exit on EOF; killing it", zygote.pid)
                 self._kill(zygote)
-                async with asyncio.timeout(grace):
-                    await asyncio.shield(zygote.exited)
+                try:
+                    async with asyncio.timeout(grace):
+                        await asyncio.shield(zygote.exited)
+                except TimeoutError:
+                    log.error("zygote %d was not reaped (is the reaper installed?)", zygote.pid)
             self._all.discard(zygote)
         self._current = None
 
@@ -334,7 +337,8 @@ class ZygoteSpawner:
         if current is not None and current.usable:
             return current
         # A dead incarnation keeps its socket until EOF: its middle processes may still
-        # report pids for requests it took before dying.
+        # report pids for requests it took before dying. Forget it once both are over.
+        self._all = {z for z in self._all if not (z.exited.done() and z.sock.fileno() < 0)}
         self._current = await self._start()
         return self._current
 
@@ -355,7 +359,7 @@ class ZygoteSpawner:
         ours.setblocking(False)
         zygote = _Zygote(loop, pid, ours)
         self._all.add(zygote)
-        self._reaper.watch(pid, self._on_exit_of(zygote))
+        self._reaper.watch(pid, zygote.on_exit)
         try:
             async with asyncio.timeout(self._ready_timeout):
                 hello = await zygote.ready
@@ -366,13 +370,6 @@ class ZygoteSpawner:
             log.warning("zygote could not preload %s (%s); plugins will import it", name, error)
         log.info("zygote %d ready, preloaded %s", pid, hello.get("preloaded"))
         return zygote
-
-    def _on_exit_of(self, zygote: _Zygote) -> Callable[[ExitStatus], None]:
-        def on_exit(status: ExitStatus) -> None:
-            zygote.on_exit(status)
-            self._all.discard(zygote)
-
-        return on_exit
 
     def _kill(self, zygote: _Zygote) -> None:
         zygote.close("zygote killed")

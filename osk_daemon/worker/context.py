@@ -40,7 +40,7 @@ class Context:
     def __init__(
         self,
         name: str,
-        instance: str = "0",
+        instance: int = 0,
         version: str = "0.0.0",
         config: Mapping[str, Any] | None = None,
         *,

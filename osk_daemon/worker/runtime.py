@@ -202,7 +202,7 @@ class _Worker:
         cls = load_plugin_class(self.spec["entry"], list(self.spec.get("path") or []))
         ctx = Context(
             self.name,
-            str(self.spec["instance"]),
+            int(self.spec["instance"]),
             str(self.spec["version"]),
             self.spec.get("config") or {},
             link=self,

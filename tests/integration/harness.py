@@ -194,6 +194,9 @@ def running_daemon(config_text: str, wait_ready: bool = True) -> Iterator[Daemon
         if wait_ready:
             daemon.wait_until(daemon.all_ready, what="all plugins ready")
         yield daemon
+    except BaseException:
+        print(f"---- daemon log ----\n{daemon.log.read_text()[-20000:]}")  # shown on failure
+        raise
     finally:
         try:
             if daemon.proc is not None and daemon.proc.poll() is None:

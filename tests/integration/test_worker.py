@@ -192,7 +192,7 @@ class Harness:
     def spec(self, **overrides: Any) -> dict[str, Any]:
         spec: dict[str, Any] = {
             "plugin": "echo",
-            "instance": "1",
+            "instance": 1,
             "version": "1.2.3",
             "entry": "plug:Echo",
             "path": [str(self.tmp_path)],
@@ -258,7 +258,7 @@ def test_hello_then_ready(h: Harness) -> None:
     assert hello.target == "echo"
     assert body == {
         "plugin": "echo",
-        "instance": "1",
+        "instance": 1,
         "token": "s3cret",
         "pid": proc.pid,
         "version": "1.2.3",
@@ -291,7 +291,7 @@ def test_requests_and_argument_mapping(h: Harness) -> None:
     assert h.daemon.call("echo")[1] is None
     info = h.daemon.call("info.config")[1]
     assert info["config"]["greeting"] == "hi"
-    assert info["instance"] == "1"
+    assert info["instance"] == 1
     assert h.daemon.call("osk.methods")[1][0] == "add"
 
 

@@ -161,9 +161,9 @@ async def test_plugin_defaults() -> None:
 
 @pytest.mark.anyio
 async def test_detached_context() -> None:
-    ctx = Context("demo", "2", "1.0", {"k": "v"})
+    ctx = Context("demo", 2, "1.0", {"k": "v"})
     assert ctx.logger is logging.getLogger("osk.plugin.demo")
-    assert (ctx.instance, ctx.version, ctx.config) == ("2", "1.0", {"k": "v"})
+    assert (ctx.instance, ctx.version, ctx.config) == (2, "1.0", {"k": "v"})
     ctx.emit("thing", {"a": 1})
     assert ctx.emitted == [("thing", {"a": 1})]
     with pytest.raises(Unavailable, match=r"other\.m"):

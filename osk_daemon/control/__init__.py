@@ -1,0 +1,34 @@
+"""The control socket: how operators and scripts drive a running daemon.
+
+Why: one local, permission-checked entry point for ``status``, ``start``/``stop``,
+``call``, ``logs``, ``events`` and ``shutdown``, spoken by ``oskctl`` and anything that
+can write a line of JSON to a UNIX socket.
+
+How: ``protocol`` defines the newline-delimited JSON wire format (sans-I/O, stdlib only);
+``peercred`` decides who may connect (``SO_PEERCRED``); ``server`` serves the socket on
+anyio and dispatches to a ``CommandHandler`` the daemon provides; ``oskctl`` and ``render``
+are the command-line client. The server names below are imported lazily, so that
+``oskctl`` (which imports this package) does not pay for anyio at start-up.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from osk_daemon.control.peercred import PeerCred
+from osk_daemon.control.protocol import BadRequest, Forbidden
+
+if TYPE_CHECKING:
+    from osk_daemon.control.server import CommandHandler, serve_control
+
+__all__ = ["BadRequest", "CommandHandler", "Forbidden", "PeerCred", "serve_control"]
+
+_LAZY = frozenset({"CommandHandler", "serve_control"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from osk_daemon.control import server
+
+        return getattr(server, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,390 @@
+"""``oskctl``: the operator's command-line client for a running osk-daemon.
+
+Why: a thin, fast, dependency-free front end to the control socket, usable by hand and
+from scripts (stable exit codes, ``--json``).
+
+How: argparse builds one request, a blocking AF_UNIX socket sends it, replies are read with
+``protocol.LineSplitter`` and shown with ``render``. Only the standard library (and the
+stdlib-only ``protocol``/``errors`` modules) is imported, so start-up stays fast.
+
+Socket path, first match wins: ``--socket``; ``$OSK_SOCKET``; ``[daemon] control_socket``
+(or ``runtime_dir``/control.sock) from ``--config`` or ``$OSK_CONFIG``; ``/run/osk/control.sock``.
+
+Exit codes: 0 ok; 1 the daemon answered with an error; 2 bad usage; 3 the daemon is
+unreachable; 4 timed out waiting for it; 130 interrupted (Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from osk_daemon.control import render
+from osk_daemon.control.protocol import (
+    MAX_REPLY_LINE,
+    BadReply,
+    ErrorReply,
+    LineSplitter,
+    LineTooLong,
+    Reply,
+    Result,
+    StreamItem,
+    decode_reply,
+    encode_request,
+)
+
+DEFAULT_SOCKET = Path("/run/osk/control.sock")
+DEFAULT_TIMEOUT = 30.0
+CALL_TIMEOUT_MARGIN = 5.0
+
+EXIT_OK = 0
+EXIT_DAEMON_ERROR = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+EXIT_TIMEOUT = 4
+EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141
+
+
+@dataclass(frozen=True, slots=True)
+class SocketChoice:
+    """The socket to use and a human phrase saying how it was chosen (for error hints)."""
+
+    path: Path
+    source: str
+
+
+class UsageError(Exception):
+    """Bad arguments or configuration discovered after argparse (exit 2)."""
+
+
+class Unreachable(Exception):
+    """The socket is missing, refused, or hung up before answering (exit 3)."""
+
+
+class DaemonError(Exception):
+    """The daemon answered ``{"ok": false, ...}`` (exit 1)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        self.message = message
+        super().__init__(f"{code}: {message}")
+
+
+def resolve_socket(
+    socket_arg: Path | None, config_arg: Path | None, environ: Mapping[str, str]
+) -> SocketChoice:
+    """Pick the control socket (see the module docstring). Raises ``UsageError``."""
+    if socket_arg is not None:
+        return SocketChoice(socket_arg, "from --socket")
+    if environ.get("OSK_SOCKET"):
+        return SocketChoice(Path(environ["OSK_SOCKET"]), "from $OSK_SOCKET")
+    if config_arg is not None:
+        return _socket_from_config(config_arg, "--config")
+    if environ.get("OSK_CONFIG"):
+        return _socket_from_config(Path(environ["OSK_CONFIG"]), "$OSK_CONFIG")
+    return SocketChoice(DEFAULT_SOCKET, "the default; use --socket, $OSK_SOCKET or --config")
+
+
+def _socket_from_config(config: Path, flag: str) -> SocketChoice:
+    import tomllib
+
+    try:
+        with config.open("rb") as f:
+            data = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise UsageError(f"cannot read config {config} (from {flag}): {exc}") from exc
+    daemon = data.get("daemon", {})
+    if not isinstance(daemon, dict):
+        raise UsageError(f"{config}: [daemon] must be a table")
+    base = config.parent
+    where = f"{config} (from {flag})"
+    for key in ("control_socket", "runtime_dir"):
+        if key in daemon and not isinstance(daemon[key], str):
+            raise UsageError(f"{config}: daemon.{key} must be a string")
+    if "control_socket" in daemon:
+        path = Path(os.path.normpath(base / daemon["control_socket"]))
+        return SocketChoice(path, f"from [daemon] control_socket in {where}")
+    if "runtime_dir" in daemon:
+        path = Path(os.path.normpath(base / daemon["runtime_dir"])) / "control.sock"
+        return SocketChoice(path, f"from [daemon] runtime_dir in {where}")
+    return SocketChoice(DEFAULT_SOCKET, f"the default; {where} sets no daemon.control_socket")
+
+
+# -- talking to the daemon --------------------------------------------------------------------
+
+
+class _Client:
+    def __init__(self, choice: SocketChoice, timeout: float) -> None:
+        self.choice = choice
+        self.timeout = timeout
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+
+    def __enter__(self) -> _Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+    def _unreachable(self, what: str) -> Unreachable:
+        return Unreachable(
+            f"cannot reach the daemon at {self.choice.path} ({self.choice.source}): {what}"
+        )
+
+    def send(self, data: bytes) -> None:
+        try:
+            self.sock.connect(os.fspath(self.choice.path))
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            raise self._unreachable(f"{exc.strerror}; is osk-daemon running?") from exc
+        except PermissionError as exc:
+            raise self._unreachable(
+                f"{exc.strerror}; run as root or the daemon's user, or join daemon.control_group"
+            ) from exc
+        except TimeoutError:
+            raise
+        except OSError as exc:
+            raise self._unreachable(str(exc.strerror or exc)) from exc
+        try:
+            self.sock.sendall(data)
+        except TimeoutError:
+            raise
+        except OSError:
+            pass  # the daemon may have answered (e.g. "forbidden") and hung up; read it
+
+    def replies(self, *, follow: bool) -> Iterator[Reply]:
+        """Reply lines until the final one; ``follow`` waits for stream items forever."""
+        if follow:
+            self.sock.settimeout(None)
+        splitter = LineSplitter(MAX_REPLY_LINE)
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                raise
+            except OSError as exc:
+                raise self._unreachable(f"connection lost: {exc.strerror or exc}") from exc
+            if not data:
+                raise self._unreachable("the daemon closed the connection without answering")
+            try:
+                lines = splitter.feed(data)
+            except LineTooLong as exc:
+                raise BadReply(str(exc)) from exc
+            for line in lines:
+                reply = decode_reply(line)
+                yield reply
+                if not isinstance(reply, StreamItem):
+                    return
+
+
+def _exchange(
+    choice: SocketChoice, timeout: float, cmd: str, args: dict[str, Any], *, follow: bool = False
+) -> Iterator[StreamItem | Result]:
+    """Send one request; yield its stream items and its final result. Raises ``DaemonError``."""
+    with _Client(choice, timeout) as client:
+        client.send(encode_request(cmd, args))
+        for reply in client.replies(follow=follow):
+            if isinstance(reply, ErrorReply):
+                raise DaemonError(reply.code, reply.message)
+            yield reply
+
+
+def _request(choice: SocketChoice, timeout: float, cmd: str, args: dict[str, Any]) -> Any:
+    for reply in _exchange(choice, timeout, cmd, args):
+        if isinstance(reply, Result):
+            return reply.value
+    return None  # pragma: no cover - _exchange always ends with a Result or raises
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+
+def _out(text: str, *, flush: bool = False) -> None:
+    print(text, flush=flush)
+
+
+def _run(ns: argparse.Namespace, choice: SocketChoice, timeout: float) -> None:
+    as_json: bool = getattr(ns, "json", False)
+    cmd: str = ns.command
+    if cmd == "status":
+        result = _request(choice, timeout, "status", {"plugin": ns.name})
+        if as_json or not isinstance(result, list):
+            _out(render.format_json(result))
+        else:
+            _out(render.format_status([r if isinstance(r, dict) else {} for r in result]))
+    elif cmd in ("start", "stop", "restart"):
+        result = _request(choice, timeout, cmd, {"name": ns.name, "instance": ns.instance})
+        _out(render.format_json(result) if as_json else render.format_message(result))
+    elif cmd == "shutdown":
+        result = _request(choice, timeout, "shutdown", {})
+        _out(render.format_json(result) if as_json else render.format_message(result))
+    elif cmd == "call":
+        args = {
+            "plugin": ns.plugin,
+            "method": ns.method,
+            "args": ns.call_args,
+            "timeout": ns.call_timeout,
+            "version": ns.version,
+        }
+        _out(render.format_json(_request(choice, timeout, "call", args)))
+    elif cmd == "logs":
+        args = {"name": ns.name, "lines": ns.lines, "follow": ns.follow}
+        show = render.format_json_line if as_json else _log_line
+        _stream(choice, timeout, "logs", args, follow=ns.follow, show=show)
+    elif cmd == "events":
+        show = render.format_json_line
+        _stream(choice, timeout, "events", {"follow": ns.follow}, follow=ns.follow, show=show)
+    else:  # pragma: no cover - argparse only accepts the commands above
+        raise UsageError(f"unknown command {cmd!r}")
+
+
+def _log_line(item: Any) -> str:
+    return render.format_log_line(item) if isinstance(item, dict) else str(item)
+
+
+def _stream(
+    choice: SocketChoice,
+    timeout: float,
+    cmd: str,
+    args: dict[str, Any],
+    *,
+    follow: bool,
+    show: Any,
+) -> None:
+    for reply in _exchange(choice, timeout, cmd, args, follow=follow):
+        if isinstance(reply, StreamItem):
+            _out(show(reply.item), flush=follow)
+        elif isinstance(reply.value, list):
+            for item in reply.value:
+                _out(show(item), flush=follow)
+        elif reply.value is not None:
+            _out(show(reply.value), flush=follow)
+
+
+# -- arguments --------------------------------------------------------------------------------
+
+
+def _json_arg(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from exc
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return value
+
+
+def _add_common(parser: argparse.ArgumentParser, *, socket_timeout: bool) -> None:
+    # SUPPRESS defaults let the same flags appear before or after the command name.
+    s = argparse.SUPPRESS
+    parser.add_argument("--socket", type=Path, default=s, help="control socket path")
+    parser.add_argument("--config", type=Path, default=s, help="daemon config (TOML)")
+    parser.add_argument("--json", action="store_true", default=s, help="print raw JSON")
+    if socket_timeout:
+        parser.add_argument(
+            "--timeout",
+            dest="socket_timeout",
+            type=_positive,
+            default=s,
+            help=f"seconds to wait for the daemon (default {DEFAULT_TIMEOUT:g})",
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``oskctl`` argument parser."""
+    parser = argparse.ArgumentParser(prog="oskctl", description="Control a running osk-daemon.")
+    _add_common(parser, socket_timeout=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_text: str, *, socket_timeout: bool = True) -> Any:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        _add_common(p, socket_timeout=socket_timeout)
+        return p
+
+    p = command("status", "show plugin instances")
+    p.add_argument("name", nargs="?", default=None, metavar="NAME")
+    for name, verb in (("start", "start"), ("stop", "stop"), ("restart", "restart")):
+        p = command(name, f"{verb} a plugin (or one instance)")
+        p.add_argument("name", metavar="NAME")
+        p.add_argument("--instance", type=int, default=None, metavar="N")
+    p = command("call", "call a plugin method", socket_timeout=False)
+    p.add_argument("plugin", metavar="PLUGIN")
+    p.add_argument("method", metavar="METHOD")
+    p.add_argument("call_args", nargs="?", type=_json_arg, default=None, metavar="ARGS_JSON")
+    p.add_argument("--timeout", dest="call_timeout", type=_positive, default=None)
+    p.add_argument("--version", default=None, metavar="V", help="version constraint")
+    p = command("logs", "show a plugin's output")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("-n", dest="lines", type=int, default=None, metavar="N", help="last N lines")
+    p.add_argument("-f", dest="follow", action="store_true", help="keep following")
+    p = command("events", "show daemon events")
+    p.add_argument("-f", dest="follow", action="store_true", help="keep following")
+    command("shutdown", "stop the daemon and all plugins")
+    return parser
+
+
+def _fail(code: int, message: str) -> int:
+    print(f"oskctl: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``oskctl`` with ``argv`` (default ``sys.argv[1:]``); return the exit code.
+
+    Bad usage exits through argparse (``SystemExit(2)``).
+    """
+    ns = build_parser().parse_args(argv)
+    timeout: float = getattr(ns, "socket_timeout", DEFAULT_TIMEOUT)
+    if ns.command == "call" and ns.call_timeout is not None:
+        timeout = max(timeout, ns.call_timeout + CALL_TIMEOUT_MARGIN)
+    try:
+        choice = resolve_socket(
+            getattr(ns, "socket", None), getattr(ns, "config", None), os.environ
+        )
+    except UsageError as exc:
+        return _fail(EXIT_USAGE, str(exc))
+    try:
+        _run(ns, choice, timeout)
+    except DaemonError as exc:
+        return _fail(EXIT_DAEMON_ERROR, str(exc))
+    except BadReply as exc:
+        return _fail(EXIT_DAEMON_ERROR, f"{exc.code}: {exc}")
+    except Unreachable as exc:
+        return _fail(EXIT_UNREACHABLE, str(exc))
+    except TimeoutError:
+        return _fail(
+            EXIT_TIMEOUT,
+            f"timed out after {timeout:g}s waiting for the daemon at {choice.path}; "
+            "it may be busy (raise --timeout)",
+        )
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+    return EXIT_OK
+
+
+def _silence_stdout() -> None:
+    # Python would report the broken pipe again when flushing stdout at exit.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
