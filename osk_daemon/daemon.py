@@ -11,6 +11,7 @@ then the zygote, the broker and the control socket close, and nothing is left be
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from collections.abc import Callable
 from functools import partial
@@ -23,19 +24,29 @@ from osk_daemon.config import Config, SpawnMode
 from osk_daemon.control.commands import DaemonCommands
 from osk_daemon.control.server import serve_control
 from osk_daemon.supervisor.reaper import ChildReaper, become_subreaper
-from osk_daemon.supervisor.runtime import Supervisor
+from osk_daemon.supervisor.runtime import Endpoints, Supervisor
 from osk_daemon.supervisor.spawner import ExecSpawner, Spawner, ZygoteSpawner
 
 log = logging.getLogger("osk.daemon")
 
 
-def broker_endpoint(runtime_dir: Path) -> str:
-    return f"ipc://{runtime_dir / 'broker.sock'}"
+def endpoints(runtime_dir: Path) -> Endpoints:
+    return Endpoints(
+        clients=f"ipc://{runtime_dir / 'broker.sock'}",
+        workers=f"ipc://{runtime_dir / 'workers.sock'}",
+    )
 
 
 def prepare_runtime_dir(path: Path) -> None:
+    """0711: others may traverse (sandboxed plugins reach workers.sock), not list."""
     path.mkdir(parents=True, exist_ok=True)
-    path.chmod(0o700)
+    path.chmod(0o711)
+
+
+def secure_sockets(runtime_dir: Path) -> None:
+    """Callers' socket for root/owner only; the workers' socket open to plugin uids."""
+    (runtime_dir / "broker.sock").chmod(0o600)
+    (runtime_dir / "workers.sock").chmod(0o666)
 
 
 async def run_daemon(
@@ -45,6 +56,7 @@ async def run_daemon(
     import asyncio
 
     d = config.daemon
+    os.umask(0o077)  # sockets and files the daemon creates are its own until it says else
     prepare_runtime_dir(d.runtime_dir)
     become_subreaper()
     loop = asyncio.get_running_loop()
@@ -60,7 +72,8 @@ async def run_daemon(
         }
         stop = anyio.Event()
         async with anyio.create_task_group() as tg:
-            supervisor = Supervisor(config, tg, reaper, spawners, broker_endpoint(d.runtime_dir))
+            supervisor = Supervisor(config, tg, reaper, spawners, endpoints(d.runtime_dir))
+            secure_sockets(d.runtime_dir)
             supervisor.start()
             commands = DaemonCommands(supervisor, stop.set)
             await tg.start(

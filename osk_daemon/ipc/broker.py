@@ -2,12 +2,14 @@
 
 Theory of operation
 -------------------
-Workers connect a DEALER and say HELLO with the one-time token the daemon gave their
-process at spawn; only then is their routing id bound to an instance ``(plugin, index)``
-and only then are worker-only kinds (READY, HEARTBEAT, REPLY, ...) accepted from it.
-Anyone who can reach the socket (it lives in the daemon's 0700 runtime dir) may send a
-REQUEST: outside clients, ``oskctl call`` through the control socket, or a plugin calling
-another plugin.
+Two ROUTER sockets. Callers (outside clients; ``oskctl call`` comes in through the
+control socket instead) use the client endpoint, which is 0600 like the control socket;
+they may only send REQUESTs. Workers use the worker endpoint, which sandboxed plugins
+running as another uid must be able to reach, so it is world-connectable (0666 in a
+0711 runtime dir) and trusts nobody by default: a worker connects a DEALER and says
+HELLO with the one-time token the daemon gave its process at spawn; only then is its
+routing id bound to an instance ``(plugin, index)``, and only then are its REPLYs,
+heartbeats and REQUESTs (calls to other plugins) accepted.
 
 A REQUEST gets a broker-wide id; the table ``_pending`` maps it back to the caller's own
 id and routing id, so replies from a worker are forwarded to whoever asked, with the
@@ -20,9 +22,7 @@ once with ``unavailable``. Every request has a deadline (the caller's, or the de
 one heap and one timer answer expired requests with ``timeout``, so nothing hangs. When
 an instance is lost, its in-flight requests are answered with an error at once.
 
-The socket is read from the asyncio loop with ``add_reader`` on ZMQ_FD. That fd is
-edge-triggered, so every wake-up drains until EAGAIN and every send re-checks
-ZMQ_EVENTS (a send can consume the edge of a pending read).
+Both sockets are read from the asyncio loop (``endpoint.RouterEndpoint``).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import zmq
 
@@ -47,6 +47,7 @@ from osk_daemon.errors import (
     Unavailable,
 )
 from osk_daemon.ipc.codec import Header, Kind, encode_header, pack, split_router_frames, unpack
+from osk_daemon.ipc.endpoint import RouterEndpoint
 
 log = logging.getLogger("osk.broker")
 
@@ -54,15 +55,15 @@ InstanceKey = tuple[str, int]
 WorkerListener = Callable[[InstanceKey, Header, bytes], None]
 
 _WORKER_KINDS = frozenset(
-    {Kind.READY, Kind.HEARTBEAT, Kind.REPLY, Kind.ERROR, Kind.EVENT, Kind.HEALTH_REPLY}
-) | {Kind.START_FAILED}
-_DRAIN_BATCH = 256
+    {Kind.READY, Kind.HEARTBEAT, Kind.EVENT, Kind.HEALTH_REPLY, Kind.START_FAILED}
+)
 
 
 @dataclass(slots=True)
 class _Route:
     key: InstanceKey
     rid: bytes
+    endpoint: RouterEndpoint
     ready: bool = False
     in_flight: int = 0
 
@@ -77,7 +78,7 @@ class _Plugin:
 
 @dataclass(slots=True)
 class _Pending:
-    caller_rid: bytes | None  # None: a local call, answered through ``future``
+    caller: tuple[RouterEndpoint, bytes] | None  # None: a local call, through ``future``
     caller_id: int
     target: str
     method: str
@@ -104,27 +105,33 @@ class Broker:
 
     def __init__(
         self,
-        endpoint: str,
+        client_endpoint: str,
+        worker_endpoint: str,
         listener: WorkerListener,
         *,
         max_message_size: int,
         default_timeout: float = 10.0,
         ctx: zmq.Context[Any] | None = None,
     ) -> None:
-        self.endpoint = endpoint
         self.stats = BrokerStats()
         self._listener = listener
         self._max = max_message_size
         self._default_timeout = default_timeout
         self._ctx = ctx or zmq.Context.instance()
-        self._sock: zmq.Socket[bytes] = self._ctx.socket(zmq.ROUTER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self._sock.setsockopt(zmq.MAXMSGSIZE, max_message_size + 8192)
-        self._sock.setsockopt(zmq.SNDHWM, 100_000)
-        self._sock.setsockopt(zmq.RCVHWM, 100_000)
-        self._sock.bind(endpoint)
-        self._fd = cast(int, self._sock.getsockopt(zmq.FD))
+        self._clients = RouterEndpoint(
+            self._ctx,
+            client_endpoint,
+            self._on_client,
+            name="clients",
+            max_message_size=max_message_size,
+        )
+        self._workers = RouterEndpoint(
+            self._ctx,
+            worker_endpoint,
+            self._on_worker,
+            name="workers",
+            max_message_size=max_message_size,
+        )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tokens: dict[str, InstanceKey] = {}
         self._by_rid: dict[bytes, _Route] = {}
@@ -134,15 +141,14 @@ class Broker:
         self._heap: list[tuple[float, int]] = []
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
-        self._drain_scheduled = False
 
     # ---- lifecycle -------------------------------------------------------------------
 
     def start(self) -> None:
         """Start reading the socket from the running asyncio loop."""
         self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(self._fd, self._drain)
-        self._schedule_drain()
+        self._clients.start(self._loop)
+        self._workers.start(self._loop)
 
     def close(self) -> None:
         """Answer everything pending with ``unavailable`` and close the socket."""
@@ -150,9 +156,8 @@ class Broker:
             self._fail(bid, Unavailable("the daemon is shutting down"))
         if self._timer is not None:
             self._timer.cancel()
-        if self._loop is not None and not self._sock.closed:
-            self._loop.remove_reader(self._fd)
-        self._sock.close(0)
+        self._clients.close()
+        self._workers.close()
 
     # ---- what the supervisor tells the broker -----------------------------------------
 
@@ -199,7 +204,7 @@ class Broker:
         route = self._route_of(key)
         if route is None:
             return False
-        return self._send(route.rid, header.encode(), body)
+        return route.endpoint.send(route.rid, header.encode(), body)
 
     # ---- local calls (oskctl call, health of the daemon itself) ------------------------
 
@@ -223,41 +228,9 @@ class Broker:
             raise error_from_wire(unpack(reply, self._max))
         return reply
 
-    # ---- the socket ------------------------------------------------------------------
+    # ---- frames in ---------------------------------------------------------------------
 
-    def _schedule_drain(self) -> None:
-        if not self._drain_scheduled and self._loop is not None and not self._sock.closed:
-            self._drain_scheduled = True
-            self._loop.call_soon(self._drain)
-
-    def _drain(self) -> None:
-        self._drain_scheduled = False
-        sock = self._sock
-        for _ in range(_DRAIN_BATCH):
-            if sock.closed:
-                return
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            except zmq.ZMQError as exc:
-                log.warning("broker receive failed: %s", exc)
-                return
-            self._handle(frames)
-        self._schedule_drain()  # more may be waiting; let other callbacks run first
-
-    def _send(self, rid: bytes, header: bytes, body: bytes) -> bool:
-        try:
-            self._sock.send_multipart((rid, header, body), zmq.NOBLOCK, copy=len(body) < 65536)
-        except zmq.ZMQError as exc:
-            log.debug("broker send to %r failed: %s", rid, exc)
-            return False
-        finally:
-            if cast(int, self._sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
-                self._schedule_drain()
-        return True
-
-    def _handle(self, frames: list[bytes]) -> None:
+    def _split(self, frames: list[bytes]) -> tuple[bytes, Header, bytes] | None:
         try:
             rid, header, body = split_router_frames(frames)
             if len(body) > self._max:
@@ -269,29 +242,52 @@ class Broker:
                 self.stats.dropped_malformed,
                 exc,
             )
+            return None
+        return rid, header, body
+
+    def _on_client(self, ep: RouterEndpoint, frames: list[bytes]) -> None:
+        split = self._split(frames)
+        if split is None:
             return
-        kind = header.kind
-        if kind is Kind.REQUEST:
-            deadline = header.deadline or time.monotonic() + self._default_timeout
-            self._accept_request(
-                rid, header.id, header.target, header.method, deadline, header.meta, body, None
+        rid, header, body = split
+        if header.kind is not Kind.REQUEST:
+            self.stats.dropped_malformed += 1
+            log.warning(
+                "dropped %s on the client socket: callers may only send REQUEST", header.kind.name
             )
-        elif kind is Kind.HELLO:
-            self._hello(rid, header, body)
+            return
+        self._request(ep, rid, header, body)
+
+    def _on_worker(self, ep: RouterEndpoint, frames: list[bytes]) -> None:
+        split = self._split(frames)
+        if split is None:
+            return
+        rid, header, body = split
+        kind = header.kind
+        if kind is Kind.HELLO:
+            self._hello(ep, rid, header, body)
+            return
+        route = self._by_rid.get(rid)
+        if route is None:
+            self.stats.dropped_unauthenticated += 1
+            log.warning("dropped %s from a peer that never said HELLO", kind.name)
+        elif kind is Kind.REQUEST:
+            self._request(ep, rid, header, body)
+        elif kind in (Kind.REPLY, Kind.ERROR):
+            self._reply(route, header, body)
         elif kind in _WORKER_KINDS:
-            route = self._by_rid.get(rid)
-            if route is None:
-                self.stats.dropped_unauthenticated += 1
-                log.warning("dropped %s from a peer that never said HELLO", kind.name)
-            elif kind in (Kind.REPLY, Kind.ERROR):
-                self._reply(route, header, body)
-            else:
-                self._listener(route.key, header, body)
+            self._listener(route.key, header, body)
         else:
             self.stats.dropped_malformed += 1
-            log.warning("dropped %s: not a kind a peer may send to the daemon", kind.name)
+            log.warning("dropped %s: not a kind a worker may send", kind.name)
 
-    def _hello(self, rid: bytes, header: Header, body: bytes) -> None:
+    def _request(self, ep: RouterEndpoint, rid: bytes, header: Header, body: bytes) -> None:
+        deadline = header.deadline or time.monotonic() + self._default_timeout
+        self._accept_request(
+            (ep, rid), header.id, header.target, header.method, deadline, header.meta, body, None
+        )
+
+    def _hello(self, ep: RouterEndpoint, rid: bytes, header: Header, body: bytes) -> None:
         try:
             info = unpack(body, 4096)
             key = self._tokens.pop(str(info["token"])) if isinstance(info, dict) else None
@@ -305,7 +301,7 @@ class Broker:
         old = entry.routes.get(key[1])
         if old is not None:
             self._by_rid.pop(old.rid, None)
-        route = _Route(key, rid)
+        route = _Route(key, rid, ep)
         entry.routes[key[1]] = route
         self._by_rid[rid] = route
         self._listener(key, header, body)
@@ -314,7 +310,7 @@ class Broker:
 
     def _accept_request(
         self,
-        caller_rid: bytes | None,
+        caller: tuple[RouterEndpoint, bytes] | None,
         caller_id: int,
         target: str,
         method: str,
@@ -326,7 +322,7 @@ class Broker:
         self.stats.requests += 1
         bid = next(self._ids)
         self._pending[bid] = _Pending(
-            caller_rid, caller_id, target, method, deadline, meta, body, future
+            caller, caller_id, target, method, deadline, meta, body, future
         )
         entry = self._plugins.get(target)
         if entry is None:
@@ -352,7 +348,7 @@ class Broker:
         header = encode_header(
             Kind.REQUEST, bid, pending.target, pending.method, pending.deadline, pending.meta
         )
-        if not self._send(route.rid, header, pending.body):
+        if not route.endpoint.send(route.rid, header, pending.body):
             return False
         pending.route = route
         pending.body = b""  # the worker has it now; do not keep large bodies alive
@@ -384,8 +380,9 @@ class Broker:
         if pending.future is not None:
             if not pending.future.done():
                 pending.future.set_result((kind, body))
-        elif pending.caller_rid is not None:
-            self._send(pending.caller_rid, encode_header(kind, pending.caller_id), body)
+        elif pending.caller is not None:
+            ep, rid = pending.caller
+            ep.send(rid, encode_header(kind, pending.caller_id), body)
 
     def _fail(self, bid: int, error: OskError) -> None:
         pending = self._pending.pop(bid, None)

@@ -24,6 +24,7 @@ import random
 import secrets
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -52,6 +53,15 @@ from osk_daemon.supervisor.tree_build import build_tree
 
 log = logging.getLogger("osk.supervisor")
 
+
+@dataclass(frozen=True)
+class Endpoints:
+    """Where the broker listens: callers on ``clients``, plugin processes on ``workers``."""
+
+    clients: str
+    workers: str
+
+
 _RUNNING_LEAF = frozenset({LeafState.STARTING, LeafState.RUNNING, LeafState.RESTARTING})
 
 
@@ -64,7 +74,7 @@ class Supervisor:
         tg: TaskGroup,
         reaper: ChildReaper,
         spawners: dict[SpawnMode, Spawner],
-        endpoint: str,
+        endpoints: Endpoints,
     ) -> None:
         self.config = config
         self.events = EventStream()
@@ -73,14 +83,15 @@ class Supervisor:
         self._tg = tg
         self._reaper = reaper
         self._spawners = spawners
-        self._endpoint = endpoint
+        self._endpoint = endpoints.workers
         self._loop = asyncio.get_running_loop()
         self._shutting_down = False
         self._all_stopped = asyncio.Event()
         self._changed = asyncio.Event()
         d = config.daemon
         self.broker = Broker(
-            endpoint,
+            endpoints.clients,
+            endpoints.workers,
             self._on_worker,
             max_message_size=int(d.max_message_size),
             default_timeout=d.call_timeout,

@@ -20,24 +20,26 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(30), pytest.mark.anyi
 
 
 class Harness:
-    def __init__(self, broker: Broker, ctx: zmq.asyncio.Context, endpoint: str) -> None:
+    def __init__(self, broker: Broker, ctx: zmq.asyncio.Context, tmp: str) -> None:
         self.broker = broker
         self.ctx = ctx
-        self.endpoint = endpoint
+        self.clients = f"ipc://{tmp}/c.sock"
+        self.workers = f"ipc://{tmp}/w.sock"
         self.seen: list[tuple[InstanceKey, Kind]] = []
         self.sockets: list[zmq.asyncio.Socket] = []
 
-    def dealer(self) -> zmq.asyncio.Socket:
+    def dealer(self, endpoint: str | None = None) -> zmq.asyncio.Socket:
+        """A caller's socket (client endpoint) unless another endpoint is given."""
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(self.endpoint)
+        sock.connect(endpoint or self.clients)
         self.sockets.append(sock)
         return sock
 
     async def worker(self, key: InstanceKey, token: str = "t") -> zmq.asyncio.Socket:
         self.broker.declare(key[0])
         self.broker.expect(token, key)
-        sock = self.dealer()
+        sock = self.dealer(self.workers)
         await sock.send_multipart([encode_header(Kind.HELLO), pack({"token": token})])
         await wait_for(lambda: (key, Kind.HELLO) in self.seen)
         return sock
@@ -60,18 +62,18 @@ async def recv(sock: zmq.asyncio.Socket, timeout: float = 5.0) -> tuple[Header, 
 @pytest.fixture
 async def h() -> AsyncIterator[Harness]:
     tmp = tempfile.mkdtemp(prefix="osk-broker-")
-    endpoint = f"ipc://{tmp}/b.sock"
     ctx = zmq.asyncio.Context()
     seen: list[tuple[InstanceKey, Kind]] = []
     broker = Broker(
-        endpoint,
+        f"ipc://{tmp}/c.sock",
+        f"ipc://{tmp}/w.sock",
         lambda key, header, body: seen.append((key, header.kind)),
         max_message_size=1 << 16,
         default_timeout=2.0,
         ctx=zmq.Context(),
     )
     broker.start()
-    harness = Harness(broker, ctx, endpoint)
+    harness = Harness(broker, ctx, tmp)
     harness.seen = seen
     yield harness
     for sock in harness.sockets:
@@ -189,19 +191,31 @@ async def test_local_call(h: Harness) -> None:
 
 
 async def test_garbage_is_dropped_and_counted_and_the_broker_lives_on(h: Harness) -> None:
-    evil = h.dealer()
-    await evil.send_multipart([b"only one frame"])
-    await evil.send_multipart([b"\xc1", b""])
-    await evil.send_multipart([b"a", b"b", b"c", b"d"])
-    await evil.send_multipart([encode_header(Kind.REPLY, 1), b""])  # never said HELLO
-    await evil.send_multipart([encode_header(Kind.HELLO), pack({"token": "forged"})])
-    await evil.send_multipart([encode_header(Kind.STOP), b""])  # a daemon-only kind
-    await wait_for(lambda: h.broker.stats.dropped_malformed >= 4)
-    await wait_for(lambda: h.broker.stats.dropped_unauthenticated >= 2)
+    for evil in (h.dealer(), h.dealer(h.workers)):
+        await evil.send_multipart([b"only one frame"])
+        await evil.send_multipart([b"\xc1", b""])
+        await evil.send_multipart([b"a", b"b", b"c", b"d"])
+        await evil.send_multipart([encode_header(Kind.REPLY, 1), b""])  # never said HELLO
+        await evil.send_multipart([encode_header(Kind.HELLO), pack({"token": "forged"})])
+        await evil.send_multipart([encode_header(Kind.STOP), b""])  # a daemon-only kind
+    await wait_for(lambda: h.broker.stats.dropped_malformed >= 9)
+    await wait_for(lambda: h.broker.stats.dropped_unauthenticated >= 3)
     client = h.dealer()
     await request(client, 1, "none")
     header, _ = await recv(client)
     assert header.id == 1  # still answering
+
+
+async def test_unauthenticated_workers_cannot_call_plugins(h: Harness) -> None:
+    worker = await h.worker(("echo", 0))
+    h.broker.set_ready(("echo", 0), True)
+    stranger = h.dealer(h.workers)
+    await request(stranger, 1, "echo")
+    await wait_for(lambda: h.broker.stats.dropped_unauthenticated >= 1)
+    assert not await worker.poll(50)  # nothing was routed
+    await request(worker, 2, "echo")  # an authenticated worker may call (itself, here)
+    header, _ = await recv(worker)
+    assert header.kind is Kind.REQUEST
 
 
 async def test_reply_from_another_peer_is_ignored(h: Harness) -> None:

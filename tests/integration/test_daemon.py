@@ -120,7 +120,8 @@ def test_control_socket_is_0600() -> None:
     with running_daemon(basic_config()) as d:
         mode = stat.S_IMODE(d.socket.stat().st_mode)
         assert mode == 0o600
-        assert stat.S_IMODE(d.runtime.stat().st_mode) == 0o700
+        assert stat.S_IMODE(d.runtime.stat().st_mode) == 0o711
+        assert stat.S_IMODE((d.runtime / "broker.sock").stat().st_mode) == 0o600
 
 
 def test_shutdown_command_stops_everything() -> None:
