@@ -147,14 +147,22 @@ def _absolutize(raw: dict[str, Any], base: Path) -> None:
 
     daemon = raw.get("daemon")
     if isinstance(daemon, dict):
-        for key in ("runtime_dir", "control_socket"):
+        for key in ("runtime_dir", "control_socket", "state_dir"):
             if key in daemon:
                 daemon[key] = resolve(daemon[key])
     plugins = raw.get("plugins")
     if isinstance(plugins, dict):
         for plugin in plugins.values():
-            if isinstance(plugin, dict) and isinstance(plugin.get("path"), list):
+            if not isinstance(plugin, dict):
+                continue
+            if isinstance(plugin.get("path"), list):
                 plugin["path"] = [resolve(p) for p in plugin["path"]]
+            sandbox = plugin.get("sandbox")
+            fs = sandbox.get("filesystem") if isinstance(sandbox, dict) else None
+            if isinstance(fs, dict):
+                for key in ("read", "write"):
+                    if isinstance(fs.get(key), list):
+                        fs[key] = [resolve(p) for p in fs[key]]
 
 
 def _merge(

@@ -40,12 +40,16 @@ __all__ = [
     "Config",
     "ConfigFile",
     "DaemonConfig",
+    "FilesystemConfig",
     "GroupConfig",
     "HealthCheckConfig",
+    "LimitsConfig",
     "LogFormat",
     "LogLevel",
     "PluginConfig",
     "Restart",
+    "SandboxConfig",
+    "SandboxLevel",
     "SpawnMode",
     "Strategy",
     "config_json_schema",
@@ -135,6 +139,69 @@ Size = Annotated[
 _MODEL = ConfigDict(frozen=True, extra="forbid", strict=True)
 
 
+class SandboxLevel(StrEnum):
+    """How tightly a plugin is confined; each level adds to the one before (README)."""
+
+    NONE = "none"
+    MINIMAL = "minimal"
+    STANDARD = "standard"
+    STRICT = "strict"
+    PARANOID = "paranoid"
+
+
+OptSize = Annotated[
+    int | None,
+    BeforeValidator(_check_size),
+    WithJsonSchema(
+        {
+            "anyOf": [{"type": "integer", "minimum": 0}, {"type": "string"}],
+            "description": "bytes, or a size such as '512MiB'",
+        }
+    ),
+]
+
+
+class LimitsConfig(BaseModel):
+    """Resource limits: cgroup quotas (memory, cpu, pids) and rlimits (the rest)."""
+
+    model_config = _MODEL
+
+    memory: OptSize = Field(default=None, ge=1024 * 1024, description="cgroup memory max")
+    cpu: float | None = Field(default=None, gt=0, description="cgroup cpu quota, in cores")
+    pids: int | None = Field(default=None, ge=1, description="cgroup pids max")
+    address_space: OptSize = Field(default=None, ge=1024 * 1024, description="RLIMIT_AS")
+    cpu_seconds: int | None = Field(default=None, ge=1, description="RLIMIT_CPU")
+    open_files: int | None = Field(default=None, ge=16, description="RLIMIT_NOFILE")
+    processes: int | None = Field(default=None, ge=1, description="RLIMIT_NPROC (per uid)")
+    file_size: OptSize = Field(default=None, ge=0, description="RLIMIT_FSIZE")
+    core: OptSize = Field(default=None, ge=0, description="RLIMIT_CORE")
+    stack: OptSize = Field(default=None, ge=64 * 1024, description="RLIMIT_STACK")
+
+
+class FilesystemConfig(BaseModel):
+    """Extra paths a sandboxed plugin may read or write (relative to the config file)."""
+
+    model_config = _MODEL
+
+    read: list[LaxPath] = Field(default_factory=list)
+    write: list[LaxPath] = Field(default_factory=list)
+
+
+class SandboxConfig(BaseModel):
+    """The plugin's sandbox level and the grants that loosen it."""
+
+    model_config = _MODEL
+
+    level: Annotated[SandboxLevel, Strict(False)] = SandboxLevel.NONE
+    user: str | int = Field(default="nobody", description="standard+: run as this user")
+    group: str | int | None = Field(default=None, description="default: the user's group")
+    filesystem: FilesystemConfig = Field(default_factory=FilesystemConfig)
+    network: bool = Field(default=False, description="strict+: keep the host network")
+    require: bool = Field(
+        default=True, description="refuse to start if the kernel cannot enforce the level"
+    )
+
+
 class HealthCheckConfig(BaseModel):
     """Periodic ``health`` calls to each instance and what to do when they fail."""
 
@@ -185,6 +252,8 @@ class PluginConfig(BaseModel):
     env: dict[str, str] = Field(default_factory=dict)
     health_check: HealthCheckConfig = Field(default_factory=HealthCheckConfig)
     backoff: BackoffConfig = Field(default_factory=BackoffConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
 
     @field_validator("entry")
     @classmethod
@@ -228,6 +297,10 @@ class DaemonConfig(BaseModel):
     model_config = _MODEL
 
     runtime_dir: LaxPath = Path("/run/osk")
+    state_dir: LaxPath = Field(
+        default=Path("/var/lib/osk"), description="plugins' writable state: <state_dir>/<plugin>"
+    )
+    cgroups: bool = Field(default=True, description="confine instances in cgroups if possible")
     control_socket: LaxPath = Field(
         default=Path("/run/osk/control.sock"),
         description="defaults to runtime_dir/control.sock",
