@@ -47,7 +47,7 @@ from osk_daemon.errors import (
     Unavailable,
 )
 from osk_daemon.ipc.codec import Header, Kind, encode_header, pack, split_router_frames, unpack
-from osk_daemon.ipc.endpoint import RouterEndpoint
+from osk_daemon.ipc.endpoint import LoopSocket, RouterEndpoint
 
 log = logging.getLogger("osk.broker")
 
@@ -63,7 +63,7 @@ _WORKER_KINDS = frozenset(
 class _Route:
     key: InstanceKey
     rid: bytes
-    endpoint: RouterEndpoint
+    endpoint: LoopSocket
     ready: bool = False
     in_flight: int = 0
 
@@ -78,7 +78,7 @@ class _Plugin:
 
 @dataclass(slots=True)
 class _Pending:
-    caller: tuple[RouterEndpoint, bytes] | None  # None: a local call, through ``future``
+    caller: tuple[LoopSocket, bytes] | None  # None: a local call, through ``future``
     caller_id: int
     target: str
     method: str
@@ -204,7 +204,7 @@ class Broker:
         route = self._route_of(key)
         if route is None:
             return False
-        return route.endpoint.send(route.rid, header.encode(), body)
+        return route.endpoint.send((route.rid, header.encode(), body))
 
     # ---- local calls (oskctl call, health of the daemon itself) ------------------------
 
@@ -245,7 +245,7 @@ class Broker:
             return None
         return rid, header, body
 
-    def _on_client(self, ep: RouterEndpoint, frames: list[bytes]) -> None:
+    def _on_client(self, ep: LoopSocket, frames: list[bytes]) -> None:
         split = self._split(frames)
         if split is None:
             return
@@ -258,7 +258,7 @@ class Broker:
             return
         self._request(ep, rid, header, body)
 
-    def _on_worker(self, ep: RouterEndpoint, frames: list[bytes]) -> None:
+    def _on_worker(self, ep: LoopSocket, frames: list[bytes]) -> None:
         split = self._split(frames)
         if split is None:
             return
@@ -281,13 +281,13 @@ class Broker:
             self.stats.dropped_malformed += 1
             log.warning("dropped %s: not a kind a worker may send", kind.name)
 
-    def _request(self, ep: RouterEndpoint, rid: bytes, header: Header, body: bytes) -> None:
+    def _request(self, ep: LoopSocket, rid: bytes, header: Header, body: bytes) -> None:
         deadline = header.deadline or time.monotonic() + self._default_timeout
         self._accept_request(
             (ep, rid), header.id, header.target, header.method, deadline, header.meta, body, None
         )
 
-    def _hello(self, ep: RouterEndpoint, rid: bytes, header: Header, body: bytes) -> None:
+    def _hello(self, ep: LoopSocket, rid: bytes, header: Header, body: bytes) -> None:
         try:
             info = unpack(body, 4096)
             key = self._tokens.pop(str(info["token"])) if isinstance(info, dict) else None
@@ -310,7 +310,7 @@ class Broker:
 
     def _accept_request(
         self,
-        caller: tuple[RouterEndpoint, bytes] | None,
+        caller: tuple[LoopSocket, bytes] | None,
         caller_id: int,
         target: str,
         method: str,
@@ -338,17 +338,14 @@ class Broker:
             self._arm_timer(deadline)
 
     def _dispatch(self, bid: int, entry: _Plugin) -> bool:
-        ready = [r for r in entry.routes.values() if r.ready]
-        if not ready:
+        route = _least_loaded(entry)
+        if route is None:
             return False
-        entry.rr += 1
-        n = len(ready)
-        route = min((ready[(entry.rr + i) % n] for i in range(n)), key=lambda r: r.in_flight)
         pending = self._pending[bid]
         header = encode_header(
             Kind.REQUEST, bid, pending.target, pending.method, pending.deadline, pending.meta
         )
-        if not route.endpoint.send(route.rid, header, pending.body):
+        if not route.endpoint.send((route.rid, header, pending.body)):
             return False
         pending.route = route
         pending.body = b""  # the worker has it now; do not keep large bodies alive
@@ -382,7 +379,7 @@ class Broker:
                 pending.future.set_result((kind, body))
         elif pending.caller is not None:
             ep, rid = pending.caller
-            ep.send(rid, encode_header(kind, pending.caller_id), body)
+            ep.send((rid, encode_header(kind, pending.caller_id), body))
 
     def _fail(self, bid: int, error: OskError) -> None:
         pending = self._pending.pop(bid, None)
@@ -432,3 +429,22 @@ class Broker:
     def _route_of(self, key: InstanceKey) -> _Route | None:
         entry = self._plugins.get(key[0])
         return entry.routes.get(key[1]) if entry else None
+
+
+def _least_loaded(entry: _Plugin) -> _Route | None:
+    """The ready instance with the fewest requests in flight; ties rotate."""
+    routes = entry.routes
+    if len(routes) == 1:
+        (only,) = routes.values()
+        return only if only.ready else None
+    ready = [r for r in routes.values() if r.ready]
+    if not ready:
+        return None
+    entry.rr += 1
+    n = len(ready)
+    best = ready[entry.rr % n]
+    for i in range(1, n):
+        r = ready[(entry.rr + i) % n]
+        if r.in_flight < best.in_flight:
+            best = r
+    return best

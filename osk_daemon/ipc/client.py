@@ -33,6 +33,8 @@ from osk_daemon.ipc.codec import (
 )
 
 _GRACE = 0.5
+_NOBLOCK = int(zmq.NOBLOCK)
+_SNDMORE = int(zmq.SNDMORE)
 
 
 class Client:
@@ -86,26 +88,41 @@ class Client:
         deadline = time.monotonic() + (timeout or self.timeout)
         meta = {"version": version} if version else None
         order: dict[int, int] = {}
+        send = self._sock.send
         for slot, (plugin, method, args) in enumerate(calls):
             rid = next(self._ids)
             order[rid] = slot
-            frame = encode_header(Kind.REQUEST, rid, plugin, method, deadline, meta)
-            self._sock.send_multipart((frame, pack(args)), copy=False)
+            send(encode_header(Kind.REQUEST, rid, plugin, method, deadline, meta), _SNDMORE)
+            send(pack(args))
         results: list[Any] = [None] * len(order)
         while order:
-            remaining = deadline + _GRACE - time.monotonic()
-            if remaining <= 0 or not self._sock.poll(int(remaining * 1000) + 1, zmq.POLLIN):
+            try:
+                frames = self._recv()
+            except zmq.Again:
+                remaining = deadline + _GRACE - time.monotonic()
+                if remaining > 0 and self._sock.poll(int(remaining * 1000) + 1, zmq.POLLIN):
+                    continue
                 error = DeadlineExceeded("no answer from the daemon before the deadline")
                 for slot in order.values():
                     results[slot] = error
                 break
-            header, body = split_dealer_frames(self._sock.recv_multipart())
+            header, body = split_dealer_frames(frames)
             slot_or_none = order.pop(header.id, None)
             if slot_or_none is None:
                 continue  # an answer to an earlier call that already timed out
             value = unpack(body, self._max)
             results[slot_or_none] = error_from_wire(value) if header.kind is Kind.ERROR else value
         return results
+
+    def _recv(self) -> list[bytes]:
+        """One message without blocking (zmq.Again if none waits)."""
+        recv = self._sock.recv
+        frame = recv(_NOBLOCK, copy=False)
+        parts = [frame.bytes]
+        while frame.more:
+            frame = recv(_NOBLOCK, copy=False)
+            parts.append(frame.bytes)
+        return parts
 
     def call_batch(self, plugin: str, method: str, batch: Sequence[Any]) -> list[Any]:
         """Shortcut: the same method with many argument sets, pipelined."""

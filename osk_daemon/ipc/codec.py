@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import enum
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 
@@ -48,10 +47,12 @@ class Kind(enum.IntEnum):
 
 
 _KINDS = {int(k): k for k in Kind}
+_MAX_ID = 2**63
 
 
-@dataclass(frozen=True, slots=True)
-class Header:
+class Header(NamedTuple):
+    """A decoded header. A NamedTuple: immutable, and cheap to build on the hot path."""
+
     kind: Kind
     id: int = 0
     target: str = ""
@@ -91,22 +92,38 @@ def decode_header(data: bytes) -> Header:
         raise
     except Exception as exc:  # msgpack raises several unrelated types on garbage
         raise FrameError(f"header is not valid msgpack: {exc}") from exc
-    if not isinstance(raw, list) or len(raw) != 7:
+    if type(raw) is not list or len(raw) != 7:
         raise FrameError("header must be a 7-element array")
     proto, kind, id_, target, method, deadline, meta = raw
+    kind_member = _KINDS.get(kind) if type(kind) is int else None
+    if (
+        proto == PROTO
+        and kind_member is not None
+        and type(id_) is int
+        and 0 <= id_ < _MAX_ID
+        and type(target) is str
+        and type(method) is str
+        and (type(deadline) is float or type(deadline) is int)
+        and (meta is None or type(meta) is dict)
+    ):
+        return Header(kind_member, id_, target, method, float(deadline), meta)
+    raise FrameError(_what_is_wrong(proto, kind, id_, target, method, deadline, meta))
+
+
+def _what_is_wrong(
+    proto: Any, kind: Any, id_: Any, target: Any, method: Any, deadline: Any, meta: Any
+) -> str:
     if proto != PROTO:
-        raise FrameError(f"unsupported protocol version {proto!r} (this daemon speaks {PROTO})")
+        return f"unsupported protocol version {proto!r} (this daemon speaks {PROTO})"
     if type(kind) is not int or kind not in _KINDS:
-        raise FrameError(f"unknown message kind {kind!r}")
-    if type(id_) is not int or not 0 <= id_ < 2**63:
-        raise FrameError(f"bad request id {id_!r}")
+        return f"unknown message kind {kind!r}"
+    if type(id_) is not int or not 0 <= id_ < _MAX_ID:
+        return f"bad request id {id_!r}"
     if not isinstance(target, str) or not isinstance(method, str):
-        raise FrameError("target and method must be strings")
+        return "target and method must be strings"
     if type(deadline) not in (int, float):
-        raise FrameError(f"bad deadline {deadline!r}")
-    if meta is not None and not isinstance(meta, dict):
-        raise FrameError("meta must be a map or nil")
-    return Header(_KINDS[kind], id_, target, method, float(deadline), meta)
+        return f"bad deadline {deadline!r}"
+    return "meta must be a map or nil"
 
 
 def _default(obj: Any) -> Any:

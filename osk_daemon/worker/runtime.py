@@ -37,10 +37,9 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Coroutine
-from typing import Any, NoReturn, cast
+from typing import Any, NoReturn
 
 import zmq
-import zmq.asyncio
 
 from osk_daemon.errors import (
     DeadlineExceeded,
@@ -53,6 +52,7 @@ from osk_daemon.errors import (
     error_from_wire,
 )
 from osk_daemon.ipc.codec import Header, Kind, encode_header, pack, split_dealer_frames, unpack
+from osk_daemon.ipc.endpoint import LoopSocket
 from osk_daemon.worker.context import Context
 from osk_daemon.worker.sdk import (
     RESERVED_PREFIX,
@@ -85,7 +85,7 @@ def run_worker(spec: dict[str, Any]) -> NoReturn:
         level=level.upper() if isinstance(level, str) else level,
         force=True,
     )
-    zctx = zmq.asyncio.Context()
+    zctx: zmq.Context[Any] = zmq.Context()
     code = 1
     try:
         code = asyncio.run(_Worker(spec, zctx).run())
@@ -107,13 +107,13 @@ def error_body(exc: BaseException) -> bytes:
 class _Worker:
     """One plugin process's state: the socket, the plugin, in-flight tasks and calls."""
 
-    def __init__(self, spec: dict[str, Any], zctx: zmq.asyncio.Context) -> None:
+    def __init__(self, spec: dict[str, Any], zctx: zmq.Context[Any]) -> None:
         self.spec = spec
         self.name: str = spec["plugin"]
         self.max_size = int(spec["max_message_size"])
         self.call_timeout = float(spec["call_timeout"])
         self.zctx = zctx
-        self.sock: zmq.asyncio.Socket | None = None
+        self.sock: LoopSocket | None = None
         self.plugin: Plugin | None = None
         self.methods: dict[str, Callable[..., Any]] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -123,11 +123,10 @@ class _Worker:
         self.broken = False
 
     def send(self, kind: Kind, body: bytes = b"", id: int = 0, **header: Any) -> None:
-        """Queue a frame without awaiting; pyzmq keeps the order of queued sends."""
+        """Queue a frame; never blocks (the socket's send queue is unbounded)."""
         assert self.sock is not None
-        sent = self.sock.send_multipart([encode_header(kind, id, **header), body])
-        fut = cast("asyncio.Future[Any]", sent)
-        fut.add_done_callback(_log_send_failure)
+        if not self.sock.send((encode_header(kind, id, **header), body)):
+            log.warning("could not send a %s frame to the daemon", kind.name)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -135,10 +134,13 @@ class _Worker:
         task.add_done_callback(self.tasks.discard)
 
     async def run(self) -> int:
-        sock = self.sock = self.zctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.MAXMSGSIZE, self.max_size)
-        sock.setsockopt(zmq.LINGER, LINGER_MS)
-        sock.connect(self.spec["endpoint"])
+        raw: zmq.Socket[bytes] = self.zctx.socket(zmq.DEALER)
+        raw.setsockopt(zmq.MAXMSGSIZE, self.max_size + 8192)
+        raw.setsockopt(zmq.LINGER, LINGER_MS)
+        raw.setsockopt(zmq.SNDHWM, 0)
+        raw.setsockopt(zmq.RCVHWM, 0)
+        raw.connect(self.spec["endpoint"])
+        sock = self.sock = LoopSocket(raw, self.on_frames, name="daemon")
         hello = {
             "plugin": self.name,
             "instance": self.spec["instance"],
@@ -149,10 +151,9 @@ class _Worker:
         self.send(Kind.HELLO, pack(hello), target=self.name)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.on_sigterm)
+        sock.start(loop)
         heartbeat = loop.create_task(self.heartbeat_loop(), name="heartbeat")
-        receiver = loop.create_task(self.receive_loop(), name="receive")
-        for task in (heartbeat, receiver):
-            task.add_done_callback(self.on_loop_died)
+        heartbeat.add_done_callback(self.on_loop_died)
         code = 0
         try:
             if await self.load_and_start():
@@ -164,9 +165,9 @@ class _Worker:
             if self.broken:
                 code = 1
         finally:
-            for task in (heartbeat, receiver, *self.tasks):
+            for task in (heartbeat, *self.tasks):
                 task.cancel()
-            await asyncio.gather(heartbeat, receiver, *self.tasks, return_exceptions=True)
+            await asyncio.gather(heartbeat, *self.tasks, return_exceptions=True)
             loop.remove_signal_handler(signal.SIGTERM)
             sock.close(linger=LINGER_MS)
         return code
@@ -240,19 +241,16 @@ class _Worker:
             self.send(Kind.HEARTBEAT)
             await asyncio.sleep(interval)
 
-    async def receive_loop(self) -> None:
-        assert self.sock is not None
-        while True:
-            frames = await self.sock.recv_multipart()
-            try:
-                header, body = split_dealer_frames(frames)
-            except FrameError as exc:
-                log.warning("dropped a bad frame from the daemon: %s", exc)
-                continue
-            try:
-                self.dispatch(header, body)
-            except Exception:
-                log.exception("failed to handle a %s frame; dropped it", header.kind.name)
+    def on_frames(self, sock: LoopSocket, frames: list[bytes]) -> None:
+        try:
+            header, body = split_dealer_frames(frames)
+        except FrameError as exc:
+            log.warning("dropped a bad frame from the daemon: %s", exc)
+            return
+        try:
+            self.dispatch(header, body)
+        except Exception:
+            log.exception("failed to handle a %s frame; dropped it", header.kind.name)
 
     def dispatch(self, header: Header, body: bytes) -> None:
         if header.kind is Kind.REQUEST:
@@ -378,11 +376,6 @@ class _Worker:
 
     def emit(self, event: str, data: Any) -> None:
         self.send(Kind.EVENT, self.pack_limited(data, f"event {event!r}"), method=event)
-
-
-def _log_send_failure(fut: asyncio.Future[Any]) -> None:
-    if not fut.cancelled() and fut.exception() is not None:
-        log.warning("sending a frame failed: %s", fut.exception())
 
 
 def _flush_std() -> None:
