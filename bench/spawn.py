@@ -1,11 +1,13 @@
-"""Spawn -> HELLO -> READY of a real worker process: zygote fork vs exec of a fresh Python.
+"""Spawn -> HELLO -> READY of a real worker process: zygote (warm pool / cold fork) vs exec.
 
 The bench process plays the daemon's part, using the package's own pieces: it becomes a
 child subreaper, installs a ``ChildReaper`` on its asyncio loop, binds a plain ROUTER on an
 ``ipc://`` endpoint and starts ``osk_daemon.worker.runtime:run_worker`` with a spec built
 the way ``Instance.worker_spec`` builds it (daemon defaults, the ``benchplugins:Stamp``
 plugin from ``bench/plugins``), through ``ZygoteSpawner`` (preloading what the daemon
-preloads) and through ``ExecSpawner``. Per round: ``t0`` just before ``spawn()``, then the
+preloads) with its default warm pool ("warm": a pre-forked child takes the request), through
+a ``ZygoteSpawner`` with ``warm=0`` ("cold": a double fork per request) and through
+``ExecSpawner``. Per round: ``t0`` just before ``spawn()``, then the
 times ``spawn()`` returned the pid, the worker's HELLO arrived (runtime up, socket
 connected) and its READY arrived (plugin imported and ``start()`` returned: the broker
 would route calls to it from here). Then a STOP frame, and the exit is awaited through the
@@ -155,6 +157,7 @@ async def run(rounds: int, workdir: Path) -> dict[str, Any]:
     reaper = ChildReaper()
     reaper.install(asyncio.get_running_loop())
     zygote: ZygoteSpawner | None = None
+    cold: ZygoteSpawner | None = None
     ctx = zmq.asyncio.Context()
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -166,8 +169,9 @@ async def run(rounds: int, workdir: Path) -> dict[str, Any]:
         t = time.perf_counter()
         zygote = await ZygoteSpawner.open(reaper)
         zygote_start = time.perf_counter() - t
+        cold = await ZygoteSpawner.open(reaper, warm=0)
         results: dict[str, Any] = {"zygote_start": zygote_start}
-        for mode, spawner in (("zygote", zygote), ("exec", ExecSpawner())):
+        for mode, spawner in (("warm", zygote), ("cold", cold), ("exec", ExecSpawner())):
             samples = [await bench.round(spawner) for _ in range(WARMUP + rounds)][WARMUP:]
             stats = {key: summarize([s[key] for s in samples]) for key, _ in PHASES}
             results[mode] = {**stats, "rounds": samples}
@@ -178,8 +182,9 @@ async def run(rounds: int, workdir: Path) -> dict[str, Any]:
         raise
     finally:
         await bench.cleanup()
-        if zygote is not None:
-            await zygote.aclose()
+        for z in (zygote, cold):
+            if z is not None:
+                await z.aclose()
         os.close(out)
         sock.close(0)
         ctx.term()
@@ -193,26 +198,31 @@ def main() -> None:
         results = asyncio.run(run(args.rounds, workdir))
     rows = []
     for key, what in PHASES:
-        z, e = results["zygote"][key], results["exec"][key]
-        ratio = f"{e['p50'] / z['p50']:.1f}x"
-        rows.append(
-            [f"spawn -> {what}", ms(z["p50"]), ms(z["p99"]), ms(e["p50"]), ms(e["p99"]), ratio]
-        )
-    ready_p50 = results["zygote"]["ready"]["p50"]
+        w, c, e = (results[mode][key] for mode in ("warm", "cold", "exec"))
+        rows.append([f"spawn -> {what}", *(ms(x[q]) for x in (w, c, e) for q in ("p50", "p99"))])
+    ready_p50 = results["warm"]["ready"]["p50"]
     ok = ready_p50 <= GOAL_ZYGOTE_READY
     text = "\n".join(
         [
             f"spawn: {args.rounds} rounds per mode after {WARMUP} warm-up, one worker at a time",
             f"percentiles: {PERCENTILE_METHOD}",
-            f"zygote start-up (once, preloading osk_daemon.worker.runtime): "
-            f"{ms(results['zygote_start'])}",
+            f"zygote start-up (once, preloading osk_daemon.worker.runtime, filling the warm "
+            f"pool): {ms(results['zygote_start'])}",
             "",
             table(
-                ["phase", "zygote p50", "zygote p99", "exec p50", "exec p99", "exec/zygote p50"],
+                [
+                    "phase",
+                    "warm p50",
+                    "warm p99",
+                    "cold p50",
+                    "cold p99",
+                    "exec p50",
+                    "exec p99",
+                ],
                 rows,
             ),
             "",
-            f"goal zygote spawn -> answering (READY) p50 <= {ms(GOAL_ZYGOTE_READY)}: "
+            f"goal zygote (warm) spawn -> answering (READY) p50 <= {ms(GOAL_ZYGOTE_READY)}: "
             f"{ms(ready_p50)} -> {verdict(ok)}",
         ]
     )

@@ -14,6 +14,12 @@ with the request in ``OSK_SPAWN_REQUEST`` (base64 msgpack; the env is the real e
 future per request. The zygote double-forks, so the daemon must be a child subreaper
 (``reaper.become_subreaper``). A dead zygote fails the requests it had not answered, and
 the next ``spawn`` starts a new one; a request the dead zygote never saw is retried once.
+
+The zygote keeps ``warm`` pre-forked children (already our children, already session
+leaders) and hands each request to one of them, so ``spawn`` returns after one message
+round trip. It announces each as ``{"warm": pid}``; ``_WarmChildren`` watches those pids
+through the reaper until one is handed out (then it is a plugin like any other) or exits
+(they exit on EOF of their socket to the zygote), and ``aclose`` waits for them.
 """
 
 from __future__ import annotations
@@ -115,16 +121,83 @@ class _ZygoteLost(Exception):
     """The zygote went away before answering; the request may be retried."""
 
 
+class _WarmChildren:
+    """Warm zygote children announced but not handed out, each held by a pidfd until it exits.
+
+    Not watched through the reaper: a warm child handed out may exit before its pid reply is
+    read, and its status must then stay in the reaper's stash for the spawn's caller. The
+    pidfd is opened when the announcement is read; the child is alive then unless it died
+    in that instant, and a pid is not reused before the reaper has reaped it.
+    """
+
+    def __init__(self) -> None:
+        self._live: dict[int, tuple[int, asyncio.Future[None]]] = {}  # pid -> (pidfd, exited)
+
+    @property
+    def pids(self) -> frozenset[int]:
+        return frozenset(self._live)
+
+    def announced(self, loop: asyncio.AbstractEventLoop, pid: int) -> None:
+        if pid in self._live:
+            return
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return
+        self._live[pid] = (pidfd, loop.create_future())
+        loop.add_reader(pidfd, self._forget, loop, pid)
+
+    def handed_out(self, loop: asyncio.AbstractEventLoop, pid: int) -> None:
+        self._forget(loop, pid)
+
+    def _forget(self, loop: asyncio.AbstractEventLoop, pid: int) -> None:
+        entry = self._live.pop(pid, None)
+        if entry is not None:
+            pidfd, exited = entry
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+            if not exited.done():
+                exited.set_result(None)
+
+    async def wait(self, reaper: ChildReaper, grace: float) -> None:
+        """Wait up to ``grace`` s for every warm child to exit, SIGKILL and wait again, reap."""
+        for kill in (False, True):
+            live = dict(self._live)
+            if not live:
+                break
+            if kill:
+                log.warning("warm zygote children %s did not exit on EOF; killing", sorted(live))
+                for pidfd, _ in live.values():
+                    with contextlib.suppress(ProcessLookupError):
+                        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace):
+                    await asyncio.gather(*(asyncio.shield(fut) for _, fut in live.values()))
+        if self._live:
+            log.error("warm zygote children %s did not exit", sorted(self._live))
+        reaper.reap()  # they are our children: none is left as a zombie once this returns
+
+
 class _Zygote:
     """One incarnation of the zygote process and the daemon's end of its socket."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, pid: int, sock: socket.socket) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        pid: int,
+        sock: socket.socket,
+        warm: _WarmChildren,
+    ) -> None:
         self.loop = loop
         self.pid = pid
         self.sock = sock
+        self.warm = warm
+        self.warm_spawns = 0
+        self.cold_spawns = 0
         self.usable = True
         self.ready: asyncio.Future[dict[str, Any]] = loop.create_future()
         self.exited: asyncio.Future[ExitStatus] = loop.create_future()
+        self.closed: asyncio.Future[None] = loop.create_future()
         self.pending: dict[int, asyncio.Future[int]] = {}
         loop.add_reader(sock.fileno(), self._on_readable)
 
@@ -146,6 +219,15 @@ class _Zygote:
             if not fut.done():
                 fut.set_exception(_ZygoteLost(reason))
         self.pending.clear()
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def shutdown(self) -> None:
+        """Send EOF but keep reading: the warm pids it announces until it exits are seen."""
+        self.usable = False
+        if self.sock.fileno() >= 0:
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_WR)
 
     async def send(self, data: bytes, fds: list[int]) -> None:
         while True:
@@ -190,12 +272,21 @@ class _Zygote:
         elif msg.get("ready"):
             if not self.ready.done():
                 self.ready.set_result(msg)
+        elif "warm" in msg and "id" not in msg:
+            if isinstance(msg["warm"], int):
+                self.warm.announced(self.loop, msg["warm"])
         else:
             self._reply(msg)
 
     def _reply(self, msg: dict[str, Any]) -> None:
         fut = self.pending.pop(msg.get("id", -1), None)
         pid = msg.get("pid")
+        if isinstance(pid, int):
+            self.warm.handed_out(self.loop, pid)
+            if msg.get("warm"):
+                self.warm_spawns += 1
+            else:
+                self.cold_spawns += 1
         if fut is None or fut.done():
             if isinstance(pid, int):
                 # The caller gave up (cancelled or timed out): nobody would own this child.
@@ -221,8 +312,13 @@ class ZygoteSpawner:
         python: str,
         ready_timeout: float,
         spawn_timeout: float,
+        warm: int,
     ) -> None:
         self._reaper = reaper
+        self._warm_size = warm
+        self._warm = _WarmChildren()
+        self._warm_spawns = 0
+        self._cold_spawns = 0
         self._preload = tuple(preload)
         self._sys_path = tuple(sys_path)
         self._python = python
@@ -244,9 +340,12 @@ class ZygoteSpawner:
         python: str = sys.executable,
         ready_timeout: float = 30.0,
         spawn_timeout: float = 10.0,
+        warm: int = 2,
     ) -> ZygoteSpawner:
         """Start the zygote and wait until it has imported ``preload`` (failures are logged).
 
+        The zygote keeps ``warm`` pre-forked children to hand requests to (each costs an idle
+        process sharing the zygote's pages); ``warm=0`` double-forks per request instead.
         ``sys_path`` is prepended to the zygote's ``sys.path`` before preloading. Needs an
         installed ``reaper`` and this process to be a child subreaper; raises
         ``OskInternalError`` otherwise and ``PluginLoadError`` if the zygote fails to start.
@@ -265,6 +364,7 @@ class ZygoteSpawner:
             python=python,
             ready_timeout=ready_timeout,
             spawn_timeout=spawn_timeout,
+            warm=warm,
         )
         async with self._lock:
             await self._ensure_zygote()
@@ -275,6 +375,18 @@ class ZygoteSpawner:
         """The pid of the zygote in service, if one is running."""
         z = self._current
         return z.pid if z is not None and z.usable else None
+
+    @property
+    def warm_pids(self) -> frozenset[int]:
+        """Warm children announced by the zygote, not handed out and not yet exited."""
+        return self._warm.pids
+
+    @property
+    def spawn_counts(self) -> tuple[int, int]:
+        """How many spawns were answered ``(warm, cold)``, over every zygote incarnation."""
+        warm = self._warm_spawns + sum(z.warm_spawns for z in self._all)
+        cold = self._cold_spawns + sum(z.cold_spawns for z in self._all)
+        return warm, cold
 
     async def spawn(self, req: SpawnRequest) -> int:
         """Fork a plugin process from the zygote; returns its pid.
@@ -311,14 +423,19 @@ class ZygoteSpawner:
         raise AssertionError("unreachable")
 
     async def aclose(self, *, grace: float = 5.0) -> None:
-        """Close the socket (the zygote exits on EOF), wait for it, SIGKILL after ``grace`` s."""
+        """Close the socket (the zygote exits on EOF), wait for it, SIGKILL after ``grace`` s.
+
+        Then waits the same way for the warm children (they exit on EOF too), so none is
+        left behind when this returns.
+        """
         self._closed = True
         for zygote in list(self._all):
-            zygote.close("spawner closed")
+            zygote.shutdown()
         for zygote in list(self._all):
             try:
                 async with asyncio.timeout(grace):
                     await asyncio.shield(zygote.exited)
+                    await asyncio.shield(zygote.closed)
             except TimeoutError:
                 log.warning("zygote %d did not exit on EOF; killing it", zygote.pid)
                 self._kill(zygote)
@@ -327,8 +444,10 @@ class ZygoteSpawner:
                         await asyncio.shield(zygote.exited)
                 except TimeoutError:
                     log.error("zygote %d was not reaped (is the reaper installed?)", zygote.pid)
-            self._all.discard(zygote)
+            zygote.close("spawner closed")
+            self._forget(zygote)
         self._current = None
+        await self._warm.wait(self._reaper, grace)
 
     async def _ensure_zygote(self) -> _Zygote:
         if self._closed:
@@ -338,7 +457,9 @@ class ZygoteSpawner:
             return current
         # A dead incarnation keeps its socket until EOF: its middle processes may still
         # report pids for requests it took before dying. Forget it once both are over.
-        self._all = {z for z in self._all if not (z.exited.done() and z.sock.fileno() < 0)}
+        for z in list(self._all):
+            if z.exited.done() and z.sock.fileno() < 0:
+                self._forget(z)
         self._current = await self._start()
         return self._current
 
@@ -346,7 +467,7 @@ class ZygoteSpawner:
         loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            argv = [self._python, "-P", "-m", ZYGOTE_MODULE]
+            argv = [self._python, "-P", "-m", ZYGOTE_MODULE, "--warm", str(self._warm_size)]
             for path in self._sys_path:
                 argv += ["--path", path]
             argv += self._preload
@@ -357,7 +478,7 @@ class ZygoteSpawner:
         finally:
             theirs.close()
         ours.setblocking(False)
-        zygote = _Zygote(loop, pid, ours)
+        zygote = _Zygote(loop, pid, ours, self._warm)
         self._all.add(zygote)
         self._reaper.watch(pid, zygote.on_exit)
         try:
@@ -370,6 +491,12 @@ class ZygoteSpawner:
             log.warning("zygote could not preload %s (%s); plugins will import it", name, error)
         log.info("zygote %d ready, preloaded %s", pid, hello.get("preloaded"))
         return zygote
+
+    def _forget(self, zygote: _Zygote) -> None:
+        self._all.discard(zygote)
+        self._warm_spawns += zygote.warm_spawns
+        self._cold_spawns += zygote.cold_spawns
+        zygote.warm_spawns = zygote.cold_spawns = 0
 
     def _kill(self, zygote: _Zygote) -> None:
         zygote.close("zygote killed")

@@ -72,11 +72,13 @@ async def zygote(reaper: ChildReaper) -> AsyncIterator[ZygoteSpawner]:
         await z.aclose()
 
 
-@pytest.fixture(params=["zygote", "exec"])
+@pytest.fixture(params=["zygote", "zygote-cold", "exec"])
 async def spawner(request: pytest.FixtureRequest, reaper: ChildReaper) -> AsyncIterator[Spawner]:
     s: Spawner
     if request.param == "zygote":
         s = await ZygoteSpawner.open(reaper, (TARGETS,), sys_path=[str(ROOT)])
+    elif request.param == "zygote-cold":
+        s = await ZygoteSpawner.open(reaper, (TARGETS,), sys_path=[str(ROOT)], warm=0)
     else:
         s = ExecSpawner()
     try:
@@ -239,14 +241,27 @@ async def test_zygote_is_single_threaded_and_only_child(
     zygote: ZygoteSpawner, reaper: ChildReaper
 ) -> None:
     assert zygote.zygote_pid is not None
+    # open() returns once the pool is full and the zygote idle: its middle processes are
+    # reaped, the warm children are ours
+    proc = psutil.Process(zygote.zygote_pid)
+    assert len(zygote.warm_pids) == 2
+    children = {child.pid for child in psutil.Process().children()}
+    assert children == {zygote.zygote_pid, *zygote.warm_pids}
+    assert proc.children() == []
     run = await start(zygote, reaper, "exit_with", {"code": 0})
     await run.finish()
-    proc = psutil.Process(zygote.zygote_pid)
     assert proc.num_threads() == 1
-    assert [child.pid for child in psutil.Process().children()] == [zygote.zygote_pid]
-    assert proc.children() == []
     await zygote.aclose()
     assert psutil.Process().children() == []
+    cold = await ZygoteSpawner.open(reaper, ("json",), warm=0)
+    try:
+        assert cold.zygote_pid is not None and cold.warm_pids == frozenset()
+        run = await start(cold, reaper, "exit_with", {"code": 0})
+        await run.finish()
+        assert [child.pid for child in psutil.Process().children()] == [cold.zygote_pid]
+        assert psutil.Process(cold.zygote_pid).children() == []
+    finally:
+        await cold.aclose()
 
 
 @pytest.mark.anyio
@@ -387,3 +402,103 @@ async def test_spawn_to_running_time(
             f"\nspawn->running median: zygote {medians['zygote']:.2f} ms,"
             f" exec {medians['exec']:.2f} ms"
         )
+
+
+async def _exit_of(reaper: ChildReaper, pids: frozenset[int]) -> list[ExitStatus]:
+    loop = asyncio.get_running_loop()
+    futures: list[asyncio.Future[ExitStatus]] = []
+    for pid in sorted(pids):
+        fut: asyncio.Future[ExitStatus] = loop.create_future()
+        reaper.watch(pid, fut.set_result)
+        futures.append(fut)
+    async with asyncio.timeout(DEADLINE):
+        return await asyncio.gather(*futures)
+
+
+@pytest.mark.anyio
+async def test_warm_child_is_handed_out_as_our_child_and_session_leader(
+    zygote: ZygoteSpawner, reaper: ChildReaper
+) -> None:
+    warm = zygote.warm_pids
+    assert len(warm) == 2
+    for pid in warm:
+        assert psutil.Process(pid).ppid() == os.getpid()
+        assert os.getsid(pid) == pid
+    run = await start(zygote, reaper, "wait_for_stdin_eof_or_signal", {})
+    assert run.pid in warm
+    assert run.pid not in zygote.warm_pids
+    assert zygote.spawn_counts == (1, 0)
+    assert os.getsid(run.pid) == run.pid and os.getpgid(run.pid) == run.pid
+    assert psutil.Process(run.pid).ppid() == os.getpid()
+    queue = run.ring.subscribe()
+    await wait_line(run.ring, queue, "running")
+    os.killpg(run.pid, signal.SIGTERM)
+    status, _ = await run.finish()
+    assert status == ExitStatus(run.pid, None, signal.SIGTERM)
+
+
+@pytest.mark.anyio
+async def test_dead_warm_child_is_replaced_and_never_handed_out(
+    zygote: ZygoteSpawner, reaper: ChildReaper
+) -> None:
+    victim = min(zygote.warm_pids)
+    exited = asyncio.ensure_future(_exit_of(reaper, frozenset({victim})))
+    os.kill(victim, signal.SIGKILL)
+    assert (await exited)[0] == ExitStatus(victim, None, signal.SIGKILL)
+    assert victim not in zygote.warm_pids
+    pids = []
+    for i in range(4):  # one at a time: the pool is full again before each request
+        run = await start(zygote, reaper, "exit_with", {"code": i})
+        pids.append(run.pid)
+        assert (await run.finish())[0] == ExitStatus(run.pid, i, None)
+    assert victim not in pids
+    assert zygote.spawn_counts == (4, 0)
+
+
+@pytest.mark.anyio
+async def test_zygote_death_ends_warm_children_and_restart_refills(
+    zygote: ZygoteSpawner, reaper: ChildReaper
+) -> None:
+    warm, old = zygote.warm_pids, zygote.zygote_pid
+    assert len(warm) == 2 and old is not None
+    exited = asyncio.ensure_future(_exit_of(reaper, warm | {old}))
+    os.kill(old, signal.SIGKILL)
+    statuses = {status.pid: status for status in await exited}
+    assert statuses[old].signal == signal.SIGKILL
+    assert all(statuses[pid] == ExitStatus(pid, 0, None) for pid in warm)
+    assert zygote.warm_pids == frozenset()
+    run = await start(zygote, reaper, "exit_with", {"code": 6})
+    assert (await run.finish())[0].code == 6
+    assert zygote.zygote_pid not in (None, old)
+    assert zygote.spawn_counts == (1, 0)
+    assert len(zygote.warm_pids) >= 1 and not zygote.warm_pids & warm
+
+
+@pytest.mark.anyio
+async def test_aclose_leaves_no_warm_child(reaper: ChildReaper) -> None:
+    z = await ZygoteSpawner.open(reaper, (TARGETS,), sys_path=[str(ROOT)], warm=3)
+    try:
+        assert len(z.warm_pids) == 3
+        runs = [await start(z, reaper, "exit_with", {"code": 0}) for _ in range(3)]
+    finally:
+        await z.aclose()  # right after the spawns: refills may still be on their way
+    # only plugins may outlive aclose(): the zygote and every warm child are gone and reaped
+    assert {child.pid for child in psutil.Process().children()} <= {run.pid for run in runs}
+    assert z.warm_pids == frozenset()
+    for run in runs:
+        await run.finish()
+    assert psutil.Process().children() == []
+
+
+@pytest.mark.anyio
+async def test_many_spawns_in_a_row_are_warm(zygote: ZygoteSpawner, reaper: ChildReaper) -> None:
+    pids = set()
+    for i in range(40):
+        run = await start(zygote, reaper, "exit_with", {"code": i % 7, "tag": i})
+        status, lines = await run.finish()
+        assert status == ExitStatus(run.pid, i % 7, None)
+        assert sorted(line.line for line in lines) == [f"err {i}", f"out {i}"]
+        pids.add(run.pid)
+    assert len(pids) == 40
+    assert zygote.spawn_counts == (40, 0)
+    assert len(zygote.warm_pids) <= 2
