@@ -60,6 +60,9 @@ def _run(config: object, level: str | None, fmt: str | None) -> int:
     setup_logging(level or config.daemon.log_level, fmt or config.daemon.log_format)
     try:
         anyio.run(run_daemon, config)
+    except ConfigError as exc:
+        print(f"osk-daemon: refusing to start: {exc}", file=sys.stderr)
+        return 2
     except OskError as exc:
         print(f"osk-daemon: {exc}", file=sys.stderr)
         return 1

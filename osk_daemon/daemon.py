@@ -23,6 +23,7 @@ import zmq
 from osk_daemon.config import Config, SpawnMode
 from osk_daemon.control.commands import DaemonCommands
 from osk_daemon.control.server import serve_control
+from osk_daemon.supervisor.confinement import Confinement
 from osk_daemon.supervisor.reaper import ChildReaper, become_subreaper
 from osk_daemon.supervisor.runtime import Endpoints, Supervisor
 from osk_daemon.supervisor.spawner import ExecSpawner, Spawner, ZygoteSpawner
@@ -57,6 +58,9 @@ async def run_daemon(
 
     d = config.daemon
     os.umask(0o077)  # sockets and files the daemon creates are its own until it says else
+    confinement = Confinement.open(config)
+    for warning in confinement.check():  # raises ConfigError for what cannot be enforced
+        log.warning("sandbox degraded: %s", warning)
     prepare_runtime_dir(d.runtime_dir)
     become_subreaper()
     loop = asyncio.get_running_loop()
@@ -65,26 +69,33 @@ async def run_daemon(
     zygote: ZygoteSpawner | None = None
     supervisor: Supervisor | None = None
     try:
-        zygote = await ZygoteSpawner.open(reaper)
+        zygote = await ZygoteSpawner.open(
+            reaper, preload=("osk_daemon.worker.runtime", "osk_daemon.isolation.sequence")
+        )
         spawners: dict[SpawnMode, Spawner] = {
             SpawnMode.ZYGOTE: zygote,
             SpawnMode.EXEC: ExecSpawner(),
         }
         stop = anyio.Event()
         async with anyio.create_task_group() as tg:
-            supervisor = Supervisor(config, tg, reaper, spawners, endpoints(d.runtime_dir))
+            supervisor = Supervisor(
+                config, tg, reaper, spawners, endpoints(d.runtime_dir), confinement
+            )
             secure_sockets(d.runtime_dir)
-            supervisor.start()
             commands = DaemonCommands(supervisor, stop.set)
+            # the control socket first: a second daemon on the same runtime dir fails
+            # here, before it has started any plugin
             await tg.start(
                 partial(serve_control, allowed_group=d.control_group), d.control_socket, commands
             )
+            supervisor.start()
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, stop.set)
             log.info(
-                "osk-daemon running %d plugin(s); control socket %s",
+                "osk-daemon running %d plugin(s); control socket %s; cgroups %s",
                 len(config.plugins),
                 d.control_socket,
+                confinement.cgroups.version if confinement.cgroups else "off",
             )
             if on_ready is not None:
                 on_ready(supervisor)
@@ -102,6 +113,7 @@ async def run_daemon(
             loop.remove_signal_handler(signum)
         if zygote is not None:
             await zygote.aclose()
+        confinement.close()  # kills and removes every instance cgroup left
         reaper.uninstall()
         zmq.Context.instance().destroy(linger=0)
         log.info("osk-daemon stopped")

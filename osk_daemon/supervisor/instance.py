@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from osk_daemon.config import Config, PluginConfig
+from osk_daemon.supervisor.confinement import Prepared
 from osk_daemon.supervisor.health import HealthPolicy, HealthTracker
 from osk_daemon.supervisor.lifecycle import Lifecycle, State, Timer, describe_exit
 
@@ -41,6 +42,8 @@ class Instance:
     health_timeout: asyncio.TimerHandle | None = None
     health_id: int = 0
     close_output: Callable[[], None] | None = None
+    prepared: Prepared | None = None  # its cgroup and launch plan, while it lives
+    usage: dict[str, Any] = field(default_factory=dict)  # last cgroup sample
 
     @classmethod
     def create(cls, plugin: str, index: int, cfg: PluginConfig) -> Instance:
@@ -125,6 +128,8 @@ class Instance:
             "uptime_s": round(now - self.ready_at, 3) if ready and self.ready_at else None,
             "last_exit": describe_exit(self.life.last_exit),
             "detail": self.life.failure or self.health.detail or "",
+            "sandbox": self.config.sandbox.level.value,
+            **(self.usage if self.live else {}),
         }
 
 

@@ -98,6 +98,7 @@ class HealthFailed:
 class Exited:
     code: int | None
     signal: int | None
+    oom: bool = False  # the kernel's OOM killer ended it (its memory limit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,7 +222,7 @@ class Lifecycle:
         if self.failure is not None:
             return True
         ex = self.last_exit
-        return ex is not None and (ex.signal is not None or ex.code != 0)
+        return ex is not None and (ex.signal is not None or ex.code != 0 or ex.oom)
 
     # ---- handlers -----------------------------------------------------------------------
 
@@ -337,9 +338,11 @@ class Lifecycle:
 
 
 def describe_exit(ex: Exited | None) -> str:
-    """'exit 0', 'exit 3', 'SIGKILL' or '-' — how status tables show an exit."""
+    """'exit 0', 'exit 3', 'SIGKILL', 'oom' or '-' — how status tables show an exit."""
     if ex is None:
         return "-"
+    if ex.oom:
+        return "oom"
     if ex.signal is not None:
         try:
             return signal.Signals(ex.signal).name

@@ -30,11 +30,12 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
-from osk_daemon.config import Config, SpawnMode
+from osk_daemon.config import Config, SandboxLevel, SpawnMode
 from osk_daemon.errors import ControlError, OskError
 from osk_daemon.ipc.broker import Broker, InstanceKey
 from osk_daemon.ipc.codec import Header, Kind, unpack
 from osk_daemon.supervisor import lifecycle as lc
+from osk_daemon.supervisor.confinement import Confinement
 from osk_daemon.supervisor.events import EventStream
 from osk_daemon.supervisor.health_checks import HealthChecks
 from osk_daemon.supervisor.instance import WORKER_TARGET, Instance
@@ -62,6 +63,7 @@ class Endpoints:
     workers: str
 
 
+_SAMPLE_EVERY = 1.0  # seconds between cgroup usage samples
 _RUNNING_LEAF = frozenset({LeafState.STARTING, LeafState.RUNNING, LeafState.RESTARTING})
 
 
@@ -75,8 +77,10 @@ class Supervisor:
         reaper: ChildReaper,
         spawners: dict[SpawnMode, Spawner],
         endpoints: Endpoints,
+        confinement: Confinement,
     ) -> None:
         self.config = config
+        self.confinement = confinement
         self.events = EventStream()
         self.logs: dict[str, LogRing] = {}
         self.instances: dict[str, Instance] = {}
@@ -88,6 +92,7 @@ class Supervisor:
         self._shutting_down = False
         self._all_stopped = asyncio.Event()
         self._changed = asyncio.Event()
+        self._sampler: asyncio.TimerHandle | None = None
         d = config.daemon
         self.broker = Broker(
             endpoints.clients,
@@ -110,6 +115,7 @@ class Supervisor:
     def start(self) -> None:
         self.broker.start()
         self.checks.start()
+        self._sampler = self._loop.call_later(_SAMPLE_EVERY, self._sample_tick)
         self.events.publish("kernel:before-init", pluginCount=len(self.config.plugins))
         self._tree_effects(self.tree.start(time.monotonic()))
 
@@ -129,6 +135,8 @@ class Supervisor:
         with anyio.move_on_after(5.0):
             await self._all_stopped.wait()
         self.checks.stop()
+        if self._sampler is not None:
+            self._sampler.cancel()
         self.broker.close()
 
     def kill_all(self) -> None:
@@ -228,6 +236,7 @@ class Supervisor:
         inst.cancel_timers()
         inst.cancel_health()
         inst.ready_at = None
+        self._release(inst)
         self.broker.detach(inst.key, "exited" if life.last_exit else "failed")
         if life.stop_requested and not life.failure:
             inst.health.stopped()
@@ -262,6 +271,8 @@ class Supervisor:
             elif isinstance(effect, lc.Signal):
                 if inst.life.pid is not None:
                     _killpg(inst.life.pid, effect.signum)
+                if effect.signum == 9 and inst.prepared and inst.prepared.cgroup:
+                    self._kill_cgroup(inst)
             elif isinstance(effect, lc.ArmTimer):
                 old = inst.timers.pop(effect.timer, None)
                 if old is not None:
@@ -298,6 +309,13 @@ class Supervisor:
         inst.token = secrets.token_hex(16)
         inst.spawned_at = inst.last_seen = time.monotonic()
         inst.exited = asyncio.Event()
+        inst.usage = {}
+        try:
+            inst.prepared = self.confinement.prepare(inst.plugin, inst.config, inst.index)
+        except OskError as exc:
+            log.error("%s: cannot confine it, not starting it: %s", inst.leaf, exc)
+            self._loop.call_soon(self._spawn_failed, inst, inst.generation, str(exc))
+            return
         self.broker.expect(inst.token, inst.key)
         if inst.close_output is not None:
             inst.close_output()
@@ -308,16 +326,31 @@ class Supervisor:
             target=WORKER_TARGET,
             spec=inst.worker_spec(self.config, self._endpoint),
             env=inst.worker_env(),
-            cwd=None,
+            cwd=str(self.confinement.state_dir(inst.plugin)),
             sys_path=tuple(str(p) for p in inst.config.path),
             stdout=out_w,
             stderr=err_w,
+            launch=inst.prepared.plan.to_wire(),
         )
         self._update_accepting(inst.plugin)
         self._tg.start_soon(self._do_spawn, inst, inst.generation, request)
 
+    def _kill_cgroup(self, inst: Instance) -> None:
+        assert inst.prepared is not None and inst.prepared.cgroup is not None
+        try:
+            inst.prepared.cgroup.kill()
+        except OskError as exc:
+            log.warning("%s: cgroup kill failed: %s", inst.leaf, exc)
+
+    def _spawn_failed(self, inst: Instance, generation: int, reason: str) -> None:
+        if generation == inst.generation:
+            self.feed(inst, lc.SpawnFailed(reason))
+
     async def _do_spawn(self, inst: Instance, generation: int, request: SpawnRequest) -> None:
-        spawner = self._spawners[inst.config.spawn]
+        mode = inst.config.spawn
+        if inst.config.sandbox.level is SandboxLevel.PARANOID:
+            mode = SpawnMode.EXEC  # a fresh interpreter: nothing inherited from the zygote
+        spawner = self._spawners[mode]
         try:
             pid = await spawner.spawn(request)
         except OskError as exc:
@@ -336,7 +369,26 @@ class Supervisor:
 
     def _child_exited(self, inst: Instance, generation: int, status: ExitStatus) -> None:
         if generation == inst.generation and inst.live:
-            self.feed(inst, lc.Exited(status.code, status.signal))
+            oom = self._release(inst)
+            if oom:
+                self.publish(inst, "plugin:oom", "killed by the kernel at its memory limit")
+            self.feed(inst, lc.Exited(status.code, status.signal, oom))
+
+    def _release(self, inst: Instance) -> bool:
+        prepared, inst.prepared = inst.prepared, None
+        return self.confinement.release(prepared) if prepared is not None else False
+
+    def _sample_tick(self) -> None:
+        self.sample_usage()
+        self._sampler = self._loop.call_later(_SAMPLE_EVERY, self._sample_tick)
+
+    def sample_usage(self) -> None:
+        """Read every live instance's cgroup; publish limits hit since the last look."""
+        for inst in self.instances.values():
+            if inst.live and inst.prepared is not None:
+                inst.usage, hits = self.confinement.sample(inst.leaf, inst.prepared)
+                for limit in hits:
+                    self.publish(inst, "plugin:limit", f"hit its {limit} limit", limit=limit)
 
     def _on_worker(self, key: InstanceKey, header: Header, body: bytes) -> None:
         inst = self.instances.get(f"{key[0]}/{key[1]}")
@@ -354,6 +406,8 @@ class Supervisor:
             self.feed(inst, lc.StartFailed(_error_message(body)))
         elif kind is Kind.HEALTH_REPLY:
             self.checks.answered(inst, header.id, body)
+        elif kind is Kind.EVENT and header.method.startswith("sandbox:"):
+            self.publish(inst, header.method, _error_message(body))
         elif kind is Kind.EVENT:
             try:
                 data = unpack(body, 65536)

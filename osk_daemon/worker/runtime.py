@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import inspect
 import itertools
 import logging
@@ -96,6 +97,9 @@ def run_worker(spec: dict[str, Any]) -> NoReturn:
             zctx.destroy(linger=LINGER_MS)
         _flush_std()
     os._exit(code)
+
+
+_DENIED = frozenset({errno.EACCES, errno.EPERM, errno.ENETUNREACH})
 
 
 def error_body(exc: BaseException) -> bytes:
@@ -335,6 +339,11 @@ class _Worker:
         log.warning("handler %r raised %s: %s", header.method, type(exc).__name__, exc)
         log.debug("traceback of %r", header.method, exc_info=exc)
         self.send(Kind.ERROR, error_body(exc), header.id)
+        if isinstance(exc, OSError) and exc.errno in _DENIED:
+            # what the kernel refused (Landlock EACCES, seccomp EPERM) reaches the daemon's
+            # event stream as far as the plugin lets it surface
+            report = {"message": f"{header.method}: {exc}", "errno": exc.errno}
+            self.send(Kind.EVENT, pack(report), method="sandbox:violation")
 
     async def answer_health(self, id: int) -> None:
         if self.plugin is None:

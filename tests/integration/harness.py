@@ -165,21 +165,32 @@ def _readline(sock: socket.socket) -> bytes:
     return buf
 
 
-def plugin_block(name: str, **options: Any) -> str:
+def plugin_block(name: str, entry: str = "testplugins:Echo", **options: Any) -> str:
     """A [plugins.NAME] table using the test plugins."""
-    lines = [f"[plugins.{name}]", 'entry = "testplugins:Echo"', f'path = ["{PLUGINS}"]']
+    lines = [f"[plugins.{name}]", f'entry = "{entry}"', f'path = ["{PLUGINS}"]']
     tables = {k: v for k, v in options.items() if isinstance(v, dict)}
     for key, value in options.items():
         if key not in tables:
             lines.append(f"{key} = {json.dumps(value)}")
     for key, table in tables.items():
         lines.append(f"[plugins.{name}.{key}]")
-        lines.extend(f"{k} = {json.dumps(v)}" for k, v in table.items())
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in table.items())
     return "\n".join(lines) + "\n"
 
 
+def _toml_value(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    return json.dumps(value)
+
+
 def daemon_config(body: str, **daemon: Any) -> str:
-    settings = {"runtime_dir": "run", "heartbeat_interval": 0.1, "heartbeat_timeout": 1.0}
+    settings = {
+        "runtime_dir": "run",
+        "state_dir": "state",
+        "heartbeat_interval": 0.1,
+        "heartbeat_timeout": 1.0,
+    }
     settings.update(daemon)
     head = "[daemon]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items())
     return head + "\n" + textwrap.dedent(body)
@@ -188,6 +199,7 @@ def daemon_config(body: str, **daemon: Any) -> str:
 @contextlib.contextmanager
 def running_daemon(config_text: str, wait_ready: bool = True) -> Iterator[Daemon]:
     workdir = Path(tempfile.mkdtemp(prefix="osk-t-"))
+    workdir.chmod(0o711)  # sandboxed plugins (another uid) must reach run/workers.sock
     daemon = Daemon(workdir, config_text)
     try:
         daemon.start()

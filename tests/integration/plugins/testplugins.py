@@ -63,3 +63,89 @@ class Echo(Plugin):
             time.sleep(1000)
             os._exit(0)
         return pid
+
+
+class Confined(Echo):
+    """Tries everything a sandbox must refuse, and reports what the kernel said."""
+
+    @rpc
+    def hog(self, mib: int = 1024) -> int:
+        chunks = [bytearray(1024 * 1024) for _ in range(mib)]  # touched: really allocated
+        return len(chunks)
+
+    @rpc
+    def fork_bomb(self, n: int = 64) -> dict[str, Any]:
+        children, error = [], None
+        for _ in range(n):
+            try:
+                pid = os.fork()
+            except OSError as exc:
+                error = exc.errno
+                break
+            if pid == 0:
+                time.sleep(1000)
+                os._exit(0)
+            children.append(pid)
+        for pid in children:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        return {"forked": len(children), "errno": error}
+
+    @rpc
+    def spin(self, seconds: float = 0.5) -> float:
+        end = time.monotonic() + seconds
+        spins = 0
+        while time.monotonic() < end:
+            spins += 1
+        return time.process_time()
+
+    @rpc
+    def open_many(self, n: int = 100) -> dict[str, Any]:
+        files, error = [], None
+        try:
+            for _ in range(n):
+                files.append(open(os.devnull))  # noqa: SIM115, PTH123
+        except OSError as exc:
+            error = exc.errno
+        finally:
+            for f in files:
+                f.close()
+        return {"opened": len(files), "errno": error}
+
+    @rpc
+    def write(self, path: str, text: str = "x") -> str:
+        with open(path, "w") as f:  # noqa: PTH123
+            f.write(text)
+        return path
+
+    @rpc
+    def whoami(self) -> dict[str, str]:
+        wanted = ("Uid", "Gid", "Groups", "CapEff", "CapPrm", "CapBnd", "NoNewPrivs", "Seccomp")
+        status = {}
+        with open("/proc/self/status") as f:  # noqa: PTH123
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in wanted:
+                    status[key] = value.strip()
+        with open("/proc/self/uid_map") as f:  # noqa: PTH123
+            status["uid_map"] = f.read().strip()
+        status["cwd"] = os.getcwd()  # noqa: PTH109
+        return status
+
+    @rpc
+    def connect(self, host: str = "127.0.0.1", port: int = 9) -> str:
+        import socket
+
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.settimeout(2)
+            sock.connect((host, port))
+        return "connected"
+
+    @rpc
+    def ptrace(self) -> int:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.ptrace(0, 0, None, None) != 0:  # PTRACE_TRACEME
+            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+        return 0

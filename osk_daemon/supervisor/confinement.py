@@ -1,0 +1,248 @@
+"""Per-instance confinement, daemon side: cgroup, state dir and the child's launch plan.
+
+Theory of operation
+-------------------
+Before an instance is spawned the driver asks ``Confinement.prepare`` for a cgroup with the
+plugin's quotas (limits are written before any process joins) and a ``LaunchPlan`` that the
+child applies to itself in the fixed order of ``isolation.sequence`` before plugin code
+runs. After the process is gone, ``release`` kills whatever is left in the cgroup (a
+plugin's own children included) and removes it, and tells whether the kernel OOM-killed
+something in it. ``sample`` reads usage for status and reports newly hit limits (pids,
+OOM) as events.
+
+Whether a plugin's sandbox can be enforced at all is decided once, at daemon start
+(``check``): a level the kernel cannot enforce stops the daemon with a clear message,
+unless the plugin says ``sandbox.require = false`` — then it runs degraded, and says so.
+"""
+
+from __future__ import annotations
+
+import grp
+import logging
+import os
+import pwd
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from osk_daemon.config import Config, PluginConfig, SandboxLevel
+from osk_daemon.errors import ConfigError, OskError
+from osk_daemon.isolation.cgroups import CgroupLimits, Cgroups, InstanceCgroup
+from osk_daemon.isolation.plan import (
+    KernelFeatures,
+    LaunchPlan,
+    check_plan,
+    default_read_paths,
+    plan_for_level,
+    probe_kernel,
+)
+from osk_daemon.isolation.plan import (
+    SandboxLevel as PlanLevel,
+)
+
+log = logging.getLogger("osk.isolation")
+
+_RLIMITS = {
+    "address_space": "AS",
+    "cpu_seconds": "CPU",
+    "open_files": "NOFILE",
+    "processes": "NPROC",
+    "file_size": "FSIZE",
+    "core": "CORE",
+    "stack": "STACK",
+}
+
+
+@dataclass
+class Prepared:
+    cgroup: InstanceCgroup | None
+    plan: LaunchPlan
+    oom_before: int = 0
+
+
+@dataclass
+class _Seen:
+    oom_kills: int = 0
+    pids_max_hits: int = 0
+
+
+@dataclass
+class Confinement:
+    config: Config
+    cgroups: Cgroups | None
+    features: KernelFeatures = field(default_factory=probe_kernel)
+    _seen: dict[str, _Seen] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, config: Config) -> Confinement:
+        """Detect cgroups (and sweep a previous run's leftovers) and probe the kernel."""
+        cgroups: Cgroups | None = None
+        if config.daemon.cgroups:
+            try:
+                cgroups = Cgroups.detect("osk")
+                removed = cgroups.sweep()
+                if removed:
+                    log.warning("removed cgroups left by a previous run: %s", removed)
+            except OskError as exc:
+                log.warning("cgroups unavailable, instances run without quotas: %s", exc)
+        return cls(config, cgroups)
+
+    def close(self) -> None:
+        if self.cgroups is not None:
+            self.cgroups.close()
+
+    # ---- at daemon start ------------------------------------------------------------
+
+    def check(self) -> list[str]:
+        """Refuse what cannot be enforced; returns warnings for degraded plugins."""
+        warnings: list[str] = []
+        for name, plugin in self.config.plugins.items():
+            problems = self._problems(name, plugin)
+            if not problems:
+                continue
+            text = "; ".join(problems)
+            if plugin.sandbox.require:
+                raise ConfigError(
+                    str(self.config.source),
+                    f"plugins.{name}.sandbox",
+                    f"cannot be enforced on this host: {text} "
+                    "(set sandbox.require = false to run it degraded)",
+                )
+            warnings.append(f"{name}: running degraded, not enforced: {text}")
+        return warnings
+
+    def _problems(self, name: str, plugin: PluginConfig) -> list[str]:
+        problems: list[str] = []
+        limits = plugin.limits
+        wanted = {"memory": limits.memory, "cpu": limits.cpu, "pids": limits.pids}
+        have = self.cgroups.supports() if self.cgroups is not None else {}
+        for key, value in wanted.items():
+            if value is not None and not have.get(key, False):
+                problems.append(f"limits.{key} needs the {key} cgroup controller")
+        try:
+            plan = self._plan(name, plugin, 0, ())
+        except ConfigError as exc:
+            return [*problems, exc.reason]
+        problems.extend(check_plan(plan, self.features))
+        return problems
+
+    # ---- per spawn ------------------------------------------------------------------
+
+    def prepare(self, name: str, plugin: PluginConfig, index: int) -> Prepared:
+        """Create the instance's cgroup and state dir; build its launch plan."""
+        cgroup = None
+        if self.cgroups is not None:
+            limits = plugin.limits
+            cgroup = self.cgroups.create(
+                f"{name}-{index}",
+                CgroupLimits(memory_max=limits.memory, cpu_quota=limits.cpu, pids_max=limits.pids),
+            )
+        procs = cgroup.procs_files if cgroup is not None else ()
+        plan = self._plan(name, plugin, index, procs)
+        self._make_state_dir(name, plan)
+        return Prepared(cgroup, plan, cgroup.oom_kills() if cgroup is not None else 0)
+
+    def release(self, prepared: Prepared) -> bool:
+        """Kill what is left of the instance and remove its cgroup; True if OOM-killed."""
+        cgroup = prepared.cgroup
+        if cgroup is None:
+            return False
+        oom = False
+        try:
+            cgroup.kill()
+            oom = cgroup.oom_kills() > prepared.oom_before
+        except OskError as exc:
+            log.warning("cgroup %s: %s", cgroup.name, exc)
+        try:
+            cgroup.remove()
+        except OskError as exc:
+            log.warning("could not remove cgroup %s: %s", cgroup.name, exc)
+        return oom
+
+    def sample(self, key: str, prepared: Prepared) -> tuple[dict[str, Any], list[str]]:
+        """Usage for status, and the limits newly hit since the last sample."""
+        if prepared.cgroup is None:
+            return {}, []
+        try:
+            usage = prepared.cgroup.usage()
+        except OskError:
+            return {}, []
+        seen = self._seen.setdefault(key, _Seen())
+        hits: list[str] = []
+        if usage.pids_max_hits > seen.pids_max_hits:
+            hits.append("pids")
+        if usage.oom_kills > seen.oom_kills:
+            hits.append("memory")
+        seen.pids_max_hits, seen.oom_kills = usage.pids_max_hits, usage.oom_kills
+        fields = {
+            "memory_bytes": usage.memory_current,
+            "memory_peak_bytes": usage.memory_peak,
+            "cpu_s": None if usage.cpu_seconds is None else round(usage.cpu_seconds, 3),
+            "cpu_throttled": usage.nr_throttled,
+            "pids": usage.pids_current,
+        }
+        return fields, hits
+
+    # ---- helpers --------------------------------------------------------------------
+
+    def state_dir(self, name: str) -> Path:
+        return self.config.daemon.state_dir / name
+
+    def _plan(
+        self, name: str, plugin: PluginConfig, index: int, procs: tuple[str, ...]
+    ) -> LaunchPlan:
+        sandbox = plugin.sandbox
+        level = PlanLevel(sandbox.level.value)
+        rlimits = []
+        for field_name, rname in _RLIMITS.items():
+            value = getattr(plugin.limits, field_name)
+            if value is not None:
+                rlimits.append((rname, int(value), int(value)))
+        uid = gid = None
+        if level_rank(sandbox.level) >= level_rank(SandboxLevel.STANDARD):
+            uid, gid = resolve_user(name, sandbox.user, sandbox.group)
+        code = [str(p) for p in plugin.path] + [str(p) for p in sandbox.filesystem.read]
+        return plan_for_level(
+            level,
+            cgroup_procs=procs,
+            rlimits=tuple(rlimits),
+            parent_pid=os.getpid(),
+            uid=uid,
+            gid=gid,
+            read_paths=default_read_paths(code),
+            write_paths=(
+                str(self.state_dir(name)),
+                *(str(p) for p in sandbox.filesystem.write),
+            ),
+            network_granted=sandbox.network,
+            require=sandbox.require,
+        )
+
+    def _make_state_dir(self, name: str, plan: LaunchPlan) -> None:
+        path = self.state_dir(name)
+        path.mkdir(parents=True, exist_ok=True)
+        path.parent.chmod(0o711)  # plugin uids may traverse to their own dir, not list
+        path.chmod(0o700)
+        if plan.uid is not None:
+            os.chown(path, plan.uid, plan.gid if plan.gid is not None else -1)
+
+
+def level_rank(level: SandboxLevel) -> int:
+    return list(SandboxLevel).index(level)
+
+
+def resolve_user(plugin: str, user: str | int, group: str | int | None) -> tuple[int, int]:
+    """The uid and gid a plugin runs as; unknown names are a config error."""
+    try:
+        entry = pwd.getpwuid(user) if isinstance(user, int) else pwd.getpwnam(user)
+    except KeyError:
+        raise ConfigError("", f"plugins.{plugin}.sandbox.user", f"no such user {user!r}") from None
+    if group is None:
+        return entry.pw_uid, entry.pw_gid
+    try:
+        gentry = grp.getgrgid(group) if isinstance(group, int) else grp.getgrnam(group)
+    except KeyError:
+        raise ConfigError(
+            "", f"plugins.{plugin}.sandbox.group", f"no such group {group!r}"
+        ) from None
+    return entry.pw_uid, gentry.gr_gid

@@ -1,0 +1,178 @@
+"""Limits and sandboxes, hit for real through a running daemon.
+
+Each test gives a plugin a limit or a sandbox level, makes it do the forbidden thing and
+checks that the kernel refused it, that the daemon reported it, and that the daemon and
+the host carry on. Skips say which kernel feature is missing.
+"""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from osk_daemon.isolation.cgroups import Cgroups
+from osk_daemon.isolation.plan import probe_kernel
+from tests.integration.harness import (
+    ControlError,
+    Daemon,
+    daemon_config,
+    plugin_block,
+    running_daemon,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
+
+FEATURES = probe_kernel()
+
+
+def cgroups_or_skip() -> Cgroups:
+    try:
+        return Cgroups.detect("osk-probe")
+    except Exception as exc:
+        pytest.skip(f"no usable cgroups here: {exc}")
+
+
+def confined(**options: Any) -> str:
+    return daemon_config(plugin_block("box", entry="testplugins:Confined", **options))
+
+
+def events_of(d: Daemon, type_: str) -> list[dict[str, Any]]:
+    return [e for e in d.ctl("events") if e["type"] == type_]
+
+
+def test_memory_hog_is_oom_killed_inside_its_quota_and_restarted() -> None:
+    if not cgroups_or_skip().supports().get("memory"):
+        pytest.skip("no memory cgroup controller")
+    with running_daemon(confined(limits={"memory": "64MiB"})) as d:
+        old = d.row("box")["pid"]
+        with pytest.raises(ControlError):
+            d.call("box", "hog", {"mib": 512}, timeout=10)
+        d.wait_until(
+            lambda: d.row("box")["pid"] not in (old, None) and d.row("box")["state"] == "ready",
+            what="the replacement after the OOM kill",
+        )
+        assert d.row("box")["last_exit"] == "oom"
+        assert events_of(d, "plugin:oom")
+        assert d.call("box", "echo", {"text": "alive"})["text"] == "alive"
+
+
+def test_fork_bomb_stops_at_the_pids_limit() -> None:
+    if not cgroups_or_skip().supports().get("pids"):
+        pytest.skip("no pids cgroup controller")
+    with running_daemon(confined(limits={"pids": 16})) as d:
+        result = d.call("box", "fork_bomb", {"n": 200}, timeout=20)
+        assert result["errno"] == errno.EAGAIN
+        assert result["forked"] < 16
+        d.wait_until(lambda: events_of(d, "plugin:limit"), what="the pids limit event")
+        assert events_of(d, "plugin:limit")[0]["limit"] == "pids"
+        assert d.row("box")["state"] == "ready"
+
+
+def test_cpu_spinner_is_throttled() -> None:
+    if not cgroups_or_skip().supports().get("cpu"):
+        pytest.skip("no cpu cgroup controller")
+    with running_daemon(confined(limits={"cpu": 0.1})) as d:
+        d.call("box", "spin", {"seconds": 0.5}, timeout=10)
+        d.wait_until(
+            lambda: (d.row("box").get("cpu_throttled") or 0) > 0,
+            what="the cgroup's throttling counter",
+        )
+
+
+def test_open_files_limit_gives_emfile() -> None:
+    with running_daemon(confined(limits={"open_files": 64})) as d:
+        result = d.call("box", "open_many", {"n": 200})
+        assert result["errno"] == errno.EMFILE
+        assert result["opened"] < 64
+
+
+def test_no_cgroup_is_left_behind() -> None:
+    cg = cgroups_or_skip()
+    with running_daemon(confined(limits={"pids": 64})) as d:
+        pid = d.row("box")["pid"]
+        assert Path(f"/proc/{pid}/cgroup").read_text().count("osk") >= 1
+    for root in cg.root_paths:
+        assert not any(Path(root).parent.glob("osk.d/*box*")), root
+
+
+def standard(level: str = "standard", **sandbox: Any) -> str:
+    return confined(sandbox={"level": level, "user": "nobody", **sandbox})
+
+
+def needs(level: str) -> None:
+    if FEATURES.landlock_abi < 1:
+        pytest.skip("Landlock is not available on this kernel")
+    if level in ("strict", "paranoid") and not FEATURES.libseccomp:
+        pytest.skip("libseccomp is not available")
+    if level == "paranoid" and not FEATURES.user_namespaces:
+        pytest.skip("user namespaces are not available")
+
+
+def test_standard_drops_privileges_and_confines_writes(tmp_path: Path) -> None:
+    needs("standard")
+    with running_daemon(standard()) as d:
+        me = d.call("box", "whoami")
+        assert me["Uid"].split()[0] == "65534"
+        assert me["Gid"].split()[0] == "65534"
+        assert me["Groups"] in ("", "65534")
+        assert int(me["CapBnd"], 16) == 0
+        assert int(me["CapEff"], 16) == 0
+        assert me["NoNewPrivs"] == "1"
+        # its own state dir is writable...
+        assert d.call("box", "write", {"path": f"{me['cwd']}/ok.txt"}).endswith("ok.txt")
+        # ...anything else is not, and the daemon hears of the attempt
+        outside = tmp_path / "nope.txt"
+        tmp_path.chmod(0o777)
+        with pytest.raises(ControlError, match="Permission denied"):
+            d.call("box", "write", {"path": str(outside)})
+        assert not outside.exists()
+        d.wait_until(lambda: events_of(d, "sandbox:violation"), what="the violation event")
+
+
+def test_strict_refuses_network_and_ptrace() -> None:
+    needs("strict")
+    with running_daemon(standard("strict")) as d:
+        me = d.call("box", "whoami")
+        assert me["Seccomp"] == "2"
+        with pytest.raises(ControlError) as err:
+            d.call("box", "connect", {"host": "127.0.0.1", "port": 22})
+        assert "unreachable" in str(err.value) or "not permitted" in str(err.value)
+        with pytest.raises(ControlError, match="not permitted"):
+            d.call("box", "ptrace")
+        assert d.row("box")["state"] == "ready"
+
+
+def test_paranoid_runs_in_a_user_namespace_with_an_allow_list() -> None:
+    needs("paranoid")
+    with running_daemon(standard("paranoid")) as d:
+        me = d.call("box", "whoami")
+        assert me["uid_map"].split() != ["0", "0", "4294967295"]
+        assert me["Seccomp"] == "2"
+        with pytest.raises(ControlError, match=r"not permitted|unreachable"):
+            d.call("box", "connect", {"host": "127.0.0.1", "port": 22})
+        assert d.call("box", "echo", {"text": "still works"})["text"] == "still works"
+
+
+def test_unenforceable_level_is_refused_at_start_unless_degraded_is_allowed(
+    tmp_path: Path,
+) -> None:
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "osk.toml"
+    body = daemon_config(
+        plugin_block("box", sandbox={"level": "standard", "user": "no-such-user-xyz"})
+    )
+    cfg.write_text(body)
+    proc = subprocess.run(
+        [sys.executable, "-m", "osk_daemon.cli", "run", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "plugins.box.sandbox" in proc.stderr
