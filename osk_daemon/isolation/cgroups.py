@@ -447,6 +447,10 @@ class InstanceCgroup(ABC):
 
     def populated(self) -> bool:
         """True while any process is in this cgroup (or a child cgroup of it)."""
+        if self._kill_dir is not None:  # a v2 dir that every member also joined: one read
+            events = read_keyed(self._kill_dir / "cgroup.events")
+            if events is not None:
+                return bool(events.get("populated", 0))
         for d in self.dirs:
             events = read_keyed(d / "cgroup.events")
             if events is not None:

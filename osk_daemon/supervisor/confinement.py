@@ -72,6 +72,7 @@ class Confinement:
     cgroups: Cgroups | None
     features: KernelFeatures = field(default_factory=probe_kernel)
     _seen: dict[str, _Seen] = field(default_factory=dict)
+    _kept: dict[str, Prepared] = field(default_factory=dict)  # reused across restarts
 
     @classmethod
     def open(cls, config: Config) -> Confinement:
@@ -129,34 +130,54 @@ class Confinement:
     # ---- per spawn ------------------------------------------------------------------
 
     def prepare(self, name: str, plugin: PluginConfig, index: int) -> Prepared:
-        """Create the instance's cgroup and state dir; build its launch plan."""
+        """The instance's cgroup, state dir and launch plan.
+
+        Made on the first start and kept across restarts (a restart is on the crash
+        path, where every millisecond counts); ``release(final=True)`` drops them.
+        """
+        key = f"{name}-{index}"
+        kept = self._kept.get(key)
+        if kept is not None:
+            kept.oom_before = kept.cgroup.oom_kills() if kept.cgroup is not None else 0
+            return kept
         cgroup = None
         if self.cgroups is not None:
             limits = plugin.limits
             cgroup = self.cgroups.create(
-                f"{name}-{index}",
+                key,
                 CgroupLimits(memory_max=limits.memory, cpu_quota=limits.cpu, pids_max=limits.pids),
             )
         procs = cgroup.procs_files if cgroup is not None else ()
         plan = self._plan(name, plugin, index, procs)
         self._make_state_dir(name, plan)
-        return Prepared(cgroup, plan, cgroup.oom_kills() if cgroup is not None else 0)
+        prepared = Prepared(cgroup, plan, cgroup.oom_kills() if cgroup is not None else 0)
+        self._kept[key] = prepared
+        return prepared
 
-    def release(self, prepared: Prepared) -> bool:
-        """Kill what is left of the instance and remove its cgroup; True if OOM-killed."""
+    def release(self, prepared: Prepared, *, final: bool) -> bool:
+        """Kill what is left of the instance; True if the kernel OOM-killed in it.
+
+        ``final``: the instance is not coming back (stopped): remove its cgroup too.
+        """
         cgroup = prepared.cgroup
+        if final:
+            for key, kept in list(self._kept.items()):
+                if kept is prepared:
+                    del self._kept[key]
         if cgroup is None:
             return False
         oom = False
         try:
-            cgroup.kill()
+            if final or cgroup.populated():
+                cgroup.kill()
             oom = cgroup.oom_kills() > prepared.oom_before
         except OskError as exc:
             log.warning("cgroup %s: %s", cgroup.name, exc)
-        try:
-            cgroup.remove()
-        except OskError as exc:
-            log.warning("could not remove cgroup %s: %s", cgroup.name, exc)
+        if final:
+            try:
+                cgroup.remove()
+            except OskError as exc:
+                log.warning("could not remove cgroup %s: %s", cgroup.name, exc)
         return oom
 
     def sample(self, key: str, prepared: Prepared) -> tuple[dict[str, Any], list[str]]:

@@ -236,8 +236,7 @@ def child_main(
         if req.cwd is not None:
             os.chdir(req.cwd)
         if req.sys_path:
-            sys.path[:0] = req.sys_path
-            importlib.invalidate_caches()
+            sys.path[:0] = req.sys_path  # new entries get fresh finders; no cache to drop
         # The target is the daemon's own code: import it while still unconfined (a
         # dropped uid may not be able to read the interpreter's files any more).
         target = _resolve(req.target)

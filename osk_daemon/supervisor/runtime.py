@@ -376,7 +376,10 @@ class Supervisor:
 
     def _release(self, inst: Instance) -> bool:
         prepared, inst.prepared = inst.prepared, None
-        return self.confinement.release(prepared) if prepared is not None else False
+        if prepared is None:
+            return False
+        final = inst.life.stop_requested or self._shutting_down
+        return self.confinement.release(prepared, final=final)
 
     def _sample_tick(self) -> None:
         self.sample_usage()
