@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
-import secrets
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -30,7 +28,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
-from osk_daemon.config import Config, SandboxLevel, SpawnMode
+from osk_daemon.config import Config, SpawnMode
 from osk_daemon.errors import ControlError, OskError
 from osk_daemon.ipc.broker import Broker, InstanceKey
 from osk_daemon.ipc.codec import Header, Kind, unpack
@@ -38,10 +36,11 @@ from osk_daemon.supervisor import lifecycle as lc
 from osk_daemon.supervisor.confinement import Confinement
 from osk_daemon.supervisor.events import EventStream
 from osk_daemon.supervisor.health_checks import HealthChecks
-from osk_daemon.supervisor.instance import WORKER_TARGET, Instance
-from osk_daemon.supervisor.output import LogRing, open_output
-from osk_daemon.supervisor.reaper import ChildReaper, ExitStatus
-from osk_daemon.supervisor.spawner import Spawner, SpawnRequest
+from osk_daemon.supervisor.instance import Instance
+from osk_daemon.supervisor.output import LogRing
+from osk_daemon.supervisor.processes import InstanceProcesses, killpg, killpg_only
+from osk_daemon.supervisor.reaper import ChildReaper
+from osk_daemon.supervisor.spawner import Spawner
 from osk_daemon.supervisor.tree import (
     ArmRestartTimer,
     GroupGaveUp,
@@ -109,6 +108,9 @@ class Supervisor:
                 self.instances[inst.leaf] = inst
         self.tree: Tree = build_tree(config)
         self.checks = HealthChecks(self)
+        self.processes = InstanceProcesses(
+            self, tg, reaper, spawners, endpoints.workers, confinement
+        )
 
     # ---- start, stop, operator commands ---------------------------------------------------
 
@@ -131,7 +133,7 @@ class Supervisor:
         for inst in self.instances.values():
             if inst.live and inst.life.pid is not None:
                 log.error("%s outlived the shutdown deadline; killing it", inst.leaf)
-                _killpg(inst.life.pid, 9)
+                killpg(inst.life.pid, 9)
         with anyio.move_on_after(5.0):
             await self._all_stopped.wait()
         self.checks.stop()
@@ -143,7 +145,7 @@ class Supervisor:
         """Last resort when the daemon itself fails: SIGKILL every live plugin group."""
         for inst in self.instances.values():
             if inst.live and inst.life.pid is not None:
-                _killpg(inst.life.pid, 9)
+                killpg(inst.life.pid, 9)
 
     def operate(self, action: str, name: str, index: int | None) -> list[str]:
         """Operator start/stop/restart of a plugin (or one instance) or a group."""
@@ -236,14 +238,14 @@ class Supervisor:
         inst.cancel_timers()
         inst.cancel_health()
         inst.ready_at = None
-        self._release(inst)
+        self.release(inst)
         self.broker.detach(inst.key, "exited" if life.last_exit else "failed")
         if life.stop_requested and not life.failure:
             inst.health.stopped()
         else:
             inst.health.lost(life.failure or lc.describe_exit(life.last_exit))
         if life.pid is not None and life.last_exit is not None:
-            _killpg_only(life.pid, 9)  # whatever the plugin forked dies with it
+            killpg_only(life.pid, 9)  # whatever the plugin forked dies with it
         inst.exited.set()
         log_fn = log.warning if life.abnormal_exit and not life.stop_requested else log.info
         log_fn(
@@ -267,12 +269,9 @@ class Supervisor:
                 self._spawn(inst)
             elif isinstance(effect, lc.SendStop):
                 if not self.broker.send_to(inst.key, Header(Kind.STOP)) and inst.life.pid:
-                    _killpg(inst.life.pid, 15)
+                    killpg(inst.life.pid, 15)
             elif isinstance(effect, lc.Signal):
-                if inst.life.pid is not None:
-                    _killpg(inst.life.pid, effect.signum)
-                if effect.signum == 9 and inst.prepared and inst.prepared.cgroup:
-                    self._kill_cgroup(inst)
+                self.processes.signal(inst, effect.signum)
             elif isinstance(effect, lc.ArmTimer):
                 old = inst.timers.pop(effect.timer, None)
                 if old is not None:
@@ -302,96 +301,18 @@ class Supervisor:
             inst.timers.pop(timer, None)
             self.feed(inst, lc.TimerFired(timer))
 
-    # ---- spawning and exits -------------------------------------------------------------
+    # ---- spawning and exits (see processes.py) -----------------------------------------
 
     def _spawn(self, inst: Instance) -> None:
-        inst.generation += 1
-        inst.token = secrets.token_hex(16)
-        inst.spawned_at = inst.last_seen = time.monotonic()
-        inst.exited = asyncio.Event()
-        inst.usage = {}
-        try:
-            inst.prepared = self.confinement.prepare(inst.plugin, inst.config, inst.index)
-        except OskError as exc:
-            log.error("%s: cannot confine it, not starting it: %s", inst.leaf, exc)
-            self._loop.call_soon(self._spawn_failed, inst, inst.generation, str(exc))
-            return
-        self.broker.expect(inst.token, inst.key)
-        if inst.close_output is not None:
-            inst.close_output()
-        out_w, err_w, inst.close_output = open_output(
-            self._loop, inst.plugin, inst.index, self.logs[inst.plugin]
-        )
-        request = SpawnRequest(
-            target=WORKER_TARGET,
-            spec=inst.worker_spec(self.config, self._endpoint),
-            env=inst.worker_env(),
-            cwd=str(self.confinement.state_dir(inst.plugin)),
-            sys_path=tuple(str(p) for p in inst.config.path),
-            stdout=out_w,
-            stderr=err_w,
-            launch=inst.prepared.plan.to_wire(),
-        )
         self._update_accepting(inst.plugin)
-        self._tg.start_soon(self._do_spawn, inst, inst.generation, request)
+        self.processes.spawn(inst)
 
-    def _kill_cgroup(self, inst: Instance) -> None:
-        assert inst.prepared is not None and inst.prepared.cgroup is not None
-        try:
-            inst.prepared.cgroup.kill()
-        except OskError as exc:
-            log.warning("%s: cgroup kill failed: %s", inst.leaf, exc)
-
-    def _spawn_failed(self, inst: Instance, generation: int, reason: str) -> None:
-        if generation == inst.generation:
-            self.feed(inst, lc.SpawnFailed(reason))
-
-    async def _do_spawn(self, inst: Instance, generation: int, request: SpawnRequest) -> None:
-        mode = inst.config.spawn
-        if inst.config.sandbox.level is SandboxLevel.PARANOID:
-            mode = SpawnMode.EXEC  # a fresh interpreter: nothing inherited from the zygote
-        spawner = self._spawners[mode]
-        try:
-            pid = await spawner.spawn(request)
-        except OskError as exc:
-            log.error("%s: could not spawn: %s", inst.leaf, exc)
-            if generation == inst.generation:
-                self.feed(inst, lc.SpawnFailed(str(exc)))
-            return
-        finally:
-            os.close(request.stdout)
-            os.close(request.stderr)
-        if generation != inst.generation:  # pragma: no cover - a newer life began meanwhile
-            _killpg(pid, 9)
-            return
-        self.feed(inst, lc.Spawned(pid))
-        self._reaper.watch(pid, lambda st: self._child_exited(inst, generation, st))
-
-    def _child_exited(self, inst: Instance, generation: int, status: ExitStatus) -> None:
-        if generation == inst.generation and inst.live:
-            oom = self._release(inst)
-            if oom:
-                self.publish(inst, "plugin:oom", "killed by the kernel at its memory limit")
-            self.feed(inst, lc.Exited(status.code, status.signal, oom))
-
-    def _release(self, inst: Instance) -> bool:
-        prepared, inst.prepared = inst.prepared, None
-        if prepared is None:
-            return False
-        final = inst.life.stop_requested or self._shutting_down
-        return self.confinement.release(prepared, final=final)
+    def release(self, inst: Instance) -> bool:
+        return self.processes.release(inst, final=inst.life.stop_requested or self._shutting_down)
 
     def _sample_tick(self) -> None:
-        self.sample_usage()
+        self.processes.sample_usage()
         self._sampler = self._loop.call_later(_SAMPLE_EVERY, self._sample_tick)
-
-    def sample_usage(self) -> None:
-        """Read every live instance's cgroup; publish limits hit since the last look."""
-        for inst in self.instances.values():
-            if inst.live and inst.prepared is not None:
-                inst.usage, hits = self.confinement.sample(inst.leaf, inst.prepared)
-                for limit in hits:
-                    self.publish(inst, "plugin:limit", f"hit its {limit} limit", limit=limit)
 
     def _on_worker(self, key: InstanceKey, header: Header, body: bytes) -> None:
         inst = self.instances.get(f"{key[0]}/{key[1]}")
@@ -486,22 +407,3 @@ def _error_message(body: bytes) -> str:
     except OskError:
         return "(unreadable error)"
     return str(data.get("message", data)) if isinstance(data, dict) else str(data)
-
-
-def _killpg_only(pgid: int, signum: int) -> None:
-    """Signal what is left of a process group; Linux keeps a group's id from reuse."""
-    try:
-        os.killpg(pgid, signum)
-    except ProcessLookupError:
-        pass
-
-
-def _killpg(pid: int, signum: int) -> None:
-    """Signal the plugin's whole process group (it is a session leader), else the process."""
-    try:
-        os.killpg(pid, signum)
-    except ProcessLookupError:  # no group yet: the child has not reached setsid()
-        try:
-            os.kill(pid, signum)
-        except ProcessLookupError:
-            pass

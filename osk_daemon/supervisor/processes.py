@@ -1,0 +1,159 @@
+"""The process side of the driver: spawn an instance, watch it exit, signal it.
+
+``InstanceProcesses`` turns the lifecycle's Spawn and Signal effects into real processes:
+it confines the instance (cgroup, state dir, launch plan), opens its output pipes,
+asks the spawner (zygote, or exec for paranoid sandboxes) for a process, and registers
+the pid with the reaper. Exits come back as ``Exited`` events with the exact code or
+signal, and ``oom`` when the kernel's OOM killer ended it inside its memory limit.
+
+Signals go to the instance's process group (each plugin is its own session); SIGKILL
+also empties its cgroup, so nothing a plugin forked survives it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import time
+from typing import TYPE_CHECKING
+
+from anyio.abc import TaskGroup
+
+from osk_daemon.config import SandboxLevel, SpawnMode
+from osk_daemon.errors import OskError
+from osk_daemon.supervisor import lifecycle as lc
+from osk_daemon.supervisor.confinement import Confinement
+from osk_daemon.supervisor.instance import WORKER_TARGET, Instance
+from osk_daemon.supervisor.output import open_output
+from osk_daemon.supervisor.reaper import ChildReaper, ExitStatus
+from osk_daemon.supervisor.spawner import Spawner, SpawnRequest
+
+if TYPE_CHECKING:
+    from osk_daemon.supervisor.runtime import Supervisor
+
+log = logging.getLogger("osk.supervisor")
+
+
+class InstanceProcesses:
+    def __init__(
+        self,
+        supervisor: Supervisor,
+        tg: TaskGroup,
+        reaper: ChildReaper,
+        spawners: dict[SpawnMode, Spawner],
+        endpoint: str,
+        confinement: Confinement,
+    ) -> None:
+        self._sup = supervisor
+        self._tg = tg
+        self._reaper = reaper
+        self._spawners = spawners
+        self._endpoint = endpoint
+        self._confinement = confinement
+        self._loop = asyncio.get_running_loop()
+
+    def spawn(self, inst: Instance) -> None:
+        """Start a new life of ``inst``; the outcome arrives as lifecycle events."""
+        inst.generation += 1
+        inst.token = secrets.token_hex(16)
+        inst.spawned_at = inst.last_seen = time.monotonic()
+        inst.exited = asyncio.Event()
+        inst.usage = {}
+        try:
+            inst.prepared = self._confinement.prepare(inst.plugin, inst.config, inst.index)
+        except OskError as exc:
+            log.error("%s: cannot confine it, not starting it: %s", inst.leaf, exc)
+            self._loop.call_soon(self._spawn_failed, inst, inst.generation, str(exc))
+            return
+        self._sup.broker.expect(inst.token, inst.key)
+        if inst.close_output is not None:
+            inst.close_output()
+        out_w, err_w, inst.close_output = open_output(
+            self._loop, inst.plugin, inst.index, self._sup.logs[inst.plugin]
+        )
+        request = SpawnRequest(
+            target=WORKER_TARGET,
+            spec=inst.worker_spec(self._sup.config, self._endpoint),
+            env=inst.worker_env(),
+            cwd=str(self._confinement.state_dir(inst.plugin)),
+            sys_path=tuple(str(p) for p in inst.config.path),
+            stdout=out_w,
+            stderr=err_w,
+            launch=inst.prepared.plan.to_wire(),
+        )
+        self._tg.start_soon(self._do_spawn, inst, inst.generation, request)
+
+    def signal(self, inst: Instance, signum: int) -> None:
+        if inst.life.pid is not None:
+            killpg(inst.life.pid, signum)
+        if signum == 9 and inst.prepared is not None and inst.prepared.cgroup is not None:
+            try:
+                inst.prepared.cgroup.kill()
+            except OskError as exc:
+                log.warning("%s: cgroup kill failed: %s", inst.leaf, exc)
+
+    def release(self, inst: Instance, *, final: bool) -> bool:
+        """Clean up after a life; True if it was OOM-killed."""
+        prepared, inst.prepared = inst.prepared, None
+        if prepared is None:
+            return False
+        return self._confinement.release(prepared, final=final)
+
+    def sample_usage(self) -> None:
+        """Read every live instance's cgroup; publish limits hit since the last look."""
+        for inst in self._sup.instances.values():
+            if inst.live and inst.prepared is not None:
+                inst.usage, hits = self._confinement.sample(inst.leaf, inst.prepared)
+                for limit in hits:
+                    self._sup.publish(inst, "plugin:limit", f"hit its {limit} limit", limit=limit)
+
+    def _spawn_failed(self, inst: Instance, generation: int, reason: str) -> None:
+        if generation == inst.generation:
+            self._sup.feed(inst, lc.SpawnFailed(reason))
+
+    async def _do_spawn(self, inst: Instance, generation: int, request: SpawnRequest) -> None:
+        mode = inst.config.spawn
+        if inst.config.sandbox.level is SandboxLevel.PARANOID:
+            mode = SpawnMode.EXEC  # a fresh interpreter: nothing inherited from the zygote
+        try:
+            pid = await self._spawners[mode].spawn(request)
+        except OskError as exc:
+            log.error("%s: could not spawn: %s", inst.leaf, exc)
+            self._spawn_failed(inst, generation, str(exc))
+            return
+        finally:
+            os.close(request.stdout)
+            os.close(request.stderr)
+        if generation != inst.generation:  # pragma: no cover - a newer life began meanwhile
+            killpg(pid, 9)
+            return
+        self._sup.feed(inst, lc.Spawned(pid))
+        self._reaper.watch(pid, lambda st: self._child_exited(inst, generation, st))
+
+    def _child_exited(self, inst: Instance, generation: int, status: ExitStatus) -> None:
+        if generation == inst.generation and inst.live:
+            oom = self._sup.release(inst)
+            if oom:
+                self._sup.publish(inst, "plugin:oom", "killed by the kernel at its memory limit")
+            self._sup.feed(inst, lc.Exited(status.code, status.signal, oom))
+
+
+def killpg_only(pgid: int, signum: int) -> None:
+    """Signal what is left of a process group; Linux keeps a group's id from reuse."""
+    try:
+        os.killpg(pgid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def killpg(pid: int, signum: int) -> None:
+    """Signal the plugin's whole process group (it is a session leader), else the process."""
+    try:
+        os.killpg(pid, signum)
+    except ProcessLookupError:  # no group yet: the child has not reached setsid()
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
