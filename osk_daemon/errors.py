@@ -4,6 +4,8 @@
 - ``PluginError`` and its kinds: a plugin misbehaved or failed.
 - ``TransportError``: a frame, socket or deadline problem between processes.
 - ``ControlError``: a control-socket request was refused or malformed.
+- ``CgroupError`` and ``SandboxError``: confining a plugin failed (the host or the plan);
+  they live here, not in ``isolation``, so the wire registry can name them without cycles.
 - ``OskInternalError``: a bug in osk-daemon itself.
 
 Every error carries a machine-readable ``code`` so it can travel over the wire and
@@ -94,6 +96,26 @@ class ControlError(OskError):
     code = "control"
 
 
+class CgroupError(OskError):
+    """A cgroup could not be detected, created, limited, read, killed or removed.
+
+    ``path`` and ``errno`` say which file and why, when the cause was a system call.
+    """
+
+    code = "cgroup"
+
+    def __init__(self, message: str, path: str | None = None, errno: int | None = None) -> None:
+        self.path = path
+        self.errno = errno
+        super().__init__(message)
+
+
+class SandboxError(OskError):
+    """A required sandbox step could not be applied (or a launch plan is malformed)."""
+
+    code = "sandbox"
+
+
 class OskInternalError(OskError):
     """A bug in osk-daemon. Please report it with the log."""
 
@@ -112,6 +134,8 @@ _BY_CODE: dict[str, type[OskError]] = {
         DeadlineExceeded,
         Unavailable,
         ControlError,
+        CgroupError,
+        SandboxError,
         OskInternalError,
     )
 }

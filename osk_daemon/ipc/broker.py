@@ -15,12 +15,13 @@ A REQUEST gets a broker-wide id; the table ``_pending`` maps it back to the call
 id and routing id, so replies from a worker are forwarded to whoever asked, with the
 caller's id restored. Bodies are never unpacked here: the broker only reads headers.
 
-Requests go to the ready instance with the fewest requests in flight. While a plugin is
-starting or restarting (no instance ready yet but one on its way) requests wait in a
-queue until their deadline; a plugin that is stopped, failed or unknown is answered at
-once with ``unavailable``. Every request has a deadline (the caller's, or the default);
-one heap and one timer answer expired requests with ``timeout``, so nothing hangs. When
-an instance is lost, its in-flight requests are answered with an error at once.
+Requests go to the ready instance with the fewest requests in flight (``routing``).
+While a plugin is starting or restarting (no instance ready yet but one on its way)
+requests wait in a queue until their deadline; a plugin that is stopped, failed or unknown
+is answered at once with ``unavailable``. Every request has a deadline (the caller's, or
+the default); one heap and one timer (``deadlines.DeadlineTimer``) answer expired requests
+with ``timeout``, so nothing hangs. When an instance is lost, its in-flight requests are
+answered with an error at once.
 
 Both sockets are read from the asyncio loop (``endpoint.RouterEndpoint``).
 """
@@ -28,13 +29,11 @@ Both sockets are read from the asyncio loop (``endpoint.RouterEndpoint``).
 from __future__ import annotations
 
 import asyncio
-import heapq
 import itertools
 import logging
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import zmq
@@ -47,33 +46,19 @@ from osk_daemon.errors import (
     Unavailable,
 )
 from osk_daemon.ipc.codec import Header, Kind, encode_header, pack, split_router_frames, unpack
+from osk_daemon.ipc.deadlines import DeadlineTimer
 from osk_daemon.ipc.endpoint import LoopSocket, RouterEndpoint
+from osk_daemon.ipc.routing import InstanceKey, PluginRoutes, Route, least_loaded
+
+__all__ = ["Broker", "BrokerStats", "InstanceKey", "WorkerListener"]
 
 log = logging.getLogger("osk.broker")
 
-InstanceKey = tuple[str, int]
 WorkerListener = Callable[[InstanceKey, Header, bytes], None]
 
 _WORKER_KINDS = frozenset(
     {Kind.READY, Kind.HEARTBEAT, Kind.EVENT, Kind.HEALTH_REPLY, Kind.START_FAILED}
 )
-
-
-@dataclass(slots=True)
-class _Route:
-    key: InstanceKey
-    rid: bytes
-    endpoint: LoopSocket
-    ready: bool = False
-    in_flight: int = 0
-
-
-@dataclass(slots=True)
-class _Plugin:
-    routes: dict[int, _Route] = field(default_factory=dict)
-    accepting: bool = True  # starting or running: queue requests rather than refuse them
-    queue: deque[int] = field(default_factory=deque)
-    rr: int = 0
 
 
 @dataclass(slots=True)
@@ -86,7 +71,7 @@ class _Pending:
     meta: dict[str, Any] | None
     body: bytes
     future: asyncio.Future[tuple[Kind, bytes]] | None = None
-    route: _Route | None = None
+    route: Route | None = None
 
 
 @dataclass
@@ -132,30 +117,27 @@ class Broker:
             name="workers",
             max_message_size=max_message_size,
         )
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._tokens: dict[str, InstanceKey] = {}
-        self._by_rid: dict[bytes, _Route] = {}
-        self._plugins: dict[str, _Plugin] = {}
+        self._by_rid: dict[bytes, Route] = {}
+        self._plugins: dict[str, PluginRoutes] = {}
         self._pending: dict[int, _Pending] = {}
         self._ids = itertools.count(1)
-        self._heap: list[tuple[float, int]] = []
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0.0
+        self._deadlines = DeadlineTimer(self._expired, self._pending.__contains__)
 
     # ---- lifecycle -------------------------------------------------------------------
 
     def start(self) -> None:
         """Start reading the socket from the running asyncio loop."""
-        self._loop = asyncio.get_running_loop()
-        self._clients.start(self._loop)
-        self._workers.start(self._loop)
+        loop = asyncio.get_running_loop()
+        self._deadlines.start(loop)
+        self._clients.start(loop)
+        self._workers.start(loop)
 
     def close(self) -> None:
         """Answer everything pending with ``unavailable`` and close the socket."""
         for bid in list(self._pending):
             self._fail(bid, Unavailable("the daemon is shutting down"))
-        if self._timer is not None:
-            self._timer.cancel()
+        self._deadlines.close()
         self._clients.close()
         self._workers.close()
 
@@ -163,7 +145,7 @@ class Broker:
 
     def declare(self, plugin: str) -> None:
         """Make ``plugin`` known so requests to it queue instead of failing."""
-        self._plugins.setdefault(plugin, _Plugin())
+        self._plugins.setdefault(plugin, PluginRoutes())
 
     def expect(self, token: str, key: InstanceKey) -> None:
         """A process for ``key`` was spawned with ``token``; its HELLO will bind it."""
@@ -179,7 +161,7 @@ class Broker:
 
     def set_accepting(self, plugin: str, accepting: bool) -> None:
         """False: no instance of ``plugin`` is running or on its way; refuse at once."""
-        entry = self._plugins.setdefault(plugin, _Plugin())
+        entry = self._plugins.setdefault(plugin, PluginRoutes())
         entry.accepting = accepting
         if not accepting:
             while entry.queue:
@@ -297,11 +279,11 @@ class Broker:
             self.stats.dropped_unauthenticated += 1
             log.warning("refused a HELLO with a missing or unknown token")
             return
-        entry = self._plugins.setdefault(key[0], _Plugin())
+        entry = self._plugins.setdefault(key[0], PluginRoutes())
         old = entry.routes.get(key[1])
         if old is not None:
             self._by_rid.pop(old.rid, None)
-        route = _Route(key, rid, ep)
+        route = Route(key, rid, ep)
         entry.routes[key[1]] = route
         self._by_rid[rid] = route
         self._listener(key, header, body)
@@ -333,12 +315,10 @@ class Broker:
                 self._fail(bid, Unavailable(f"plugin '{target}' is stopped"))
                 return
             entry.queue.append(bid)
-        heapq.heappush(self._heap, (deadline, bid))
-        if self._timer is None or deadline < self._timer_at:
-            self._arm_timer(deadline)
+        self._deadlines.add(deadline, bid)
 
-    def _dispatch(self, bid: int, entry: _Plugin) -> bool:
-        route = _least_loaded(entry)
+    def _dispatch(self, bid: int, entry: PluginRoutes) -> bool:
+        route = least_loaded(entry)
         if route is None:
             return False
         pending = self._pending[bid]
@@ -363,7 +343,7 @@ class Broker:
                 return
             entry.queue.popleft()
 
-    def _reply(self, route: _Route, header: Header, body: bytes) -> None:
+    def _reply(self, route: Route, header: Header, body: bytes) -> None:
         pending = self._pending.get(header.id)
         if pending is None or pending.route is not route:
             self.stats.late_replies += 1
@@ -393,58 +373,17 @@ class Broker:
 
     # ---- deadlines --------------------------------------------------------------------
 
-    def _arm_timer(self, when: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        assert self._loop is not None
-        self._timer_at = when
-        self._timer = self._loop.call_at(
-            self._loop.time() + max(0.0, when - time.monotonic()), self._expire
+    def _expired(self, bid: int) -> None:
+        pending = self._pending[bid]
+        self.stats.timeouts += 1
+        where = f" (at {pending.route.key[0]}/{pending.route.key[1]})" if pending.route else ""
+        self._fail(
+            bid,
+            DeadlineExceeded(
+                f"{pending.target}.{pending.method} got no answer before its deadline{where}"
+            ),
         )
 
-    def _expire(self) -> None:
-        self._timer = None
-        now = time.monotonic()
-        heap = self._heap
-        while heap and heap[0][0] <= now:
-            _, bid = heapq.heappop(heap)
-            pending = self._pending.get(bid)
-            if pending is not None:
-                self.stats.timeouts += 1
-                where = (
-                    f" (at {pending.route.key[0]}/{pending.route.key[1]})" if pending.route else ""
-                )
-                self._fail(
-                    bid,
-                    DeadlineExceeded(
-                        f"{pending.target}.{pending.method} got no answer before its "
-                        f"deadline{where}"
-                    ),
-                )
-        while heap and heap[0][1] not in self._pending:
-            heapq.heappop(heap)
-        if heap:
-            self._arm_timer(heap[0][0])
-
-    def _route_of(self, key: InstanceKey) -> _Route | None:
+    def _route_of(self, key: InstanceKey) -> Route | None:
         entry = self._plugins.get(key[0])
         return entry.routes.get(key[1]) if entry else None
-
-
-def _least_loaded(entry: _Plugin) -> _Route | None:
-    """The ready instance with the fewest requests in flight; ties rotate."""
-    routes = entry.routes
-    if len(routes) == 1:
-        (only,) = routes.values()
-        return only if only.ready else None
-    ready = [r for r in routes.values() if r.ready]
-    if not ready:
-        return None
-    entry.rr += 1
-    n = len(ready)
-    best = ready[entry.rr % n]
-    for i in range(1, n):
-        r = ready[(entry.rr + i) % n]
-        if r.in_flight < best.in_flight:
-            best = r
-    return best

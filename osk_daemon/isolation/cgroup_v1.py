@@ -19,22 +19,24 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from osk_daemon.isolation.cgroups import (
-    CPU_PERIOD_US,
+from osk_daemon.errors import CgroupError
+from osk_daemon.isolation.cgroupfs import (
     POLL_S,
-    CgroupError,
-    CgroupLimits,
-    Cgroups,
-    CgroupUsage,
     HostLayout,
-    InstanceCgroup,
-    check_name,
     make_dir,
     read_int,
     read_keyed,
     read_optional,
     remove_tree,
     write_value,
+)
+from osk_daemon.isolation.cgroups import (
+    CPU_PERIOD_US,
+    CgroupLimits,
+    Cgroups,
+    CgroupUsage,
+    InstanceCgroup,
+    check_name,
 )
 
 __all__ = ["V1Cgroups", "V1InstanceCgroup"]

@@ -31,17 +31,9 @@ import errno
 import time
 from pathlib import Path
 
-from osk_daemon.isolation.cgroups import (
-    CPU_PERIOD_US,
+from osk_daemon.errors import CgroupError
+from osk_daemon.isolation.cgroupfs import (
     POLL_S,
-    RMDIR_TIMEOUT_S,
-    WANTED,
-    CgroupError,
-    CgroupLimits,
-    Cgroups,
-    CgroupUsage,
-    InstanceCgroup,
-    check_name,
     children,
     make_dir,
     read_int,
@@ -50,6 +42,16 @@ from osk_daemon.isolation.cgroups import (
     read_text,
     remove_tree,
     write_value,
+)
+from osk_daemon.isolation.cgroups import (
+    CPU_PERIOD_US,
+    RMDIR_TIMEOUT_S,
+    WANTED,
+    CgroupLimits,
+    Cgroups,
+    CgroupUsage,
+    InstanceCgroup,
+    check_name,
 )
 
 __all__ = ["V2Cgroups", "V2InstanceCgroup"]

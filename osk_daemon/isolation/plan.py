@@ -36,7 +36,7 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
 
-from osk_daemon.errors import OskError
+from osk_daemon.errors import SandboxError
 from osk_daemon.isolation.probe import KernelFeatures, probe_kernel
 
 __all__ = [
@@ -54,12 +54,6 @@ __all__ = [
 WIRE_VERSION = 1
 RLIMIT_NAMES = frozenset({"AS", "CPU", "NOFILE", "NPROC", "FSIZE", "CORE", "STACK"})
 SECCOMP_MODES = ("off", "deny", "allow")
-
-
-class SandboxError(OskError):
-    """A required sandbox step could not be applied (or a launch plan is malformed)."""
-
-    code = "sandbox"
 
 
 class SandboxLevel(StrEnum):

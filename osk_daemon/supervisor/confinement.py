@@ -18,6 +18,7 @@ unless the plugin says ``sandbox.require = false`` — then it runs degraded, an
 from __future__ import annotations
 
 import grp
+import hashlib
 import logging
 import os
 import pwd
@@ -80,7 +81,7 @@ class Confinement:
         cgroups: Cgroups | None = None
         if config.daemon.cgroups:
             try:
-                cgroups = Cgroups.detect("osk")
+                cgroups = Cgroups.detect(cgroup_name(config.daemon.runtime_dir))
                 removed = cgroups.sweep()
                 if removed:
                     log.warning("removed cgroups left by a previous run: %s", removed)
@@ -246,6 +247,13 @@ class Confinement:
         path.chmod(0o700)
         if plan.uid is not None:
             os.chown(path, plan.uid, plan.gid if plan.gid is not None else -1)
+
+
+def cgroup_name(runtime_dir: Path) -> str:
+    """The daemon's cgroup subtree name: one per runtime dir, so two daemons on a host
+    never sweep each other's plugins, and a restarted daemon finds its own leftovers."""
+    digest = hashlib.sha1(str(runtime_dir.absolute()).encode(), usedforsecurity=False)
+    return f"osk-{digest.hexdigest()[:10]}"
 
 
 def level_rank(level: SandboxLevel) -> int:

@@ -9,16 +9,17 @@ exact status) and it already leads its own session and process group.
 How: ``ExecSpawner`` calls ``posix_spawn`` on ``python -P -m osk_daemon.supervisor.launch``
 with the request in ``OSK_SPAWN_REQUEST`` (base64 msgpack; the env is the real env),
 ``setsid`` and default signals. ``ZygoteSpawner`` talks to ``zygote.py`` over a
-``SOCK_SEQPACKET`` socketpair: requests carry the stdout/stderr fds as SCM_RIGHTS, replies
-``{"id", "pid"}`` or ``{"id", "error"}`` are read with ``loop.add_reader`` and resolve one
-future per request. The zygote double-forks, so the daemon must be a child subreaper
-(``reaper.become_subreaper``). A dead zygote fails the requests it had not answered, and
-the next ``spawn`` starts a new one; a request the dead zygote never saw is retried once.
+``SOCK_SEQPACKET`` socketpair (the daemon's end is ``zygote_client.Zygote``): requests
+carry the stdout/stderr fds as SCM_RIGHTS, replies ``{"id", "pid"}`` or ``{"id", "error"}``
+are read with ``loop.add_reader`` and resolve one future per request. The zygote
+double-forks, so the daemon must be a child subreaper (``reaper.become_subreaper``). A
+dead zygote fails the requests it had not answered, and the next ``spawn`` starts a new
+one; a request the dead zygote never saw is retried once.
 
 The zygote keeps ``warm`` pre-forked children (already our children, already session
 leaders) and hands each request to one of them, so ``spawn`` returns after one message
-round trip. It announces each as ``{"warm": pid}``; ``_WarmChildren`` watches those pids
-through the reaper until one is handed out (then it is a plugin like any other) or exits
+round trip. It announces each as ``{"warm": pid}``; ``WarmChildren`` watches those pids
+by pidfd until one is handed out (then it is a plugin like any other) or exits
 (they exit on EOF of their socket to the zygote), and ``aclose`` waits for them.
 """
 
@@ -45,7 +46,8 @@ from osk_daemon.supervisor.launch import (
     encode_env_request,
     request_to_wire,
 )
-from osk_daemon.supervisor.reaper import ChildReaper, ExitStatus, is_subreaper
+from osk_daemon.supervisor.reaper import ChildReaper, is_subreaper
+from osk_daemon.supervisor.zygote_client import WarmChildren, Zygote, ZygoteLost
 
 __all__ = ["ExecSpawner", "SpawnRequest", "Spawner", "ZygoteSpawner"]
 
@@ -53,7 +55,6 @@ log = logging.getLogger("osk.supervisor.spawner")
 
 LAUNCH_MODULE = "osk_daemon.supervisor.launch"
 ZYGOTE_MODULE = "osk_daemon.supervisor.zygote"
-_MAX_REPLY = 64 * 1024
 
 
 class Spawner(Protocol):
@@ -117,189 +118,6 @@ class ExecSpawner:
         """Nothing to release: exec'd plugins are owned by whoever watches their pids."""
 
 
-class _ZygoteLost(Exception):
-    """The zygote went away before answering; the request may be retried."""
-
-
-class _WarmChildren:
-    """Warm zygote children announced but not handed out, each held by a pidfd until it exits.
-
-    Not watched through the reaper: a warm child handed out may exit before its pid reply is
-    read, and its status must then stay in the reaper's stash for the spawn's caller. The
-    pidfd is opened when the announcement is read; the child is alive then unless it died
-    in that instant, and a pid is not reused before the reaper has reaped it.
-    """
-
-    def __init__(self) -> None:
-        self._live: dict[int, tuple[int, asyncio.Future[None]]] = {}  # pid -> (pidfd, exited)
-
-    @property
-    def pids(self) -> frozenset[int]:
-        return frozenset(self._live)
-
-    def announced(self, loop: asyncio.AbstractEventLoop, pid: int) -> None:
-        if pid in self._live:
-            return
-        try:
-            pidfd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            return
-        self._live[pid] = (pidfd, loop.create_future())
-        loop.add_reader(pidfd, self._forget, loop, pid)
-
-    def handed_out(self, loop: asyncio.AbstractEventLoop, pid: int) -> None:
-        self._forget(loop, pid)
-
-    def _forget(self, loop: asyncio.AbstractEventLoop, pid: int) -> None:
-        entry = self._live.pop(pid, None)
-        if entry is not None:
-            pidfd, exited = entry
-            loop.remove_reader(pidfd)
-            os.close(pidfd)
-            if not exited.done():
-                exited.set_result(None)
-
-    async def wait(self, reaper: ChildReaper, grace: float) -> None:
-        """Wait up to ``grace`` s for every warm child to exit, SIGKILL and wait again, reap."""
-        for kill in (False, True):
-            live = dict(self._live)
-            if not live:
-                break
-            if kill:
-                log.warning("warm zygote children %s did not exit on EOF; killing", sorted(live))
-                for pidfd, _ in live.values():
-                    with contextlib.suppress(ProcessLookupError):
-                        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(grace):
-                    await asyncio.gather(*(asyncio.shield(fut) for _, fut in live.values()))
-        if self._live:
-            log.error("warm zygote children %s did not exit", sorted(self._live))
-        reaper.reap()  # they are our children: none is left as a zombie once this returns
-
-
-class _Zygote:
-    """One incarnation of the zygote process and the daemon's end of its socket."""
-
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        pid: int,
-        sock: socket.socket,
-        warm: _WarmChildren,
-    ) -> None:
-        self.loop = loop
-        self.pid = pid
-        self.sock = sock
-        self.warm = warm
-        self.warm_spawns = 0
-        self.cold_spawns = 0
-        self.usable = True
-        self.ready: asyncio.Future[dict[str, Any]] = loop.create_future()
-        self.exited: asyncio.Future[ExitStatus] = loop.create_future()
-        self.closed: asyncio.Future[None] = loop.create_future()
-        self.pending: dict[int, asyncio.Future[int]] = {}
-        loop.add_reader(sock.fileno(), self._on_readable)
-
-    def on_exit(self, status: ExitStatus) -> None:
-        if self.usable:
-            log.warning("zygote exited unexpectedly: %s; it restarts on the next spawn", status)
-        self.usable = False  # unanswered requests fail on EOF, once every A has gone too
-        if not self.exited.done():
-            self.exited.set_result(status)
-
-    def close(self, reason: str) -> None:
-        """Stop using this incarnation and fail what it had not answered. Idempotent."""
-        self.usable = False
-        if self.sock.fileno() >= 0:
-            self.loop.remove_reader(self.sock.fileno())
-            self.sock.close()
-        futures: list[asyncio.Future[Any]] = [self.ready, *self.pending.values()]
-        for fut in futures:
-            if not fut.done():
-                fut.set_exception(_ZygoteLost(reason))
-        self.pending.clear()
-        if not self.closed.done():
-            self.closed.set_result(None)
-
-    def shutdown(self) -> None:
-        """Send EOF but keep reading: the warm pids it announces until it exits are seen."""
-        self.usable = False
-        if self.sock.fileno() >= 0:
-            with contextlib.suppress(OSError):
-                self.sock.shutdown(socket.SHUT_WR)
-
-    async def send(self, data: bytes, fds: list[int]) -> None:
-        while True:
-            if not self.usable:
-                raise _ZygoteLost("zygote is gone")
-            try:
-                socket.send_fds(self.sock, [data], fds)
-                return
-            except BlockingIOError:
-                writable = self.loop.create_future()
-                self.loop.add_writer(self.sock.fileno(), writable.set_result, None)
-                try:
-                    await writable
-                finally:
-                    self.loop.remove_writer(self.sock.fileno())
-            except OSError as exc:
-                self.close(f"zygote socket failed: {exc}")
-                raise _ZygoteLost(str(exc)) from exc
-
-    def _on_readable(self) -> None:
-        while self.sock.fileno() >= 0:
-            try:
-                data = self.sock.recv(_MAX_REPLY)
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                self.close(f"zygote socket failed: {exc}")
-                return
-            if not data:
-                self.close("zygote closed its socket (it died or was killed)")
-                return
-            self._dispatch(data)
-
-    def _dispatch(self, data: bytes) -> None:
-        try:
-            msg = msgpack.unpackb(data, raw=False)
-        except Exception:
-            log.error("zygote sent an undecodable message (%d bytes); ignored", len(data))
-            return
-        if not isinstance(msg, dict):
-            log.error("zygote sent a non-map message; ignored")
-        elif msg.get("ready"):
-            if not self.ready.done():
-                self.ready.set_result(msg)
-        elif "warm" in msg and "id" not in msg:
-            if isinstance(msg["warm"], int):
-                self.warm.announced(self.loop, msg["warm"])
-        else:
-            self._reply(msg)
-
-    def _reply(self, msg: dict[str, Any]) -> None:
-        fut = self.pending.pop(msg.get("id", -1), None)
-        pid = msg.get("pid")
-        if isinstance(pid, int):
-            self.warm.handed_out(self.loop, pid)
-            if msg.get("warm"):
-                self.warm_spawns += 1
-            else:
-                self.cold_spawns += 1
-        if fut is None or fut.done():
-            if isinstance(pid, int):
-                # The caller gave up (cancelled or timed out): nobody would own this child.
-                log.warning("killing plugin process %d spawned for a cancelled request", pid)
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(pid, signal.SIGKILL)
-            return
-        if isinstance(pid, int):
-            fut.set_result(pid)
-        else:
-            fut.set_exception(PluginLoadError(str(msg.get("error", "zygote: bad reply"))))
-
-
 class ZygoteSpawner:
     """Forks plugin processes from a pre-imported zygote. Build it with ``open``."""
 
@@ -316,7 +134,7 @@ class ZygoteSpawner:
     ) -> None:
         self._reaper = reaper
         self._warm_size = warm
-        self._warm = _WarmChildren()
+        self._warm = WarmChildren()
         self._warm_spawns = 0
         self._cold_spawns = 0
         self._preload = tuple(preload)
@@ -326,8 +144,8 @@ class ZygoteSpawner:
         self._spawn_timeout = spawn_timeout
         self._ids = itertools.count(1)
         self._lock = asyncio.Lock()
-        self._current: _Zygote | None = None
-        self._all: set[_Zygote] = set()
+        self._current: Zygote | None = None
+        self._all: set[Zygote] = set()
         self._closed = False
 
     @classmethod
@@ -408,7 +226,7 @@ class ZygoteSpawner:
                 zygote.pending[req_id] = fut
                 async with asyncio.timeout(self._spawn_timeout):
                     return await fut
-            except _ZygoteLost as exc:
+            except ZygoteLost as exc:
                 if attempt == 2:
                     raise PluginLoadError(f"zygote lost while spawning {req.target!r}") from exc
                 log.info("zygote lost before answering (%s); retrying once", exc)
@@ -449,7 +267,7 @@ class ZygoteSpawner:
         self._current = None
         await self._warm.wait(self._reaper, grace)
 
-    async def _ensure_zygote(self) -> _Zygote:
+    async def _ensure_zygote(self) -> Zygote:
         if self._closed:
             raise PluginLoadError("the zygote spawner is closed")
         current = self._current
@@ -463,7 +281,7 @@ class ZygoteSpawner:
         self._current = await self._start()
         return self._current
 
-    async def _start(self) -> _Zygote:
+    async def _start(self) -> Zygote:
         loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
@@ -478,13 +296,13 @@ class ZygoteSpawner:
         finally:
             theirs.close()
         ours.setblocking(False)
-        zygote = _Zygote(loop, pid, ours, self._warm)
+        zygote = Zygote(loop, pid, ours, self._warm)
         self._all.add(zygote)
         self._reaper.watch(pid, zygote.on_exit)
         try:
             async with asyncio.timeout(self._ready_timeout):
                 hello = await zygote.ready
-        except (_ZygoteLost, TimeoutError) as exc:
+        except (ZygoteLost, TimeoutError) as exc:
             self._kill(zygote)
             raise PluginLoadError(f"the zygote (pid {pid}) failed to start: {exc!r}") from exc
         for name, error in dict(hello.get("failed") or {}).items():
@@ -492,13 +310,13 @@ class ZygoteSpawner:
         log.info("zygote %d ready, preloaded %s", pid, hello.get("preloaded"))
         return zygote
 
-    def _forget(self, zygote: _Zygote) -> None:
+    def _forget(self, zygote: Zygote) -> None:
         self._all.discard(zygote)
         self._warm_spawns += zygote.warm_spawns
         self._cold_spawns += zygote.cold_spawns
         zygote.warm_spawns = zygote.cold_spawns = 0
 
-    def _kill(self, zygote: _Zygote) -> None:
+    def _kill(self, zygote: Zygote) -> None:
         zygote.close("zygote killed")
         if not zygote.exited.done():
             with contextlib.suppress(ProcessLookupError):

@@ -15,7 +15,8 @@ timer (the exited child's backoff delay, armed at once) has fired, the batch emi
 StartChild for its RESTARTING leaves in start order. A new batch that claims leaves of an
 older one absorbs them (and inherits its pending delay), so a sibling crashing in the
 middle of a rest_for_one restart widens the restart instead of racing it; an emptied batch
-is dropped and its timer token goes stale.
+is dropped and its timer token goes stale. The book of batches in flight (claim, release, finish) is
+``tree_batches``; this module decides what goes into them.
 
 Children of the group that the strategy sweeps along: a leaf is stopped and restarted,
 except temporary ones (stopped, then left STOPPED, as in OTP) and leaves the operator
@@ -36,13 +37,11 @@ batches and stops everything; afterwards exits only record stops until start().
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from enum import Enum
+from collections.abc import Mapping, Sequence
 
 from osk_daemon.errors import OskInternalError
 from osk_daemon.supervisor.backoff import Backoff, BackoffPolicy
+from osk_daemon.supervisor.tree_batches import LIVE, Batches, BatchKind, GroupRecord, LeafRecord
 from osk_daemon.supervisor.tree_types import (
     ArmRestartTimer,
     Effect,
@@ -107,43 +106,7 @@ _ACCEPTS: Mapping[str, tuple[frozenset[LeafState], str]] = {
     "child_stopped": (frozenset({S.STOPPING}), "no StopChild is in flight"),
 }
 
-_LIVE = frozenset({S.STARTING, S.RUNNING})
 GROUP_BACKOFF = BackoffPolicy()
-
-
-class _Kind(Enum):
-    RESTART = "restart"  # a group's strategy: counted, delayed by backoff
-    OPERATOR = "operator"  # operator start/restart: not counted, no delay
-    ESCALATE = "escalate"  # a group gave up: once its leaves are down, tell the parent
-
-
-@dataclass(eq=False)
-class _Batch:
-    kind: _Kind
-    group: str
-    due: float = 0.0
-    token: int | None = None
-    rand: float = 0.0
-    fresh: tuple[str, ...] = ()
-
-
-@dataclass(eq=False)
-class _Leaf:
-    spec: LeafSpec
-    backoff: Backoff
-    state: LeafState = S.STOPPED
-    batch: int | None = None  # the batch waiting for this leaf's stop and/or restarting it
-    settle: LeafState = S.STOPPED  # where a STOPPING leaf lands
-    sticky: bool = False  # stopped by the operator: strategies leave it down
-    restarts: int = 0
-
-
-@dataclass(eq=False)
-class _Group:
-    spec: GroupSpec
-    backoff: Backoff
-    history: list[float] = field(default_factory=list)
-    gave_up: bool = False
 
 
 class Tree:
@@ -154,11 +117,11 @@ class Tree:
     ) -> None:
         """Validate the shape; raises ValueError naming the problem. Nothing starts yet."""
         self._topo = Topology.build(groups, leaves, root)
-        self._leaves = {k: _Leaf(s, Backoff(s.backoff)) for k, s in leaves.items()}
-        self._groups = {k: _Group(s, Backoff(GROUP_BACKOFF)) for k, s in groups.items()}
-        self._batches: dict[int, _Batch] = {}
-        self._batch_ids = itertools.count(1)
-        self._tokens = itertools.count(1)
+        self._leaves = {k: LeafRecord(s, Backoff(s.backoff)) for k, s in leaves.items()}
+        self._groups = {k: GroupRecord(s, Backoff(GROUP_BACKOFF)) for k, s in groups.items()}
+        self._batches = Batches(
+            self._topo.order, self._leaves, self._groups, self._move, self._escalated
+        )
         self._shut = False
 
     # ---- queries ----------------------------------------------------------------------------
@@ -211,7 +174,7 @@ class Tree:
         if not 0.0 <= rand < 1.0:
             raise ValueError(f"rand must be in [0, 1), got {rand}")
         if self._accept("child_exited", leaf) is S.STOPPING:
-            return self._stopped(leaf, now)
+            return self._batches.stopped(leaf, now)
         kind = self._leaves[leaf].spec.restart
         out: list[Effect] = []
         if (
@@ -228,15 +191,12 @@ class Tree:
     def child_stopped(self, leaf: str, now: float) -> list[Effect]:
         """A StopChild completed: the process is gone. Raises TreeEventError otherwise."""
         self._accept("child_stopped", leaf)
-        return self._stopped(leaf, now)
+        return self._batches.stopped(leaf, now)
 
     def timer_fired(self, token: int, now: float) -> list[Effect]:
         """An ArmRestartTimer ran out. Stale tokens (cancelled or absorbed batches) -> []."""
         out: list[Effect] = []
-        bid = next((b for b, batch in self._batches.items() if batch.token == token), None)
-        if bid is not None:
-            self._batches[bid].token = None
-            self._try_finish(bid, now, out)
+        self._batches.fire(token, now, out)
         return out
 
     # ---- operator commands ------------------------------------------------------------------
@@ -252,7 +212,7 @@ class Tree:
             if leaf.batch is not None:
                 touched.add(leaf.batch)
                 leaf.batch = None
-            if leaf.state in _LIVE:
+            if leaf.state in LIVE:
                 out.append(StopChild(name, "operator_stop"))
                 self._move(name, S.STOPPING)
             if leaf.state is S.STOPPING:
@@ -260,7 +220,7 @@ class Tree:
             else:
                 self._move(name, S.STOPPED)
         for bid in sorted(touched):
-            self._try_finish(bid, now, out)
+            self._batches.try_finish(bid, now, out)
         return out
 
     def start_children(self, ids: Sequence[str], now: float) -> list[Effect]:
@@ -280,7 +240,7 @@ class Tree:
         for name in reversed(self._topo.order):
             leaf = self._leaves[name]
             leaf.batch = None
-            if leaf.state in _LIVE:
+            if leaf.state in LIVE:
                 out.append(StopChild(name, "shutdown"))
                 self._move(name, S.STOPPING)
             if leaf.state is S.STOPPING:
@@ -312,8 +272,7 @@ class Tree:
             self._leaves[child].backoff if child in self._leaves else self._groups[child].backoff
         )
         delay = backoff.next_delay(now, rand)
-        bid = next(self._batch_ids)
-        batch = self._batches[bid] = _Batch(_Kind.RESTART, gid)
+        batch = self._batches.open(BatchKind.RESTART, gid)
         stops: list[StopChild] = []
         touched: set[int] = set()
         fresh: list[str] = []
@@ -325,44 +284,44 @@ class Tree:
                     fresh.append(sub)
                 for name in self._topo.leaves_under[m]:
                     if not self._leaves[name].sticky:
-                        self._claim(name, bid, S.RESTARTING, "restart", touched, stops)
+                        self._batches.claim(name, batch.id, S.RESTARTING, "restart", touched, stops)
                 continue
             leaf = self._leaves[m]
             if m == child:
-                leaf.batch = bid
+                leaf.batch = batch.id
             elif leaf.sticky or leaf.state is S.GAVE_UP:
                 continue
             elif leaf.spec.restart is RestartType.TEMPORARY:
-                self._claim(m, bid, S.STOPPED, "restart", touched, stops)
+                self._batches.claim(m, batch.id, S.STOPPED, "restart", touched, stops)
             else:
-                self._claim(m, bid, S.RESTARTING, "restart", touched, stops)
+                self._batches.claim(m, batch.id, S.RESTARTING, "restart", touched, stops)
         batch.fresh = tuple(fresh)
-        for old in touched:
-            prior = self._batches.get(old)
-            if prior is not None and prior.kind is _Kind.RESTART and not self._members(old):
-                delay = max(delay, prior.due - now)
+        delay = self._batches.inherit_delay(delay, touched, now)
         batch.due = now + delay
         out.extend(reversed(stops))
         if delay > 0:
-            batch.token = next(self._tokens)
-            out.append(ArmRestartTimer(batch.token, delay))
-        self._release(touched, now, out)
-        self._try_finish(bid, now, out)
+            out.append(ArmRestartTimer(self._batches.arm(batch), delay))
+        self._batches.release(touched, now, out)
+        self._batches.try_finish(batch.id, now, out)
 
     def _give_up(self, gid: str, now: float, rand: float, out: list[Effect]) -> None:
         group = self._groups[gid]
         group.gave_up = True
-        bid = next(self._batch_ids)
-        self._batches[bid] = _Batch(_Kind.ESCALATE, gid, rand=rand)
+        bid = self._batches.open(BatchKind.ESCALATE, gid, rand=rand).id
         stops: list[StopChild] = []
         touched: set[int] = set()
         for name in self._topo.leaves_under[gid]:
             if not self._leaves[name].sticky:
-                self._claim(name, bid, S.GAVE_UP, "group_gave_up", touched, stops)
+                self._batches.claim(name, bid, S.GAVE_UP, "group_gave_up", touched, stops)
         out.extend(reversed(stops))
         out.append(GroupGaveUp(gid, len(group.history), group.spec.period))
-        self._release(touched, now, out)
-        self._try_finish(bid, now, out)
+        self._batches.release(touched, now, out)
+        self._batches.try_finish(bid, now, out)
+
+    def _escalated(self, gid: str, now: float, rand: float, out: list[Effect]) -> None:
+        """A gave-up group's leaves are all down: its parent sees a child that crashed."""
+        if gid != self._topo.root:
+            self._child_down(self._topo.parent[gid], gid, now, rand, out)
 
     def _operator_start(self, names: Sequence[str], now: float, *, stop_live: bool) -> list[Effect]:
         for name in names:
@@ -370,89 +329,17 @@ class Tree:
             while node in self._topo.parent:
                 node = self._topo.parent[node]
                 self._revive(node)
-        bid = next(self._batch_ids)
-        self._batches[bid] = _Batch(_Kind.OPERATOR, "")
+        bid = self._batches.open(BatchKind.OPERATOR, "").id
         stops: list[StopChild] = []
         touched: set[int] = set()
         for name in names:
             leaf = self._leaves[name]
             leaf.sticky = False
-            if stop_live or leaf.state not in _LIVE:
-                self._claim(name, bid, S.RESTARTING, "operator_restart", touched, stops)
+            if stop_live or leaf.state not in LIVE:
+                self._batches.claim(name, bid, S.RESTARTING, "operator_restart", touched, stops)
         out: list[Effect] = list(reversed(stops))
-        self._release(touched, now, out)
-        self._try_finish(bid, now, out)
-        return out
-
-    # ---- batches ----------------------------------------------------------------------------
-
-    def _claim(
-        self,
-        name: str,
-        bid: int,
-        settle: LeafState,
-        reason: str,
-        touched: set[int],
-        stops: list[StopChild],
-    ) -> None:
-        """Put a leaf under batch ``bid``: stop it if live; it lands in ``settle``."""
-        leaf = self._leaves[name]
-        if leaf.batch is not None and leaf.batch != bid:
-            touched.add(leaf.batch)
-        if leaf.state in _LIVE:
-            stops.append(StopChild(name, reason))
-            self._move(name, S.STOPPING)
-        if leaf.state is S.STOPPING:
-            leaf.batch, leaf.settle = bid, settle
-        elif settle is S.RESTARTING:
-            self._move(name, S.RESTARTING)
-            leaf.batch = bid
-        elif leaf.state is S.RESTARTING:
-            self._move(name, settle)
-            leaf.batch = None
-
-    def _members(self, bid: int) -> list[str]:
-        return [n for n in self._topo.order if self._leaves[n].batch == bid]
-
-    def _release(self, touched: Iterable[int], now: float, out: list[Effect]) -> None:
-        """Older batches lost leaves to a new one: drop the emptied, finish the rest."""
-        for bid in sorted(touched):
-            if bid in self._batches and not self._members(bid):
-                del self._batches[bid]
-            else:
-                self._try_finish(bid, now, out)
-
-    def _try_finish(self, bid: int, now: float, out: list[Effect]) -> None:
-        batch = self._batches.get(bid)
-        if batch is None or batch.token is not None:
-            return
-        members = self._members(bid)
-        if any(self._leaves[n].state is S.STOPPING for n in members):
-            return
-        del self._batches[bid]
-        if batch.kind is _Kind.ESCALATE:
-            if batch.group != self._topo.root:
-                self._child_down(self._topo.parent[batch.group], batch.group, now, batch.rand, out)
-            return
-        for name in members:
-            leaf = self._leaves[name]
-            leaf.batch = None
-            self._move(name, S.STARTING)
-            out.append(StartChild(name))
-            if batch.kind is _Kind.RESTART:
-                leaf.restarts += 1
-        for gid in batch.fresh:
-            self._groups[gid].backoff.started(now)
-
-    def _stopped(self, name: str, now: float) -> list[Effect]:
-        leaf = self._leaves[name]
-        bid = leaf.batch
-        self._move(name, leaf.settle)
-        if leaf.state is not S.RESTARTING:
-            leaf.batch = None
-        out: list[Effect] = []
-        if bid is not None:
-            self._try_finish(bid, now, out)
+        self._batches.release(touched, now, out)
+        self._batches.try_finish(bid, now, out)
         return out
 
     def _revive(self, gid: str) -> None:
@@ -462,15 +349,11 @@ class Tree:
             return
         group.gave_up = False
         group.history.clear()
-        for bid, batch in list(self._batches.items()):
-            if batch.kind is _Kind.ESCALATE and batch.group == gid:
-                for name in self._members(bid):
-                    self._leaves[name].batch = None
-                del self._batches[bid]
+        self._batches.drop_escalations(gid)
 
     # ---- plumbing ---------------------------------------------------------------------------
 
-    def _leaf(self, name: str) -> _Leaf:
+    def _leaf(self, name: str) -> LeafRecord:
         leaf = self._leaves.get(name)
         if leaf is None:
             raise TreeCommandError(f"no leaf named '{name}'")
