@@ -59,7 +59,12 @@ async def run_daemon(
     d = config.daemon
     os.umask(0o077)  # sockets and files the daemon creates are its own until it says else
     confinement = Confinement.open(config)
-    for warning in confinement.check():  # raises ConfigError for what cannot be enforced
+    try:
+        warnings = confinement.check()  # raises ConfigError for what cannot be enforced
+    except BaseException:
+        confinement.close()
+        raise
+    for warning in warnings:
         log.warning("sandbox degraded: %s", warning)
     prepare_runtime_dir(d.runtime_dir)
     become_subreaper()

@@ -150,6 +150,17 @@ class Daemon:
         )
 
 
+def leftover_cgroups(runtime_dir: Path) -> list[str]:
+    """The daemon's cgroup subtree dirs that still exist (in any hierarchy we can see)."""
+    from osk_daemon.supervisor.confinement import cgroup_name
+
+    name = f"{cgroup_name(runtime_dir)}.d"
+    root = Path("/sys/fs/cgroup")
+    if not root.is_dir():
+        return []
+    return [str(p) for p in root.glob(f"**/{name}") if p.is_dir()]
+
+
 def alive(pid: int) -> bool:
     """Is there still a process (or zombie) with this pid?"""
     return Path(f"/proc/{pid}").exists()
@@ -214,7 +225,9 @@ def running_daemon(config_text: str, wait_ready: bool = True) -> Iterator[Daemon
             if daemon.proc is not None and daemon.proc.poll() is None:
                 daemon.stop()
             left = daemon.leftovers()
+            cgroups_left = leftover_cgroups(daemon.runtime)
         finally:
             daemon.kill_leftovers()
             shutil.rmtree(workdir, ignore_errors=True)
         assert not left, f"plugin processes left behind: {left}"
+        assert not cgroups_left, f"cgroups left behind: {cgroups_left}"

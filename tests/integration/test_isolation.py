@@ -19,6 +19,7 @@ from tests.integration.harness import (
     ControlError,
     Daemon,
     daemon_config,
+    leftover_cgroups,
     plugin_block,
     running_daemon,
 )
@@ -191,3 +192,4 @@ def test_unenforceable_level_is_refused_at_start_unless_degraded_is_allowed(
     )
     assert proc.returncode == 2
     assert "plugins.box.sandbox" in proc.stderr
+    assert not leftover_cgroups(tmp_path / "run")
