@@ -108,18 +108,24 @@ def _bind(path: Path) -> tuple[socket.socket, os.stat_result]:
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # Bind under a temporary name and rename into place once listening: whoever sees
+    # the path can connect (no ECONNREFUSED window between bind and listen).
+    staging = path.with_name(f".{path.name}.{os.getpid()}")
     try:
+        staging.unlink(missing_ok=True)
         old_umask = os.umask(0o177)
         try:
-            sock.bind(os.fspath(path))
+            sock.bind(os.fspath(staging))
         finally:
             os.umask(old_umask)
-        path.chmod(0o600)
-        bound = path.lstat()
+        staging.chmod(0o600)
         sock.listen(128)
         sock.setblocking(False)
+        staging.rename(path)
+        bound = path.lstat()
     except OSError as exc:
         sock.close()
+        staging.unlink(missing_ok=True)
         raise ControlError(f"cannot bind control socket {path}: {exc}") from exc
     return sock, bound
 
