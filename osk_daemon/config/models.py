@@ -148,6 +148,11 @@ class SandboxLevel(StrEnum):
     STRICT = "strict"
     PARANOID = "paranoid"
 
+    @property
+    def rank(self) -> int:
+        """0 for none ... 4 for paranoid: a higher level includes every lower one."""
+        return list(SandboxLevel).index(self)
+
 
 OptSize = Annotated[
     int | None,

@@ -33,9 +33,9 @@ import site
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from enum import StrEnum
 from typing import Any
 
+from osk_daemon.config.models import SandboxLevel  # the one definition, re-exported
 from osk_daemon.errors import SandboxError
 from osk_daemon.isolation.probe import KernelFeatures, probe_kernel
 
@@ -54,23 +54,6 @@ __all__ = [
 WIRE_VERSION = 1
 RLIMIT_NAMES = frozenset({"AS", "CPU", "NOFILE", "NPROC", "FSIZE", "CORE", "STACK"})
 SECCOMP_MODES = ("off", "deny", "allow")
-
-
-class SandboxLevel(StrEnum):
-    """How tightly a plugin is confined; each level is a superset of the one before."""
-
-    NONE = "none"
-    MINIMAL = "minimal"
-    STANDARD = "standard"
-    STRICT = "strict"
-    PARANOID = "paranoid"
-
-    @property
-    def rank(self) -> int:
-        return _RANK[self]
-
-
-_RANK = {level: i for i, level in enumerate(SandboxLevel)}
 
 
 @dataclass(frozen=True)

@@ -37,9 +37,6 @@ from osk_daemon.isolation.plan import (
     plan_for_level,
     probe_kernel,
 )
-from osk_daemon.isolation.plan import (
-    SandboxLevel as PlanLevel,
-)
 
 log = logging.getLogger("osk.isolation")
 
@@ -214,14 +211,14 @@ class Confinement:
         self, name: str, plugin: PluginConfig, index: int, procs: tuple[str, ...]
     ) -> LaunchPlan:
         sandbox = plugin.sandbox
-        level = PlanLevel(sandbox.level.value)
+        level = sandbox.level
         rlimits = []
         for field_name, rname in _RLIMITS.items():
             value = getattr(plugin.limits, field_name)
             if value is not None:
                 rlimits.append((rname, int(value), int(value)))
         uid = gid = None
-        if level_rank(sandbox.level) >= level_rank(SandboxLevel.STANDARD):
+        if sandbox.level.rank >= SandboxLevel.STANDARD.rank:
             uid, gid = resolve_user(name, sandbox.user, sandbox.group)
         code = [str(p) for p in plugin.path] + [str(p) for p in sandbox.filesystem.read]
         return plan_for_level(
@@ -254,10 +251,6 @@ def cgroup_name(runtime_dir: Path) -> str:
     never sweep each other's plugins, and a restarted daemon finds its own leftovers."""
     digest = hashlib.sha1(str(runtime_dir.absolute()).encode(), usedforsecurity=False)
     return f"osk-{digest.hexdigest()[:10]}"
-
-
-def level_rank(level: SandboxLevel) -> int:
-    return list(SandboxLevel).index(level)
 
 
 def resolve_user(plugin: str, user: str | int, group: str | int | None) -> tuple[int, int]:
