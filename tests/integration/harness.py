@@ -176,9 +176,11 @@ def _readline(sock: socket.socket) -> bytes:
     return buf
 
 
-def plugin_block(name: str, entry: str = "testplugins:Echo", **options: Any) -> str:
-    """A [plugins.NAME] table using the test plugins."""
-    lines = [f"[plugins.{name}]", f'entry = "{entry}"', f'path = ["{PLUGINS}"]']
+def plugin_block(
+    name: str, entry: str = "testplugins:Echo", plugins: Path = PLUGINS, **options: Any
+) -> str:
+    """A [plugins.NAME] table using the test plugins (from ``plugins``)."""
+    lines = [f"[plugins.{name}]", f'entry = "{entry}"', f'path = ["{plugins}"]']
     tables = {k: v for k, v in options.items() if isinstance(v, dict)}
     for key, value in options.items():
         if key not in tables:

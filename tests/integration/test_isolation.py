@@ -8,6 +8,9 @@ the host carry on. Skips say which kernel feature is missing.
 from __future__ import annotations
 
 import errno
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +19,7 @@ import pytest
 from osk_daemon.isolation.cgroups import Cgroups
 from osk_daemon.isolation.plan import probe_kernel
 from tests.integration.harness import (
+    PLUGINS,
     ControlError,
     Daemon,
     daemon_config,
@@ -41,18 +45,31 @@ def cgroups_or_skip() -> dict[str, bool]:
         cgroups.close()
 
 
-def confined(**options: Any) -> str:
-    return daemon_config(plugin_block("box", entry="testplugins:Confined", **options))
+@pytest.fixture(scope="module")
+def public_plugins() -> Iterator[Path]:
+    """The test plugins where any uid can read them (the checkout may be in a 0700 home)."""
+    path = Path(tempfile.mkdtemp(prefix="osk-plugins-"))
+    path.chmod(0o755)
+    shutil.copy(PLUGINS / "testplugins.py", path / "testplugins.py")
+    (path / "testplugins.py").chmod(0o644)
+    yield path
+    shutil.rmtree(path)
+
+
+def confined(plugins: Path, **options: Any) -> str:
+    return daemon_config(
+        plugin_block("box", entry="testplugins:Confined", plugins=plugins, **options)
+    )
 
 
 def events_of(d: Daemon, type_: str) -> list[dict[str, Any]]:
     return [e for e in d.ctl("events") if e["type"] == type_]
 
 
-def test_memory_hog_is_oom_killed_inside_its_quota_and_restarted() -> None:
+def test_memory_hog_is_oom_killed_inside_its_quota_and_restarted(public_plugins: Path) -> None:
     if not cgroups_or_skip().get("memory"):
         pytest.skip("no memory cgroup controller")
-    with running_daemon(confined(limits={"memory": "64MiB"})) as d:
+    with running_daemon(confined(public_plugins, limits={"memory": "64MiB"})) as d:
         old = d.row("box")["pid"]
         with pytest.raises(ControlError):
             d.call("box", "hog", {"mib": 512}, timeout=10)
@@ -65,10 +82,10 @@ def test_memory_hog_is_oom_killed_inside_its_quota_and_restarted() -> None:
         assert d.call("box", "echo", {"text": "alive"})["text"] == "alive"
 
 
-def test_fork_bomb_stops_at_the_pids_limit() -> None:
+def test_fork_bomb_stops_at_the_pids_limit(public_plugins: Path) -> None:
     if not cgroups_or_skip().get("pids"):
         pytest.skip("no pids cgroup controller")
-    with running_daemon(confined(limits={"pids": 16})) as d:
+    with running_daemon(confined(public_plugins, limits={"pids": 16})) as d:
         result = d.call("box", "fork_bomb", {"n": 200}, timeout=20)
         assert result["errno"] == errno.EAGAIN
         assert result["forked"] < 16
@@ -77,10 +94,10 @@ def test_fork_bomb_stops_at_the_pids_limit() -> None:
         assert d.row("box")["state"] == "ready"
 
 
-def test_cpu_spinner_is_throttled() -> None:
+def test_cpu_spinner_is_throttled(public_plugins: Path) -> None:
     if not cgroups_or_skip().get("cpu"):
         pytest.skip("no cpu cgroup controller")
-    with running_daemon(confined(limits={"cpu": 0.1})) as d:
+    with running_daemon(confined(public_plugins, limits={"cpu": 0.1})) as d:
         d.call("box", "spin", {"seconds": 0.5}, timeout=10)
         d.wait_until(
             lambda: (d.row("box").get("cpu_throttled") or 0) > 0,
@@ -88,16 +105,16 @@ def test_cpu_spinner_is_throttled() -> None:
         )
 
 
-def test_open_files_limit_gives_emfile() -> None:
-    with running_daemon(confined(limits={"open_files": 64})) as d:
+def test_open_files_limit_gives_emfile(public_plugins: Path) -> None:
+    with running_daemon(confined(public_plugins, limits={"open_files": 64})) as d:
         result = d.call("box", "open_many", {"n": 200})
         assert result["errno"] == errno.EMFILE
         assert result["opened"] < 64
 
 
-def test_no_cgroup_is_left_behind() -> None:
+def test_no_cgroup_is_left_behind(public_plugins: Path) -> None:
     cgroups_or_skip()
-    with running_daemon(confined(limits={"pids": 64})) as d:
+    with running_daemon(confined(public_plugins, limits={"pids": 64})) as d:
         pid = d.row("box")["pid"]
         lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
         ours = [line.split(":", 2)[2] for line in lines if "box-0" in line]
@@ -114,8 +131,8 @@ def test_no_cgroup_is_left_behind() -> None:
     assert not [str(p.parent) for p in dirs if p.parent.exists()]
 
 
-def standard(level: str = "standard", **sandbox: Any) -> str:
-    return confined(sandbox={"level": level, "user": "nobody", **sandbox})
+def standard(plugins: Path, level: str = "standard", **sandbox: Any) -> str:
+    return confined(plugins, sandbox={"level": level, "user": "nobody", **sandbox})
 
 
 def needs(level: str) -> None:
@@ -127,9 +144,11 @@ def needs(level: str) -> None:
         pytest.skip("user namespaces are not available")
 
 
-def test_standard_drops_privileges_and_confines_writes(tmp_path: Path) -> None:
+def test_standard_drops_privileges_and_confines_writes(
+    tmp_path: Path, public_plugins: Path
+) -> None:
     needs("standard")
-    with running_daemon(standard()) as d:
+    with running_daemon(standard(public_plugins)) as d:
         me = d.call("box", "whoami")
         assert me["Uid"].split()[0] == "65534"
         assert me["Gid"].split()[0] == "65534"
@@ -148,9 +167,9 @@ def test_standard_drops_privileges_and_confines_writes(tmp_path: Path) -> None:
         d.wait_until(lambda: events_of(d, "sandbox:violation"), what="the violation event")
 
 
-def test_strict_refuses_network_and_ptrace() -> None:
+def test_strict_refuses_network_and_ptrace(public_plugins: Path) -> None:
     needs("strict")
-    with running_daemon(standard("strict")) as d:
+    with running_daemon(standard(public_plugins, "strict")) as d:
         me = d.call("box", "whoami")
         assert me["Seccomp"] == "2"
         with pytest.raises(ControlError) as err:
@@ -161,9 +180,9 @@ def test_strict_refuses_network_and_ptrace() -> None:
         assert d.row("box")["state"] == "ready"
 
 
-def test_paranoid_runs_in_a_user_namespace_with_an_allow_list() -> None:
+def test_paranoid_runs_in_a_user_namespace_with_an_allow_list(public_plugins: Path) -> None:
     needs("paranoid")
-    with running_daemon(standard("paranoid")) as d:
+    with running_daemon(standard(public_plugins, "paranoid")) as d:
         me = d.call("box", "whoami")
         assert me["uid_map"].split() != ["0", "0", "4294967295"]
         assert me["Seccomp"] == "2"
