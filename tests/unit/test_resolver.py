@@ -1,0 +1,255 @@
+"""The resolver: highest versions win, backtracking finds the rest, conflicts read like prose."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import pytest
+
+from osk_daemon.versioning import Range, Version
+from osk_daemon.versioning.manifest import Manifest
+from osk_daemon.versioning.resolver import (
+    ConflictType,
+    Declares,
+    Resolution,
+    ResolutionFailed,
+    resolve,
+    start_order,
+)
+
+pytestmark = pytest.mark.timeout(20)
+
+
+@dataclass(frozen=True)
+class Req:
+    name: str
+    range: Range
+    optional: bool = False
+    service: bool = False
+
+
+@dataclass(frozen=True)
+class Rel:
+    requires: Sequence[Req] = ()
+    provides: Mapping[str, Version] = field(default_factory=dict)
+
+
+def req(text: str) -> Req:
+    """'store ^3.0', '?metrics ^1' (optional), '@auth.tokens ^1' (a service)."""
+    name, _, rng = text.partition(" ")
+    optional, name = name.startswith("?"), name.lstrip("?")
+    service, name = name.startswith("@"), name.lstrip("@")
+    return Req(name, Range.parse(rng), optional, service)
+
+
+def cat(spec: Mapping[str, Mapping[str, Sequence[str]]]) -> dict[str, dict[Version, Declares]]:
+    out: dict[str, dict[Version, Declares]] = {}
+    for plugin, versions in spec.items():
+        out[plugin] = {}
+        for version, needs in versions.items():
+            provides = {
+                n[1:].split(" ")[0]: Version.parse(n.split(" ")[1]) for n in needs if n[0] == "+"
+            }
+            out[plugin][Version.parse(version)] = Rel(
+                tuple(req(n) for n in needs if n[0] != "+"), provides
+            )
+    return out
+
+
+def roots(**ranges: str) -> dict[str, Range]:
+    return {name: Range.parse(r) for name, r in ranges.items()}
+
+
+def chosen(resolution: Resolution) -> dict[str, str]:
+    return {p: str(v) for p, v in resolution.versions.items()}
+
+
+def test_picks_highest_versions_of_a_diamond_and_orders_waves() -> None:
+    catalogue = cat(
+        {
+            "app": {"1.0.0": ["left ^1", "right ^1"], "1.1.0": ["left ^1", "right ^1"]},
+            "left": {"1.0.0": ["base ^1.0"], "1.2.0": ["base ^1.2"]},
+            "right": {"1.0.0": ["base ~1.1"], "1.5.0": ["base >=1.1.0 <1.3.0"]},
+            "base": {"1.0.0": [], "1.1.0": [], "1.2.4": [], "1.3.0": [], "2.0.0": []},
+        }
+    )
+    result = resolve(catalogue, roots(app="^1"))
+    assert chosen(result) == {"app": "1.1.0", "base": "1.2.4", "left": "1.2.0", "right": "1.5.0"}
+    assert result.requires["app"] == {"left", "right"}
+    assert start_order(result) == [["base"], ["left", "right"], ["app"]]
+
+
+def test_backtracks_to_an_older_version_that_fits() -> None:
+    catalogue = cat(
+        {
+            "echo": {"2.3.0": ["store ^3.0"], "2.2.0": ["store ~2.5"]},
+            "auth": {"1.4.0": ["store ~2.5"]},
+            "store": {"2.5.0": [], "2.5.7": [], "3.0.0": []},
+        }
+    )
+    result = resolve(catalogue, roots(echo="^2", auth="1.4.x"))
+    assert chosen(result) == {"auth": "1.4.0", "echo": "2.2.0", "store": "2.5.7"}
+
+
+def test_conflict_is_explained_like_a_person_would() -> None:
+    catalogue = cat(
+        {
+            "echo": {"2.3.0": ["store ^3.0"]},
+            "auth": {"1.4.0": ["store ~2.5"]},
+            "store": {"2.5.0": [], "3.0.0": []},
+        }
+    )
+    with pytest.raises(ResolutionFailed) as info:
+        resolve(catalogue, roots(echo="^2", auth="^1"))
+    conflict = info.value.conflict
+    assert conflict.type is ConflictType.INCOMPATIBLE_VERSIONS
+    text = conflict.description
+    assert "echo 2.3.0 needs store ^3.0" in text
+    assert "auth 1.4.0 needs store ~2.5" in text
+    assert "no version of store satisfies both (installed: 3.0.0, 2.5.0)" in text
+    assert {p.plugin for p in conflict.plugins} == {"echo", "auth"}
+    assert str(info.value) == text
+
+
+def test_version_mismatch_names_what_is_installed() -> None:
+    catalogue = cat({"echo": {"1.0.0": ["store ^9"]}, "store": {"3.0.0": [], "3.1.0": []}})
+    with pytest.raises(ResolutionFailed) as info:
+        resolve(catalogue, roots(echo="*"))
+    assert info.value.conflict.type is ConflictType.VERSION_MISMATCH
+    assert info.value.conflict.description == (
+        "echo 1.0.0 needs store ^9, but the installed versions of store are 3.1.0, 3.0.0"
+        " (the config needs echo *)"
+    )
+
+
+def test_config_range_that_nothing_satisfies() -> None:
+    catalogue = cat({"store": {"3.0.0": []}})
+    with pytest.raises(ResolutionFailed, match=r"the config needs store \^4") as info:
+        resolve(catalogue, roots(store="^4"))
+    assert info.value.conflict.type is ConflictType.VERSION_MISMATCH
+
+
+def test_missing_dependency() -> None:
+    catalogue = cat({"echo": {"1.0.0": ["ghost ^1"]}})
+    with pytest.raises(ResolutionFailed) as info:
+        resolve(catalogue, roots(echo="*"))
+    assert info.value.conflict.type is ConflictType.MISSING_DEPENDENCY
+    assert "echo 1.0.0 needs ghost ^1, but no version of ghost is installed" in str(info.value)
+    with pytest.raises(ResolutionFailed, match="the config needs nope"):
+        resolve(catalogue, roots(nope="^1"))
+
+
+def test_cycle_is_named() -> None:
+    catalogue = cat(
+        {
+            "a": {"1.0.0": ["b ^1"]},
+            "b": {"1.0.0": ["c ^1"]},
+            "c": {"1.0.0": ["a ^1"]},
+        }
+    )
+    with pytest.raises(ResolutionFailed) as info:
+        resolve(catalogue, roots(a="^1"))
+    conflict = info.value.conflict
+    assert conflict.type is ConflictType.CIRCULAR_DEPENDENCY
+    assert "a 1.0.0 -> b 1.0.0 -> c 1.0.0 -> a 1.0.0" in conflict.description
+    assert [p.plugin for p in conflict.plugins] == ["a", "b", "c"]
+
+
+def test_start_order_refuses_a_cycle() -> None:
+    v = Version(1, 0, 0)
+    looped = Resolution({"a": v, "b": v}, {"a": frozenset({"b"}), "b": frozenset({"a"})})
+    with pytest.raises(ValueError, match="a -> b -> a"):
+        start_order(looped)
+
+
+def test_optional_does_not_pull_in_but_is_enforced_when_present() -> None:
+    catalogue = cat(
+        {
+            "echo": {"1.0.0": ["?metrics ^2"]},
+            "metrics": {"1.0.0": [], "2.0.0": [], "3.0.0": []},
+            "dash": {"1.0.0": ["metrics >=1"]},
+        }
+    )
+    assert chosen(resolve(catalogue, roots(echo="*"))) == {"echo": "1.0.0"}
+    result = resolve(catalogue, roots(echo="*", dash="*"))
+    assert chosen(result)["metrics"] == "2.0.0"
+    assert result.optional["echo"] == {"metrics"}
+    assert start_order(result) == [["metrics"], ["dash", "echo"]]
+
+
+def test_optional_missing_plugin_is_fine() -> None:
+    catalogue = cat({"echo": {"1.0.0": ["?ghost ^1"]}})
+    assert chosen(resolve(catalogue, roots(echo="*"))) == {"echo": "1.0.0"}
+
+
+def test_prereleases_only_when_a_range_opts_in() -> None:
+    catalogue = cat(
+        {
+            "echo": {"1.0.0": ["store ^2.0.0"], "1.1.0": ["store ^2.1.0-rc.1"]},
+            "store": {"2.0.0": [], "2.1.0-rc.2": [], "3.0.0-beta.1": []},
+        }
+    )
+    assert chosen(resolve(catalogue, roots(echo="1.0.0")))["store"] == "2.0.0"
+    assert chosen(resolve(catalogue, roots(echo="1.1.0")))["store"] == "2.1.0-rc.2"
+    assert chosen(resolve(catalogue, roots(store="*")))["store"] == "2.0.0"
+    everything = {"store": Range.parse("*", include_prerelease=True)}
+    assert chosen(resolve(catalogue, everything))["store"] == "3.0.0-beta.1"
+
+
+def test_service_requirements_pin_their_provider() -> None:
+    catalogue = cat(
+        {
+            "echo": {"1.0.0": ["@auth.tokens ^2"]},
+            "auth": {"1.0.0": ["+auth.tokens 1.5.0"], "2.0.0": ["+auth.tokens 2.1.0"]},
+            "oauth": {"3.0.0": ["+auth.tokens 3.0.0"]},
+        }
+    )
+    result = resolve(catalogue, roots(echo="*"))
+    assert chosen(result) == {"auth": "2.0.0", "echo": "1.0.0"}
+    assert result.requires["echo"] == {"auth"}
+    broken = cat(
+        {"echo": {"1.0.0": ["@auth.tokens ^9"]}, "auth": {"1.0.0": ["+auth.tokens 1.5.0"]}}
+    )
+    with pytest.raises(
+        ResolutionFailed, match=r"echo 1.0.0 needs service auth.tokens \^9, but the installed"
+    ) as info:
+        resolve(broken, roots(echo="*"))
+    assert info.value.conflict.type is ConflictType.VERSION_MISMATCH
+    assert "installed versions of service auth.tokens are 1.5.0" in str(info.value)
+
+
+def test_deep_backtracking_walks_down_a_long_chain() -> None:
+    # Every version of p{i} but the oldest needs p{i+1} at its own newest version, and the
+    # newest version of the last plugin needs something that is not installed; the only
+    # consistent choice is the oldest version at the bottom of the chain.
+    depth, width = 12, 6
+    spec: dict[str, dict[str, list[str]]] = {}
+    for i in range(depth):
+        spec[f"p{i}"] = {}
+        for j in range(width):
+            needs = [f"p{i + 1} >={j}.0.0"] if i + 1 < depth else []
+            if i + 1 == depth and j > 0:
+                needs = ["nothing ^1"]
+            spec[f"p{i}"][f"{j}.0.0"] = needs
+    spec["nothing"] = {"0.1.0": []}
+    result = resolve(cat(spec), roots(p0="*"))
+    assert chosen(result)[f"p{depth - 1}"] == "0.0.0"
+    assert chosen(result)["p0"] == "0.0.0"
+    assert len(start_order(result)) == depth
+
+
+def test_manifests_are_accepted_directly() -> None:
+    def manifest(name: str, version: str, *requires: dict[str, object]) -> Manifest:
+        return Manifest.model_validate(
+            {"name": name, "version": version, "entry": f"{name}:P", "requires": list(requires)}
+        )
+
+    echo = manifest("echo", "2.3.0", {"name": "store", "range": "^3.0"})
+    store = manifest("store", "3.1.0")
+    catalogue: dict[str, dict[Version, Declares]] = {
+        "echo": {echo.version: echo},
+        "store": {store.version: store},
+    }
+    result = resolve(catalogue, roots(echo="^2"))
+    assert start_order(result) == [["store"], ["echo"]]
