@@ -56,6 +56,10 @@ class Prepared:
     cgroup: InstanceCgroup | None
     plan: LaunchPlan
     oom_before: int = 0
+    wire: dict[str, Any] = field(default_factory=dict)  # plan.to_wire(), made once
+
+    def __post_init__(self) -> None:
+        self.wire = self.plan.to_wire()
 
 
 @dataclass

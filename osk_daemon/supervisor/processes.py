@@ -81,7 +81,7 @@ class InstanceProcesses:
             sys_path=tuple(str(p) for p in inst.config.path),
             stdout=out_w,
             stderr=err_w,
-            launch=inst.prepared.plan.to_wire(),
+            launch=inst.prepared.wire,
         )
         self._tg.start_soon(self._do_spawn, inst, inst.generation, request)
 

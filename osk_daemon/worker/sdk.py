@@ -227,10 +227,11 @@ def to_health(result: Any) -> Health:
 def load_plugin_class(entry: str, path: list[str]) -> type[Plugin]:
     """Resolve ``module:Class`` (after prepending ``path`` to sys.path) or an entry point
     name in the ``osk.plugins`` group. Raises PluginLoadError, chaining the cause."""
-    for directory in reversed(path):
-        if directory not in sys.path:
-            sys.path.insert(0, directory)
-    importlib.invalidate_caches()
+    added = [d for d in reversed(path) if d not in sys.path]
+    for directory in added:
+        sys.path.insert(0, directory)
+    if added:  # finders cached before these dirs were on the path must look again
+        importlib.invalidate_caches()
     try:
         if ":" in entry:
             module_name, _, qualname = entry.partition(":")
