@@ -9,6 +9,7 @@ import pytest
 
 from osk_daemon.versioning import Range, Version
 from osk_daemon.versioning.manifest import Manifest
+from osk_daemon.versioning.provider import Provider
 from osk_daemon.versioning.resolver import (
     ConflictType,
     Declares,
@@ -253,3 +254,96 @@ def test_manifests_are_accepted_directly() -> None:
     }
     result = resolve(catalogue, roots(echo="^2"))
     assert start_order(result) == [["store"], ["echo"]]
+
+
+def test_a_new_major_the_rest_cannot_follow_falls_back_to_the_previous_release() -> None:
+    # app 2.0.0 moved to core ^3, but everything it uses still needs core ^2: the answer
+    # is app 1.9.0, found without trying every mid x lib combination.
+    spec: dict[str, dict[str, list[str]]] = {
+        "app": {"2.0.0": ["core ^3", "mid ^1"], "1.9.0": ["core ^2", "mid ^1"]},
+        "mid": {f"1.0.{i}": ["lib ^1"] for i in range(15)},
+        "lib": {f"1.0.{i}": ["core ^2"] for i in range(15)},
+        "core": {"2.0.0": [], "2.4.0": [], "3.0.0": []},
+    }
+    result = resolve(cat(spec), roots(app="*"), max_rounds=200)
+    assert chosen(result) == {"app": "1.9.0", "core": "2.4.0", "lib": "1.0.14", "mid": "1.0.14"}
+    assert start_order(result) == [["core"], ["lib"], ["mid"], ["app"]]
+
+
+def test_a_clash_under_many_releases_is_proved_without_trying_every_combination() -> None:
+    # 20 x 20 x 20 combinations, none of which works; each run of releases that asks for
+    # the same is learned about once.
+    spec: dict[str, dict[str, list[str]]] = {
+        "app": {f"1.{i}.0": ["left ^1", "right ^1"] for i in range(20)},
+        "left": {f"1.0.{i}": ["base ^2"] for i in range(20)},
+        "right": {f"1.0.{i}": ["base ^1"] for i in range(20)},
+        "base": {"1.0.0": [], "2.0.0": []},
+    }
+    with pytest.raises(ResolutionFailed) as info:
+        resolve(cat(spec), roots(app="*"), max_rounds=2_000)
+    conflict = info.value.conflict
+    assert conflict.type is ConflictType.INCOMPATIBLE_VERSIONS
+    assert "needs base ^2" in conflict.description
+    assert "needs base ^1" in conflict.description
+    assert "no version of base satisfies both (installed: 2.0.0, 1.0.0)" in conflict.description
+
+
+def test_explanation_leaves_out_requirements_that_do_not_clash() -> None:
+    catalogue = cat(
+        {
+            "echo": {"2.3.0": ["store ^3.0"]},
+            "auth": {"1.4.0": ["store ~2.5"]},
+            "dash": {"1.0.0": ["store *"]},
+            "store": {"2.5.0": [], "3.0.0": []},
+        }
+    )
+    with pytest.raises(ResolutionFailed) as info:
+        resolve(catalogue, roots(dash="*", echo="^2", auth="^1"))
+    conflict = info.value.conflict
+    assert {p.plugin for p in conflict.plugins} == {"echo", "auth"}
+    assert "dash" not in conflict.description
+    assert "satisfies both" in conflict.description
+
+
+def test_gives_up_with_advice_past_max_rounds() -> None:
+    spec: dict[str, dict[str, list[str]]] = {
+        "app": {f"1.{i}.0": ["left ^1", "right ^1"] for i in range(5)},
+        "left": {f"1.0.{i}": ["base ^2"] for i in range(5)},
+        "right": {f"1.0.{i}": ["base ^1"] for i in range(5)},
+        "base": {"1.0.0": [], "2.0.0": []},
+    }
+    with pytest.raises(ResolutionFailed, match=r"gave up after .* pin some plugins") as info:
+        resolve(cat(spec), roots(app="*"), max_rounds=3)
+    assert info.value.conflict.type is ConflictType.INCOMPATIBLE_VERSIONS
+
+
+def test_optional_requirement_narrows_a_plugin_something_else_brings_in() -> None:
+    # The optional edge is enforced during the search: dash settles for metrics 2.x
+    # rather than 3.x, and nothing is resolved twice.
+    catalogue = cat(
+        {
+            "echo": {"1.0.0": ["?metrics ~2.1"]},
+            "dash": {"2.0.0": ["metrics ^3"], "1.0.0": ["metrics >=2"]},
+            "metrics": {"2.0.0": [], "2.1.5": [], "3.0.0": []},
+        }
+    )
+    result = resolve(catalogue, roots(echo="*", dash="*"))
+    assert chosen(result) == {"dash": "1.0.0", "echo": "1.0.0", "metrics": "2.1.5"}
+
+
+def test_layering_puts_dependents_before_their_dependencies() -> None:
+    catalogue = cat(
+        {
+            "app": {"1.0.0": ["left ^1"], "1.1.0": ["left ^1", "right ^1"]},
+            "left": {"1.0.0": ["base ^1"]},
+            "right": {"1.0.0": ["base ^1", "@auth.tokens ^1"]},
+            "base": {"1.0.0": []},
+            "auth": {"1.0.0": ["+auth.tokens 1.0.0"]},
+            "unrelated": {"1.0.0": []},
+        }
+    )
+    rank = Provider(catalogue, set()).layering(["app"])
+    assert set(rank) == {"app", "left", "right", "base", "service:auth.tokens", "auth"}
+    assert rank["app"] < rank["left"] < rank["base"]
+    assert rank["right"] < rank["service:auth.tokens"] < rank["auth"]
+    assert rank["right"] < rank["base"]
