@@ -23,10 +23,12 @@ import zmq
 from osk_daemon.config import Config, SpawnMode
 from osk_daemon.control.commands import DaemonCommands
 from osk_daemon.control.server import serve_control
+from osk_daemon.errors import BootFailed
 from osk_daemon.supervisor.confinement import Confinement
 from osk_daemon.supervisor.reaper import ChildReaper, become_subreaper
 from osk_daemon.supervisor.runtime import Endpoints, Supervisor
 from osk_daemon.supervisor.spawner import ExecSpawner, Spawner, ZygoteSpawner
+from osk_daemon.versioning.planning import plan_start
 
 log = logging.getLogger("osk.daemon")
 
@@ -56,6 +58,10 @@ async def run_daemon(
     """Run the daemon in the current asyncio loop until SIGTERM/SIGINT or ``shutdown``."""
     import asyncio
 
+    plan = plan_start(config)  # raises ConfigError for a conflict, explained
+    for warning in plan.warnings:
+        log.warning("start order: %s", warning)
+    config = plan.config
     d = config.daemon
     os.umask(0o077)  # sockets and files the daemon creates are its own until it says else
     confinement = Confinement.open(config)
@@ -83,8 +89,8 @@ async def run_daemon(
         }
         stop = anyio.Event()
         async with anyio.create_task_group() as tg:
-            supervisor = Supervisor(
-                config, tg, reaper, spawners, endpoints(d.runtime_dir), confinement
+            supervisor = sup = Supervisor(
+                plan, tg, reaper, spawners, endpoints(d.runtime_dir), confinement
             )
             secure_sockets(d.runtime_dir)
             commands = DaemonCommands(supervisor, stop.set)
@@ -93,7 +99,7 @@ async def run_daemon(
             await tg.start(
                 partial(serve_control, allowed_group=d.control_group), d.control_socket, commands
             )
-            supervisor.start()
+            supervisor.start(request_stop=stop.set)
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, stop.set)
             log.info(
@@ -108,6 +114,9 @@ async def run_daemon(
             log.info("shutting down")
             await supervisor.shutdown()
             tg.cancel_scope.cancel()
+        deps = sup.deps
+        if deps.boot_failure is not None:
+            raise BootFailed(deps.boot_failure, deps.rolled_back)
     except BaseException:
         if supervisor is not None:
             log.critical("the daemon failed; killing its plugins so none is orphaned")

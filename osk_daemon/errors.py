@@ -66,6 +66,19 @@ class MethodNotFound(PluginError):
     code = "no_method"
 
 
+class BootFailed(PluginError):
+    """A critical plugin failed to start and the boot was rolled back
+    (``daemon.rollback_on_failure``); ``rolled_back`` lists what was stopped, in order."""
+
+    code = "boot_failed"
+
+    def __init__(self, reason: str, rolled_back: list[str]) -> None:
+        self.reason = reason
+        self.rolled_back = rolled_back
+        stopped = ", ".join(rolled_back) if rolled_back else "nothing had started"
+        super().__init__(f"boot failed: {reason}; rolled back: {stopped}")
+
+
 class TransportError(OskError):
     """Something went wrong between processes: a bad frame, a closed socket."""
 

@@ -6,16 +6,19 @@ How it works:
    glob's matches sorted) name drop-ins, which are read the same way, depth first; a file
    that includes itself or an ancestor is an include cycle.
 2. Before merging, relative paths a file defines (``daemon.runtime_dir``,
-   ``daemon.control_socket``, ``plugins.*.path``) are made absolute against *that* file's
-   directory, so a drop-in can ship its own plugin directory next to it.
+   ``daemon.control_socket``, ``daemon.state_dir``, ``daemon.plugins_dir``,
+   ``plugins.*.path``) are made absolute against *that* file's directory, so a drop-in
+   can ship its own plugin directory next to it.
 3. Deep-merge: tables merge key by key, anything else (numbers, strings, arrays) is
    replaced. ``_Origins`` remembers which file wrote each key (a table: the file that
    created it), so an error points at the drop-in that holds the bad value.
 4. Validate the merged dict with the pydantic models; the first error's ``loc`` becomes the
    dotted key and its type a short human reason (``must be > 0, got -1``).
 5. Cross-table rules the models cannot see: names shared by a plugin and a group, unknown
-   children, a child in two groups, cycles. Then ``groups.root`` is completed with every
-   plugin and group no group lists.
+   children, a child in two groups, cycles; without ``daemon.plugins_dir``, every plugin's
+   ``entry`` and an exact ``version``. Then ``groups.root`` is completed with every
+   plugin and group no group lists. (Choosing versions from ``plugins_dir`` is
+   ``versioning.planning``'s job: it reads manifests, this module reads only config files.)
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ def load_config(path: str | Path) -> Config:
     except ValidationError as exc:
         raise _translate(exc.errors()[0], origins) from exc
     _check_groups(tables, origins)
+    _check_plugins(tables, origins)
     return Config(
         daemon=tables.daemon,
         plugins=tables.plugins,
@@ -147,7 +151,7 @@ def _absolutize(raw: dict[str, Any], base: Path) -> None:
 
     daemon = raw.get("daemon")
     if isinstance(daemon, dict):
-        for key in ("runtime_dir", "control_socket", "state_dir"):
+        for key in ("runtime_dir", "control_socket", "state_dir", "plugins_dir"):
             if key in daemon:
                 daemon[key] = resolve(daemon[key])
     plugins = raw.get("plugins")
@@ -269,6 +273,28 @@ def _fields_at(loc: Loc) -> list[str]:
 def _did_you_mean(word: str, choices: Iterable[str]) -> str:
     close = difflib.get_close_matches(word, list(choices), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+# -- plugins without an installed copy ---------------------------------------------------------
+
+
+def _check_plugins(tables: ConfigFile, origins: _Origins) -> None:
+    """Without ``daemon.plugins_dir`` every plugin names its code and one exact version.
+    (With it, ``versioning.planning`` decides which plugins are installed there.)"""
+    if tables.daemon.plugins_dir is not None:
+        return
+    for name, plugin in tables.plugins.items():
+        if plugin.entry is None:
+            loc: Loc = ("plugins", name, "entry")
+            raise ConfigError(origins.file_of(loc), _dotted(loc), "required key is missing")
+        if not plugin.exact_version:
+            loc = ("plugins", name, "version")
+            raise ConfigError(
+                origins.file_of(loc),
+                _dotted(loc),
+                f"{plugin.version!r} is a range; ranges choose among installed versions, "
+                "so set daemon.plugins_dir or give an exact version",
+            )
 
 
 # -- the group tree -----------------------------------------------------------------------------

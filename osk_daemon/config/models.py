@@ -245,9 +245,17 @@ class PluginConfig(BaseModel):
 
     model_config = _MODEL
 
-    entry: str
+    entry: str | None = Field(
+        default=None, description="module:Class or an entry point; from the manifest if installed"
+    )
     path: list[LaxPath] = Field(default_factory=list)
-    version: str = "0.0.0"
+    version: str | None = Field(
+        default=None,
+        description="an exact version, or an npm range chosen from daemon.plugins_dir",
+    )
+    critical: bool = Field(
+        default=False, description="boot-critical: a failed start rolls back the boot"
+    )
     instances: int = Field(default=1, ge=1, le=64)
     restart: Annotated[Restart, Strict(False)] = Restart.PERMANENT
     shutdown_timeout: float = Field(default=5.0, gt=0)
@@ -262,7 +270,9 @@ class PluginConfig(BaseModel):
 
     @field_validator("entry")
     @classmethod
-    def _check_entry(cls, value: str) -> str:
+    def _check_entry(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
         if not value.strip():
             raise ValueError("must not be empty")
         if ":" in value:
@@ -275,10 +285,24 @@ class PluginConfig(BaseModel):
 
     @field_validator("version")
     @classmethod
-    def _check_version(cls, value: str) -> str:
-        if not _SEMVER_RE.match(value):
-            raise ValueError(f"must be a SemVer 2.0 version such as '1.2.3', got {value!r}")
+    def _check_version(cls, value: str | None) -> str | None:
+        if value is None or _SEMVER_RE.match(value):
+            return value
+        from osk_daemon.versioning.semver import Range  # lazy: versioning imports config
+
+        try:
+            Range.parse(value)
+        except ValueError as exc:
+            raise ValueError(
+                f"must be a SemVer 2.0 version such as '1.2.3' or a range such as '^1.2', "
+                f"got {value!r} ({exc})"
+            ) from exc
         return value
+
+    @property
+    def exact_version(self) -> bool:
+        """True when ``version`` names one version (or is unset), not a range."""
+        return self.version is None or bool(_SEMVER_RE.match(self.version))
 
 
 def _is_dotted(text: str) -> bool:
@@ -302,6 +326,14 @@ class DaemonConfig(BaseModel):
     model_config = _MODEL
 
     runtime_dir: LaxPath = Path("/run/osk")
+    plugins_dir: LaxPath | None = Field(
+        default=None,
+        description="installed plugins: <plugins_dir>/<name>/<version>/osk-plugin.toml",
+    )
+    rollback_on_failure: bool = Field(
+        default=False,
+        description="a critical plugin failing to start stops what booted, in reverse",
+    )
     state_dir: LaxPath = Field(
         default=Path("/var/lib/osk"), description="plugins' writable state: <state_dir>/<plugin>"
     )

@@ -131,7 +131,12 @@ async def events(sup: Supervisor, args: dict[str, Any]) -> Any:
     return stream()
 
 
+async def graph(sup: Supervisor, args: dict[str, Any]) -> Any:
+    return sup.deps.graph()
+
+
 COMMANDS: dict[str, Command] = {
+    "graph": graph,
     "status": status,
     "start": _operate("start"),
     "stop": _operate("stop"),

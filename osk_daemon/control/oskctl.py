@@ -222,6 +222,14 @@ def _run(ns: argparse.Namespace, choice: SocketChoice, timeout: float) -> None:
     elif cmd in ("start", "stop", "restart"):
         result = _request(choice, timeout, cmd, {"name": ns.name, "instance": ns.instance})
         _out(render.format_json(result) if as_json else render.format_message(result))
+    elif cmd == "graph":
+        result = _request(choice, timeout, "graph", {})
+        if as_json or not isinstance(result, dict):
+            _out(render.format_json(result))
+        elif ns.dot:
+            _out(render.format_graph_dot(result))
+        else:
+            _out(render.format_graph(result))
     elif cmd == "shutdown":
         result = _request(choice, timeout, "shutdown", {})
         _out(render.format_json(result) if as_json else render.format_message(result))
@@ -333,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", dest="follow", action="store_true", help="keep following")
     p = command("events", "show daemon events")
     p.add_argument("-f", dest="follow", action="store_true", help="keep following")
+    p = command("graph", "show the plugin dependency graph, by start wave")
+    p.add_argument("--dot", action="store_true", help="print Graphviz DOT (pipe to dot -Tsvg)")
     command("shutdown", "stop the daemon and all plugins")
     return parser
 
@@ -347,7 +357,10 @@ def main(argv: list[str] | None = None) -> int:
 
     Bad usage exits through argparse (``SystemExit(2)``).
     """
-    ns = build_parser().parse_args(argv)
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    if ns.command == "graph" and ns.dot and getattr(ns, "json", False):
+        parser.error("graph: --dot and --json are mutually exclusive")
     timeout: float = getattr(ns, "socket_timeout", DEFAULT_TIMEOUT)
     if ns.command == "call" and ns.call_timeout is not None:
         timeout = max(timeout, ns.call_timeout + CALL_TIMEOUT_MARGIN)

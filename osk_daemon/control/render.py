@@ -109,3 +109,125 @@ def format_log_line(item: Mapping[str, Any]) -> str:
     instance = item.get("instance")
     source = f"{name}/{instance}" if instance is not None else str(name)
     return f"{when} {source} {item.get('line', '')}"
+
+
+# -- the dependency graph (``oskctl graph``) --------------------------------------------------
+#
+# The daemon answers ``{"plugins": [{name, version, wave, requires, optional, status,
+# degraded_by, offline_capable}, ...], "waves": [[name, ...], ...]}``. ``waves`` orders the
+# plugins; a plugin it does not list falls back to its own ``wave`` field, and one without
+# either is shown last as "unscheduled".
+
+DOWN_STATUSES = frozenset({"unhealthy", "failed", "stopped"})
+DOT_DOWN_FILL = "#ffcccc"
+DOT_DEGRADED_FILL = "#ffffcc"
+
+
+def _plugins(graph: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    plugins = graph.get("plugins")
+    if not isinstance(plugins, list):
+        return []
+    return [p for p in plugins if isinstance(p, Mapping)]
+
+
+def _names(value: Any) -> list[str]:
+    return [str(v) for v in value] if isinstance(value, list) else []
+
+
+def _waves(graph: Mapping[str, Any]) -> list[tuple[int | None, list[Mapping[str, Any]]]]:
+    """The plugins grouped by start wave, in start order; ``None`` (unscheduled) last."""
+    by_name = {str(p.get("name")): p for p in _plugins(graph)}
+    groups: dict[int | None, list[Mapping[str, Any]]] = {}
+    placed: set[str] = set()
+    waves = graph.get("waves")
+    for index, wave in enumerate(waves if isinstance(waves, list) else []):
+        for name in _names(wave):
+            if name not in placed:
+                placed.add(name)
+                groups.setdefault(index, []).append(by_name.get(name, {"name": name}))
+    for name, plugin in by_name.items():
+        if name not in placed:
+            wave_field = plugin.get("wave")
+            key = wave_field if type(wave_field) is int else None
+            groups.setdefault(key, []).append(plugin)
+    return sorted(groups.items(), key=lambda item: (item[0] is None, item[0] or 0))
+
+
+def _graph_row(plugin: Mapping[str, Any]) -> list[str]:
+    status = format_cell(plugin.get("status"))
+    down = _names(plugin.get("degraded_by"))
+    if down:
+        status += f" ({', '.join(down)} down)"
+    links = []
+    if requires := _names(plugin.get("requires")):
+        links.append("-> " + ", ".join(requires))
+    if optional := _names(plugin.get("optional")):
+        links.append("optional: " + ", ".join(optional))
+    if plugin.get("offline_capable") is True:
+        links.append("offline-capable")
+    return [
+        format_cell(plugin.get("name")),
+        format_cell(plugin.get("version")),
+        status,
+        "; ".join(links),
+    ]
+
+
+def format_graph(graph: Mapping[str, Any]) -> str:
+    """The ``oskctl graph`` text: a ``wave N`` line per start wave, then one indented line per
+    plugin (name, version, status with the required dependencies that are down, then
+    ``-> requires; optional: ...``), columns aligned across all waves. ``no plugins`` when
+    there are none. No final newline.
+    """
+    waves = _waves(graph)
+    if not waves:
+        return "no plugins"
+    rows = [_graph_row(plugin) for _, plugins in waves for plugin in plugins]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = []
+    rest = iter(rows)
+    for wave, plugins in waves:
+        lines.append("unscheduled" if wave is None else f"wave {wave}")
+        for _ in plugins:
+            cells = (cell.ljust(width) for cell, width in zip(next(rest), widths, strict=True))
+            lines.append(("  " + "  ".join(cells)).rstrip())
+    return "\n".join(lines)
+
+
+def dot_quote(text: str) -> str:
+    """``text`` as a quoted Graphviz ID: backslashes, quotes and newlines escaped."""
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{escaped}"'
+
+
+def format_graph_dot(graph: Mapping[str, Any]) -> str:
+    """The graph as Graphviz DOT (``oskctl graph --dot | dot -Tsvg``): a box per plugin
+    labelled ``name\\nversion``, filled light red when down (unhealthy, failed, stopped) and
+    light yellow when degraded; an edge from each plugin to each dependency, dashed for
+    optional ones. Dependencies the daemon does not list as plugins get a dashed box. No
+    final newline.
+    """
+    plugins = _plugins(graph)
+    known = {str(p.get("name")) for p in plugins}
+    nodes: list[str] = []
+    edges: list[str] = []
+    missing: list[str] = []
+    for plugin in plugins:
+        name = str(plugin.get("name"))
+        version = plugin.get("version")
+        label = name if version is None or version == "" else f"{name}\n{version}"
+        attrs = [f"label={dot_quote(label)}"]
+        status = str(plugin.get("status"))
+        if status in DOWN_STATUSES:
+            attrs.append(f"style=filled, fillcolor={dot_quote(DOT_DOWN_FILL)}")
+        elif status == "degraded":
+            attrs.append(f"style=filled, fillcolor={dot_quote(DOT_DEGRADED_FILL)}")
+        nodes.append(f"  {dot_quote(name)} [{', '.join(attrs)}];")
+        for kind in ("requires", "optional"):
+            for dep in _names(plugin.get(kind)):
+                style = " [style=dashed]" if kind == "optional" else ""
+                edges.append(f"  {dot_quote(name)} -> {dot_quote(dep)}{style};")
+                if dep not in known and dep not in missing:
+                    missing.append(dep)
+    nodes += [f"  {dot_quote(dep)} [style=dashed];" for dep in missing]
+    return "\n".join(["digraph osk {", "  node [shape=box];", *nodes, *edges, "}"])

@@ -52,10 +52,8 @@ class HealthChecks:
     def schedule(self, inst: Instance) -> None:
         """The instance became ready: start probing it."""
         inst.cancel_health()
-        if inst.health.policy.enabled:
-            inst.health_handle = self._loop.call_later(
-                inst.health.policy.interval, self._probe, inst, inst.generation
-            )
+        if inst.health.policy.enabled:  # the first probe at once: dependents wait for it
+            inst.health_handle = self._loop.call_later(0, self._probe, inst, inst.generation)
 
     def answered(self, inst: Instance, check_id: int, body: bytes) -> None:
         if check_id != inst.health_id or inst.health_timeout is None:
@@ -106,6 +104,8 @@ class HealthChecks:
             self._sup.publish(
                 inst, "plugin:health", inst.health.detail, health=inst.health.status.value
             )
+        if inst.health.status is not before:
+            self._sup.deps.refresh(inst.plugin)
         if restart:
             self._sup.feed(inst, lc.HealthFailed(inst.health.detail or "failed health checks"))
 

@@ -21,19 +21,20 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
 
-from osk_daemon.config import Config, SpawnMode
+from osk_daemon.config import SpawnMode
 from osk_daemon.errors import ControlError, OskError
 from osk_daemon.ipc.broker import Broker, InstanceKey
 from osk_daemon.ipc.codec import Header, Kind, unpack
 from osk_daemon.supervisor import lifecycle as lc
 from osk_daemon.supervisor.confinement import Confinement
+from osk_daemon.supervisor.dependency_watch import DependencyWatch
 from osk_daemon.supervisor.events import EventStream
 from osk_daemon.supervisor.health_checks import HealthChecks
 from osk_daemon.supervisor.instance import Instance
@@ -50,6 +51,7 @@ from osk_daemon.supervisor.tree import (
     Tree,
 )
 from osk_daemon.supervisor.tree_build import build_tree
+from osk_daemon.versioning.planning import StartPlan
 
 log = logging.getLogger("osk.supervisor")
 
@@ -71,13 +73,14 @@ class Supervisor:
 
     def __init__(
         self,
-        config: Config,
+        plan: StartPlan,
         tg: TaskGroup,
         reaper: ChildReaper,
         spawners: dict[SpawnMode, Spawner],
         endpoints: Endpoints,
         confinement: Confinement,
     ) -> None:
+        config = plan.config
         self.config = config
         self.confinement = confinement
         self.events = EventStream()
@@ -92,6 +95,7 @@ class Supervisor:
         self._all_stopped = asyncio.Event()
         self._changed = asyncio.Event()
         self._sampler: asyncio.TimerHandle | None = None
+        self._request_stop: Callable[[], None] | None = None
         d = config.daemon
         self.broker = Broker(
             endpoints.clients,
@@ -108,13 +112,17 @@ class Supervisor:
                 self.instances[inst.leaf] = inst
         self.tree: Tree = build_tree(config)
         self.checks = HealthChecks(self)
+        self.deps = DependencyWatch(self, plan)
         self.processes = InstanceProcesses(
             self, tg, reaper, spawners, endpoints.workers, confinement
         )
 
     # ---- start, stop, operator commands ---------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, request_stop: Callable[[], None] | None = None) -> None:
+        """Start every plugin. ``request_stop`` is called when the boot fails and the
+        daemon should stop (``deps.boot_failure`` says why)."""
+        self._request_stop = request_stop
         self.broker.start()
         self.checks.start()
         self._sampler = self._loop.call_later(_SAMPLE_EVERY, self._sample_tick)
@@ -125,7 +133,7 @@ class Supervisor:
         """Stop every instance in reverse start order; SIGKILL what outlives the deadline."""
         if not self._shutting_down:
             self._shutting_down = True
-            self.events.publish("kernel:shutdown", reason="requested")
+            self.events.publish("kernel:shutdown", reason=self.deps.boot_failure or "requested")
             self._tree_effects(self.tree.shutdown(time.monotonic()))
         self._check_all_stopped()
         with anyio.move_on_after(self.config.daemon.shutdown_timeout):
@@ -166,10 +174,14 @@ class Supervisor:
         if plugin is not None and plugin not in self.config.plugins:
             raise ControlError(f"no plugin named '{plugin}'")
         return [
-            inst.status(self.tree.restarts(inst.leaf))
+            self.status_of(inst)
             for inst in self.instances.values()
             if plugin is None or inst.plugin == plugin
         ]
+
+    def status_of(self, inst: Instance) -> dict[str, Any]:
+        """An instance's row for ``oskctl status``, with what its dependencies do to it."""
+        return self.deps.overlay(inst, inst.status(self.tree.restarts(inst.leaf)))
 
     def instances_for(self, ids: list[str]) -> list[Instance]:
         """The instances named by leaf ids or beneath group ids, in start order."""
@@ -217,12 +229,17 @@ class Supervisor:
         after = inst.life.state
         if after is before:
             return
-        self._changed.set()
-        self._changed = asyncio.Event()
+        self.mark_changed()
         if after is lc.State.READY:
             self._became_ready(inst)
         elif after in (lc.State.UNLOADED, lc.State.FAILED):
             self._life_ended(inst)
+        self.deps.refresh(inst.plugin)
+
+    def mark_changed(self) -> None:
+        """Wake whoever waits in ``changed()``."""
+        self._changed.set()
+        self._changed = asyncio.Event()
 
     def _became_ready(self, inst: Instance) -> None:
         now = time.monotonic()
@@ -247,6 +264,7 @@ class Supervisor:
         if life.pid is not None and life.last_exit is not None:
             killpg_only(life.pid, 9)  # whatever the plugin forked dies with it
         inst.exited.set()
+        self.deps.life_ended(inst)
         log_fn = log.warning if life.abnormal_exit and not life.stop_requested else log.info
         log_fn(
             "%s (pid %s) ended: %s%s",
@@ -255,6 +273,8 @@ class Supervisor:
             lc.describe_exit(life.last_exit),
             f" ({life.failure})" if life.failure else "",
         )
+        if self.deps.boot_failure is not None and self._request_stop is not None:
+            self._request_stop()
         if life.stop_requested:
             effects = self.tree.child_stopped(inst.leaf, now)
         else:
@@ -361,7 +381,10 @@ class Supervisor:
             if inst.live:
                 log.error("tree asked to start %s, which is %s", inst.leaf, inst.life.state)
                 return
-            self.feed(inst, lc.StartRequested())
+            if self.deps.may_start(inst):
+                self.feed(inst, lc.StartRequested())
+            else:
+                self.mark_changed()
         elif isinstance(effect, ArmRestartTimer):
             self._loop.call_later(effect.delay, self._restart_timer, effect.token)
         elif isinstance(effect, GroupGaveUp):
@@ -380,8 +403,9 @@ class Supervisor:
             self.feed(inst, lc.StopRequested(reason))
             await inst.exited.wait()
         elif self.tree.leaf_state(inst.leaf) is LeafState.STOPPING:
-            # never started or already gone; a death reported as child_exited in the
-            # meantime already counted as this stop
+            # never started (perhaps held by the start gate) or already gone; a death
+            # reported as child_exited in the meantime already counted as this stop
+            self.deps.cancel(inst)
             self._tree_effects(self.tree.child_stopped(inst.leaf, time.monotonic()))
         self._check_all_stopped()
 

@@ -120,7 +120,8 @@ def test_defaults(tmp_path: Path) -> None:
 
     p = config.plugins["echo"]
     assert p.path == []
-    assert p.version == "0.0.0"
+    assert p.version is None  # planning makes it 0.0.0, or picks from plugins_dir
+    assert p.critical is False
     assert p.instances == 1
     assert p.restart is Restart.PERMANENT
     assert (p.shutdown_timeout, p.start_timeout) == (5.0, 10.0)
@@ -290,7 +291,7 @@ PLUGIN_ERRORS = [
         "must be one of 'permanent', 'transient' or 'temporary', got 'forever'",
     ),
     ("spawn = 'fork'", "plugins.echo.spawn", "must be one of 'zygote' or 'exec', got 'fork'"),
-    ("version = '1.0'", "plugins.echo.version", "must be a SemVer 2.0 version"),
+    ("version = 'one'", "plugins.echo.version", "must be a SemVer 2.0 version"),
     ("version = '01.0.0'", "plugins.echo.version", "must be a SemVer 2.0 version"),
     ("path = 'plugins'", "plugins.echo.path", "expected an array, got 'plugins'"),
     ("path = [5]", "plugins.echo.path[0]", "expected a path string, got 5"),
