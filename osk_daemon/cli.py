@@ -39,14 +39,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         config = load_config(args.file if args.command == "check-config" else args.config)
+        if args.command == "check-config":
+            return _check(args.file, config)
     except ConfigError as exc:
         print(f"osk-daemon: invalid config: {exc}", file=sys.stderr)
         return 2
-    if args.command == "check-config":
-        count = sum(p.instances for p in config.plugins.values())
-        print(f"{args.file}: ok ({len(config.plugins)} plugins, {count} instances)")
-        return 0
     return _run(config, args.log_level, args.log_format)
+
+
+def _check(shown: str, config: object) -> int:
+    """Resolve versions too, so a conflict shows here and not only at start."""
+    from osk_daemon.config import Config
+    from osk_daemon.versioning.planning import plan_start
+
+    assert isinstance(config, Config)
+    plan = plan_start(config)
+    plugins = plan.config.plugins
+    count = sum(p.instances for p in plugins.values())
+    print(f"{shown}: ok ({len(plugins)} plugins, {count} instances)")
+    for number, wave in enumerate(plan.waves):
+        names = ", ".join(f"{name} {plugins[name].version}" for name in wave)
+        print(f"  start wave {number}: {names}")
+    for name in plan.pulled_in:
+        print(f"  {name} is not in the config; started because others require it")
+    for warning in plan.warnings:
+        print(f"  warning: {warning}")
+    return 0
 
 
 def _run(config: object, level: str | None, fmt: str | None) -> int:

@@ -114,20 +114,25 @@ async def run_daemon(
             log.info("shutting down")
             await supervisor.shutdown()
             tg.cancel_scope.cancel()
-        deps = sup.deps
-        if deps.boot_failure is not None:
-            raise BootFailed(deps.boot_failure, deps.rolled_back)
     except BaseException:
         if supervisor is not None:
             log.critical("the daemon failed; killing its plugins so none is orphaned")
             supervisor.kill_all()
         raise
     finally:
+        previous = {}
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
+            # a second SIGTERM during the last cleanup must not cut it short and orphan
+            # the zygote or leave cgroups behind
+            previous[signum] = signal.signal(signum, signal.SIG_IGN)
         if zygote is not None:
             await zygote.aclose()
         confinement.close()  # kills and removes every instance cgroup left
         reaper.uninstall()
         zmq.Context.instance().destroy(linger=0)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         log.info("osk-daemon stopped")
+    if sup.deps.boot_failure is not None:
+        raise BootFailed(sup.deps.boot_failure, sup.deps.rolled_back)

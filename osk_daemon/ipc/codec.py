@@ -39,7 +39,7 @@ class Kind(enum.IntEnum):
     REQUEST = 4  # caller -> daemon -> worker; body = packed args
     REPLY = 5  # worker -> daemon -> caller; body = packed result
     ERROR = 6  # worker or daemon -> caller; body = packed error (OskError.to_wire)
-    EVENT = 7  # worker -> daemon; method = event name, body = packed data
+    EVENT = 7  # worker -> daemon, or daemon -> worker (dependency_down/up); method = name
     HEALTH = 8  # daemon -> worker; id = check id
     HEALTH_REPLY = 9  # worker -> daemon; body = {status, detail}
     STOP = 10  # daemon -> worker; run stop() and exit

@@ -265,6 +265,7 @@ class Supervisor:
             killpg_only(life.pid, 9)  # whatever the plugin forked dies with it
         inst.exited.set()
         self.deps.life_ended(inst)
+        self.deps.refresh(inst.plugin)  # now, before a restart below makes it "starting"
         log_fn = log.warning if life.abnormal_exit and not life.stop_requested else log.info
         log_fn(
             "%s (pid %s) ended: %s%s",

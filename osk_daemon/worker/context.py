@@ -18,7 +18,11 @@ from typing import Any, Protocol
 
 from osk_daemon.errors import Unavailable
 
-__all__ = ["Context", "ContextLink"]
+__all__ = ["RESERVED_EVENT_PREFIXES", "Context", "ContextLink"]
+
+# Event names the daemon itself publishes; a plugin emitting one could forge a sandbox
+# violation or a lifecycle event in the operator's event stream.
+RESERVED_EVENT_PREFIXES = ("sandbox:", "plugin:", "kernel:")
 
 
 class ContextLink(Protocol):
@@ -52,6 +56,7 @@ class Context:
         self.config: dict[str, Any] = dict(config or {})
         self.logger = logging.getLogger(f"osk.plugin.{name}")
         self.emitted: list[tuple[str, Any]] = []
+        self.dependencies_down: set[str] = set()  # kept by the runtime, see Plugin hooks
         self._link = link
 
     async def call(
@@ -74,8 +79,16 @@ class Context:
     def emit(self, event: str, data: Any = None) -> None:
         """Publish ``event`` with ``data`` through the daemon; returns without waiting.
 
-        Raises TypeError if ``data`` cannot be packed.
+        Raises ValueError if ``event`` starts with a name the daemon reserves for its own
+        events (``sandbox:``, ``plugin:``, ``kernel:``), TypeError if ``data`` cannot be
+        packed.
         """
+        if event.startswith(RESERVED_EVENT_PREFIXES):
+            raise ValueError(
+                f"plugin {self.name!r} cannot emit {event!r}: event names starting with "
+                f"{', '.join(repr(p) for p in RESERVED_EVENT_PREFIXES)} are the daemon's own; "
+                "pick another name (e.g. 'myplugin.thing')"
+            )
         if self._link is None:
             self.emitted.append((event, data))
             return

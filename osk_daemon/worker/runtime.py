@@ -99,6 +99,7 @@ def run_worker(spec: dict[str, Any]) -> NoReturn:
     os._exit(code)
 
 
+_DEPENDENCY_EVENTS = frozenset({"dependency_down", "dependency_up"})
 _DENIED = frozenset({errno.EACCES, errno.EPERM, errno.ENETUNREACH})
 
 
@@ -269,8 +270,36 @@ class _Worker:
             self.spawn(self.answer_health(header.id))
         elif header.kind is Kind.STOP:
             self.stopping.set()
+        elif header.kind is Kind.EVENT and header.method in _DEPENDENCY_EVENTS:
+            self.on_dependency_event(header.method, body)
         else:
             log.warning("dropped an unexpected %s frame", header.kind.name)
+
+    def on_dependency_event(self, event: str, body: bytes) -> None:
+        """``dependency_down``/``dependency_up`` from the daemon: update the context and
+        run the plugin's hook of that name in its own task (errors are logged)."""
+        if self.plugin is None:
+            return
+        try:
+            data = unpack(body, 65536)
+            dependency, optional = str(data["dependency"]), bool(data.get("optional"))
+        except (FrameError, KeyError, TypeError) as exc:
+            log.warning("dropped a malformed %s event: %s", event, exc)
+            return
+        down = self.plugin.ctx.dependencies_down
+        if event == "dependency_down":
+            down.add(dependency)
+        else:
+            down.discard(dependency)
+        self.spawn(self.run_hook(event, dependency, optional))
+
+    async def run_hook(self, event: str, dependency: str, optional: bool) -> None:
+        try:
+            result = getattr(self.plugin, event)(dependency, optional)
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            log.exception("plugin %r raised in %s(%r)", self.name, event, dependency)
 
     def on_request(self, header: Header, body: bytes) -> None:
         if header.deadline and time.monotonic() > header.deadline:

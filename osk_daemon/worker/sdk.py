@@ -117,6 +117,17 @@ class Plugin:
         """Answer a health check: a ``Health``, a status, a status name or a bool."""
         return HealthStatus.HEALTHY
 
+    async def dependency_down(self, name: str, optional: bool) -> None:
+        """``name``, a plugin this one requires (or, if ``optional``, uses when present),
+        went down: calls to it now fail (``Unavailable`` at once if it is stopped; while it
+        restarts they wait, up to their deadline, for the new instance). Unless the dependency
+        is optional or this plugin is ``offline_capable``, the daemon shows this plugin as
+        degraded until ``dependency_up``. ``self.ctx.dependencies_down`` is already updated."""
+
+    async def dependency_up(self, name: str, optional: bool) -> None:
+        """``name`` is up again (ready and healthy); nothing to do unless you cached its
+        absence."""
+
     async def export_state(self) -> Any:
         """State to hand to the next version on an upgrade (msgpack-able), or None."""
         return None
