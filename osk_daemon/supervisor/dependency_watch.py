@@ -156,7 +156,10 @@ class DependencyWatch:
             log.error("%s; rolling back: %s", self.boot_failure, ", ".join(self.rolled_back))
 
     def refresh(self, plugin: str) -> None:
-        """Recompute ``plugin``'s status; pass a change on to the gate and the tracker."""
+        """Recompute ``plugin``'s status; pass a change on to the gate and the tracker.
+        Not while the daemon shuts down: everything goes down then, and nothing restarts."""
+        if self._sup.shutting_down:
+            return
         status = plugin_status(
             self._instance_status(i) for i in self._sup.instances.values() if i.plugin == plugin
         )

@@ -149,6 +149,10 @@ class Supervisor:
             self._sampler.cancel()
         self.broker.close()
 
+    @property
+    def shutting_down(self) -> bool:
+        return self._shutting_down
+
     def kill_all(self) -> None:
         """Last resort when the daemon itself fails: SIGKILL every live plugin group."""
         for inst in self.instances.values():
