@@ -16,7 +16,7 @@ reaper (exit code 0 expected) before the next round, so rounds do not overlap.
 Then the same rounds per sandbox level (none, minimal, standard, strict, paranoid), with the
 request carrying a launch plan built the way ``Confinement._plan`` builds it:
 ``plan_for_level(level, parent_pid=<bench pid>, uid/gid of 'nobody' (standard+),
-read_paths=default_read_paths([bench/plugins]), write_paths=(<state dir>,))``, the network
+read_paths=default_read_paths([bench/plugins]), state_dir=<state dir>)``, the network
 not granted, ``require=True`` and ``cwd`` the state dir (owned by nobody, 0700, its parent
 0711, as ``_make_state_dir`` leaves it). The spawner is the one the daemon picks: the warm
 zygote, except paranoid, which always goes through ``ExecSpawner``. No cgroups: the plan's
@@ -250,7 +250,7 @@ def level_plans(state: Path, uid: int, gid: int) -> dict[SandboxLevel, LaunchPla
             uid=uid,
             gid=gid,
             read_paths=default_read_paths([str(PLUGINS)]),
-            write_paths=(str(state),),
+            state_dir=str(state),
             network_granted=False,
             require=True,
         )

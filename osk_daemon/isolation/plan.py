@@ -19,7 +19,8 @@ strict      + own network namespace and Landlock TCP bind/connect denied (ABI >=
             the network is granted; seccomp deny-list (ptrace, mount, bpf, ...) -> EPERM and
             ``socket()`` only for AF_UNIX unless the network is granted
 paranoid    + user namespace (entered as the plugin uid) and a seccomp allow-list (default
-            EPERM) instead of the deny-list
+            EPERM) instead of the deny-list; read-only everything but the state dir: the
+            extra ``write_paths`` are only readable
 ==========  ================================================================================
 
 ``check_plan`` says what a plan needs that the kernel lacks; with ``require=True`` the daemon
@@ -217,15 +218,18 @@ def plan_for_level(
     uid: int | None = None,
     gid: int | None = None,
     read_paths: Sequence[str] = (),
+    state_dir: str | None = None,
     write_paths: Sequence[str] = (),
     network_granted: bool = False,
     require: bool = True,
 ) -> LaunchPlan:
     """The plan a level implies; facts a level does not use are dropped, not kept.
 
-    none/minimal ignore uid, gid and paths; the network is only taken away from strict up
-    (unless ``network_granted``); paranoid adds the user namespace and the seccomp allow-list.
-    Raises ``SandboxError`` on an unknown rlimit name or soft > hard.
+    none/minimal ignore uid, gid and paths; standard and strict may write ``state_dir``
+    (the plugin's own) and ``write_paths`` (the operator's extra grants); the network is only
+    taken away from strict up (unless ``network_granted``); paranoid adds the user namespace
+    and the seccomp allow-list, and writes only ``state_dir``: its ``write_paths`` are
+    readable, not writable. Raises ``SandboxError`` on an unknown rlimit name or soft > hard.
     """
     level = SandboxLevel(level)
     plan = LaunchPlan(
@@ -236,18 +240,26 @@ def plan_for_level(
     )
     if level.rank >= SandboxLevel.MINIMAL.rank:
         plan = replace(plan, parent_pid=parent_pid)
+    own = () if state_dir is None else (str(state_dir),)
     if level.rank >= SandboxLevel.STANDARD.rank:
         plan = replace(
             plan,
             uid=uid,
             gid=gid,
             read_paths=tuple(read_paths),
-            write_paths=tuple(write_paths),
+            write_paths=tuple(dict.fromkeys([*own, *write_paths])),
         )
     if level.rank >= SandboxLevel.STRICT.rank:
         plan = replace(plan, network=network_granted, seccomp="deny")
     if level is SandboxLevel.PARANOID:
-        plan = replace(plan, user_namespace=True, seccomp="allow")
+        read_only = [p for p in write_paths if p not in own]
+        plan = replace(
+            plan,
+            user_namespace=True,
+            seccomp="allow",
+            read_paths=tuple(dict.fromkeys([*read_paths, *read_only])),
+            write_paths=own,
+        )
     return plan
 
 

@@ -12,7 +12,10 @@ OOM) as events.
 
 Whether a plugin's sandbox can be enforced at all is decided once, at daemon start
 (``check``): a level the kernel cannot enforce stops the daemon with a clear message,
-unless the plugin says ``sandbox.require = false`` — then it runs degraded, and says so.
+unless the plugin says ``sandbox.require = false`` — then it runs degraded, and says so:
+the daemon logs it and ``degradation(name)`` keeps what was not enforced for status. An
+unknown ``sandbox.user`` or ``sandbox.group`` is the operator's mistake, not a missing
+kernel feature, so it stops the daemon whatever ``require`` says.
 """
 
 from __future__ import annotations
@@ -75,6 +78,7 @@ class Confinement:
     features: KernelFeatures = field(default_factory=probe_kernel)
     _seen: dict[str, _Seen] = field(default_factory=dict)
     _kept: dict[str, Prepared] = field(default_factory=dict)  # reused across restarts
+    _degraded: dict[str, tuple[str, ...]] = field(default_factory=dict)  # from check()
 
     @classmethod
     def open(cls, config: Config) -> Confinement:
@@ -97,9 +101,26 @@ class Confinement:
     # ---- at daemon start ------------------------------------------------------------
 
     def check(self) -> list[str]:
-        """Refuse what cannot be enforced; returns warnings for degraded plugins."""
+        """Refuse what cannot be enforced; returns warnings for degraded plugins.
+
+        Raises ``ConfigError`` naming the config file and key for an unknown sandbox user
+        or group (always), and for a sandbox the host cannot enforce (unless the plugin
+        has ``sandbox.require = false``; then what was skipped is kept for
+        ``degradation``). Cost: one passwd/group lookup and one plan per plugin.
+        """
         warnings: list[str] = []
+        self._degraded.clear()
         for name, plugin in self.config.plugins.items():
+            if plugin.sandbox.level.rank >= SandboxLevel.STANDARD.rank:
+                sandbox = plugin.sandbox
+                resolve_user(name, sandbox.user, sandbox.group, file=str(self.config.source))
+            if plugin.sandbox.level is SandboxLevel.PARANOID and plugin.sandbox.filesystem.write:
+                log.warning(
+                    "%s: plugins.%s.sandbox.filesystem.write is read-only at the paranoid "
+                    "level (only its state dir is writable)",
+                    self.config.source,
+                    name,
+                )
             problems = self._problems(name, plugin)
             if not problems:
                 continue
@@ -111,22 +132,25 @@ class Confinement:
                     f"cannot be enforced on this host: {text} "
                     "(set sandbox.require = false to run it degraded)",
                 )
+            self._degraded[name] = tuple(problems)
             warnings.append(f"{name}: running degraded, not enforced: {text}")
         return warnings
+
+    def degradation(self, name: str) -> tuple[str, ...]:
+        """What ``check`` found unenforceable for a ``require = false`` plugin, as
+        "step: reason" lines; () when everything is enforced (or before ``check``)."""
+        return self._degraded.get(name, ())
 
     def _problems(self, name: str, plugin: PluginConfig) -> list[str]:
         problems: list[str] = []
         limits = plugin.limits
         wanted = {"memory": limits.memory, "cpu": limits.cpu, "pids": limits.pids}
         have = self.cgroups.supports() if self.cgroups is not None else {}
+        why = "cgroups are off" if self.cgroups is None else "this host's cgroups lack it"
         for key, value in wanted.items():
             if value is not None and not have.get(key, False):
-                problems.append(f"limits.{key} needs the {key} cgroup controller")
-        try:
-            plan = self._plan(name, plugin, 0, ())
-        except ConfigError as exc:
-            return [*problems, exc.reason]
-        problems.extend(check_plan(plan, self.features))
+                problems.append(f"limits.{key}: needs the {key} cgroup controller ({why})")
+        problems.extend(check_plan(self._plan(name, plugin, 0, ()), self.features))
         return problems
 
     # ---- per spawn ------------------------------------------------------------------
@@ -223,7 +247,7 @@ class Confinement:
                 rlimits.append((rname, int(value), int(value)))
         uid = gid = None
         if sandbox.level.rank >= SandboxLevel.STANDARD.rank:
-            uid, gid = resolve_user(name, sandbox.user, sandbox.group)
+            uid, gid = resolve_user(name, sandbox.user, sandbox.group, file=str(self.config.source))
         code = [str(p) for p in plugin.path] + [str(p) for p in sandbox.filesystem.read]
         return plan_for_level(
             level,
@@ -233,10 +257,8 @@ class Confinement:
             uid=uid,
             gid=gid,
             read_paths=default_read_paths(code),
-            write_paths=(
-                str(self.state_dir(name)),
-                *(str(p) for p in sandbox.filesystem.write),
-            ),
+            state_dir=str(self.state_dir(name)),
+            write_paths=tuple(str(p) for p in sandbox.filesystem.write),
             network_granted=sandbox.network,
             require=sandbox.require,
         )
@@ -257,18 +279,32 @@ def cgroup_name(runtime_dir: Path) -> str:
     return f"osk-{digest.hexdigest()[:10]}"
 
 
-def resolve_user(plugin: str, user: str | int, group: str | int | None) -> tuple[int, int]:
-    """The uid and gid a plugin runs as; unknown names are a config error."""
+def resolve_user(
+    plugin: str, user: str | int, group: str | int | None, *, file: str = ""
+) -> tuple[int, int]:
+    """The uid and gid a plugin runs as.
+
+    Raises ``ConfigError`` (``file``, key ``plugins.NAME.sandbox.user`` or ``.group``) for a
+    user or group this host does not know, whatever ``sandbox.require`` says.
+    """
     try:
         entry = pwd.getpwuid(user) if isinstance(user, int) else pwd.getpwnam(user)
     except KeyError:
-        raise ConfigError("", f"plugins.{plugin}.sandbox.user", f"no such user {user!r}") from None
+        raise ConfigError(
+            file,
+            f"plugins.{plugin}.sandbox.user",
+            f"no such user {user!r} on this host (create it, or name an existing user; "
+            "sandbox.require = false does not cover this)",
+        ) from None
     if group is None:
         return entry.pw_uid, entry.pw_gid
     try:
         gentry = grp.getgrgid(group) if isinstance(group, int) else grp.getgrnam(group)
     except KeyError:
         raise ConfigError(
-            "", f"plugins.{plugin}.sandbox.group", f"no such group {group!r}"
+            file,
+            f"plugins.{plugin}.sandbox.group",
+            f"no such group {group!r} on this host (create it, or name an existing group; "
+            "sandbox.require = false does not cover this)",
         ) from None
     return entry.pw_uid, gentry.gr_gid

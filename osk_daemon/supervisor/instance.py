@@ -44,6 +44,8 @@ class Instance:
     close_output: Callable[[], None] | None = None
     prepared: Prepared | None = None  # its cgroup and launch plan, while it lives
     usage: dict[str, Any] = field(default_factory=dict)  # last cgroup sample
+    # what its sandbox does not enforce (require = false), as Confinement.check found it
+    sandbox_degraded: tuple[str, ...] = ()
 
     @classmethod
     def create(cls, plugin: str, index: int, cfg: PluginConfig) -> Instance:
@@ -129,6 +131,7 @@ class Instance:
             "last_exit": describe_exit(self.life.last_exit),
             "detail": self.life.failure or self.health.detail or "",
             "sandbox": self.config.sandbox.level.value,
+            "sandbox_degraded": list(self.sandbox_degraded),
             **(self.usage if self.live else {}),
         }
 

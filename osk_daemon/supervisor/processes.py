@@ -61,6 +61,7 @@ class InstanceProcesses:
         inst.spawned_at = inst.last_seen = time.monotonic()
         inst.exited = asyncio.Event()
         inst.usage = {}
+        inst.sandbox_degraded = self._confinement.degradation(inst.plugin)
         try:
             inst.prepared = self._confinement.prepare(inst.plugin, inst.config, inst.index)
         except OskError as exc:

@@ -42,9 +42,27 @@ def test_unenforceable_level_is_refused_naming_the_plugin(tmp_path: Path) -> Non
 
 
 def test_require_false_degrades_with_a_warning(tmp_path: Path) -> None:
-    warnings = confinement(tmp_path, 'level = "strict"\nrequire = false', NOTHING).check()
+    conf = confinement(tmp_path, 'level = "strict"\nrequire = false', NOTHING)
+    assert conf.degradation("p") == ()
+    warnings = conf.check()
     assert len(warnings) == 1
     assert warnings[0].startswith("p: running degraded")
+    steps = [line.split(":", 1)[0] for line in conf.degradation("p")]
+    assert steps == ["no_new_privs", "landlock", "net_namespace", "seccomp"]
+    assert conf.degradation("other") == ()
+
+
+def test_limit_without_cgroups_with_require_false_is_a_degradation(tmp_path: Path) -> None:
+    cfg = tmp_path / "osk.toml"
+    cfg.write_text(
+        '[plugins.p]\nentry = "m:C"\n[plugins.p.limits]\nmemory = "64MiB"\n'
+        "[plugins.p.sandbox]\nrequire = false\n"
+    )
+    conf = Confinement(load_config(cfg), cgroups=None, features=EVERYTHING)
+    assert len(conf.check()) == 1
+    assert conf.degradation("p") == (
+        "limits.memory: needs the memory cgroup controller (cgroups are off)",
+    )
 
 
 def test_enforceable_level_passes(tmp_path: Path) -> None:
@@ -58,9 +76,26 @@ def test_limits_without_cgroups_are_refused(tmp_path: Path) -> None:
         Confinement(load_config(cfg), cgroups=None, features=EVERYTHING).check()
 
 
-def test_unknown_user_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="no such user"):
-        confinement(tmp_path, 'level = "standard"\nuser = "no-such-user-xyz"', EVERYTHING).check()
+@pytest.mark.parametrize("require", ["true", "false"])
+@pytest.mark.parametrize("features", [EVERYTHING, NOTHING], ids=["enforceable", "bare-kernel"])
+def test_unknown_user_is_refused_whatever_require_says(
+    tmp_path: Path, require: str, features: KernelFeatures
+) -> None:
+    sandbox = f'level = "standard"\nuser = "no-such-user-xyz"\nrequire = {require}'
+    with pytest.raises(ConfigError) as err:
+        confinement(tmp_path, sandbox, features).check()
+    assert err.value.file == str(tmp_path / "osk.toml")
+    assert err.value.key == "plugins.p.sandbox.user"
+    assert "no such user 'no-such-user-xyz'" in err.value.reason
+
+
+def test_unknown_group_is_refused_with_require_false(tmp_path: Path) -> None:
+    sandbox = 'level = "strict"\ngroup = "no-such-group-xyz"\nrequire = false'
+    with pytest.raises(ConfigError) as err:
+        confinement(tmp_path, sandbox, NOTHING).check()
+    assert err.value.file == str(tmp_path / "osk.toml")
+    assert err.value.key == "plugins.p.sandbox.group"
+    assert "no such group 'no-such-group-xyz'" in err.value.reason
 
 
 def test_cgroup_subtree_is_named_per_runtime_dir() -> None:

@@ -25,7 +25,8 @@ FACTS: dict[str, Any] = {
     "uid": 65534,
     "gid": 65534,
     "read_paths": ("/usr", "/code"),
-    "write_paths": ("/state",),
+    "state_dir": "/state",
+    "write_paths": ("/shared",),
 }
 
 # level -> fields the plan must have (everything else: the LaunchPlan default)
@@ -37,14 +38,14 @@ EXPECTED: dict[SandboxLevel, dict[str, Any]] = {
         "uid": 65534,
         "gid": 65534,
         "read_paths": ("/usr", "/code"),
-        "write_paths": ("/state",),
+        "write_paths": ("/state", "/shared"),
     },
     SandboxLevel.STRICT: {
         "parent_pid": 42,
         "uid": 65534,
         "gid": 65534,
         "read_paths": ("/usr", "/code"),
-        "write_paths": ("/state",),
+        "write_paths": ("/state", "/shared"),
         "network": False,
         "seccomp": "deny",
     },
@@ -52,7 +53,7 @@ EXPECTED: dict[SandboxLevel, dict[str, Any]] = {
         "parent_pid": 42,
         "uid": 65534,
         "gid": 65534,
-        "read_paths": ("/usr", "/code"),
+        "read_paths": ("/usr", "/code", "/shared"),  # read-only everything but the state dir
         "write_paths": ("/state",),
         "network": False,
         "seccomp": "allow",
