@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import errno
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -177,6 +179,17 @@ def test_strict_refuses_network_and_ptrace(public_plugins: Path) -> None:
         assert "unreachable" in str(err.value) or "not permitted" in str(err.value)
         with pytest.raises(ControlError, match="not permitted"):
             d.call("box", "ptrace")
+        # the handler failed with seccomp's EPERM: the SDK reported it to the daemon
+        ptrace_violations = d.wait_until(
+            lambda: [
+                e
+                for e in events_of(d, "sandbox:violation")
+                if e.get("detail", "").startswith("ptrace:")
+            ],
+            what="the ptrace violation event",
+        )
+        assert ptrace_violations[0]["pluginName"] == "box"
+        assert "Operation not permitted" in ptrace_violations[0]["detail"]
         assert d.row("box")["state"] == "ready"
 
 
@@ -191,16 +204,9 @@ def test_paranoid_runs_in_a_user_namespace_with_an_allow_list(public_plugins: Pa
         assert d.call("box", "echo", {"text": "still works"})["text"] == "still works"
 
 
-def test_unenforceable_level_is_refused_at_start_unless_degraded_is_allowed(
-    tmp_path: Path,
-) -> None:
-    import subprocess
-    import sys
-
+def start_refused(tmp_path: Path, body: str) -> str:
+    """Run the daemon on ``body``; it must refuse to start (exit 2). Returns its stderr."""
     cfg = tmp_path / "osk.toml"
-    body = daemon_config(
-        plugin_block("box", sandbox={"level": "standard", "user": "no-such-user-xyz"})
-    )
     cfg.write_text(body)
     proc = subprocess.run(
         [sys.executable, "-m", "osk_daemon.cli", "run", "--config", str(cfg)],
@@ -209,6 +215,38 @@ def test_unenforceable_level_is_refused_at_start_unless_degraded_is_allowed(
         timeout=30,
         check=False,
     )
-    assert proc.returncode == 2
-    assert "plugins.box.sandbox" in proc.stderr
+    assert proc.returncode == 2, proc.stderr
     assert not leftover_cgroups(tmp_path / "run")
+    return proc.stderr
+
+
+@pytest.mark.parametrize("require", [True, False])
+def test_unknown_user_is_refused_at_start_whatever_require_says(
+    tmp_path: Path, require: bool
+) -> None:
+    sandbox = {"level": "standard", "user": "no-such-user-xyz", "require": require}
+    stderr = start_refused(tmp_path, daemon_config(plugin_block("box", sandbox=sandbox)))
+    assert f"{tmp_path / 'osk.toml'}: plugins.box.sandbox.user: no such user" in stderr
+    assert "no-such-user-xyz" in stderr
+
+
+def test_limit_the_host_cannot_enforce_is_refused_when_required(tmp_path: Path) -> None:
+    body = daemon_config(plugin_block("box", limits={"memory": "64MiB"}), cgroups=False)
+    stderr = start_refused(tmp_path, body)
+    assert "plugins.box.sandbox: cannot be enforced on this host" in stderr
+    assert "limits.memory" in stderr
+
+
+def test_require_false_runs_degraded_and_status_says_what_is_not_enforced() -> None:
+    """cgroups off plus a memory limit: the limit cannot be enforced, the plugin runs."""
+    box = plugin_block("box", limits={"memory": "64MiB"}, sandbox={"require": False})
+    body = daemon_config(box + plugin_block("full"), cgroups=False)
+    with running_daemon(body) as d:
+        row = d.row("box")
+        assert row["state"] == "ready"
+        assert d.call("box", "echo", {"text": "degraded"})["text"] == "degraded"
+        assert row["sandbox_degraded"] == [
+            "limits.memory: needs the memory cgroup controller (cgroups are off)"
+        ]
+        assert d.row("full")["sandbox_degraded"] == []
+        assert "sandbox degraded: box: running degraded" in d.log.read_text()
