@@ -37,6 +37,7 @@ from osk_daemon.isolation.plan import (
 )
 from osk_daemon.isolation.privileges import PR_GET_PDEATHSIG, get_pdeathsig
 from osk_daemon.isolation.probe import libc, probe_kernel
+from osk_daemon.isolation.seccomp import ALLOW_SYSCALLS, DENY_SYSCALLS
 from osk_daemon.isolation.sequence import apply_in_child
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
@@ -113,11 +114,15 @@ def mount_tmpfs(target: str) -> str:
 
 @pytest.fixture
 def box() -> Iterator[Path]:
-    """A directory uid 65534 can reach: ``rw/`` (the write path) and ``outside.txt``."""
+    """A directory uid 65534 can reach: ``state/`` (the plugin's state dir, with ``mine.txt``
+    owned by 65534), ``rw/`` (an extra write path) and ``outside.txt``."""
     root = Path(tempfile.mkdtemp(prefix="osk-sbx-"))
     root.chmod(0o755)
-    (root / "rw").mkdir(mode=0o777)
-    (root / "rw").chmod(0o777)
+    for sub in ("state", "rw"):
+        (root / sub).mkdir(mode=0o777)
+        (root / sub).chmod(0o777)
+    (root / "state" / "mine.txt").write_text("mine")
+    os.chown(root / "state" / "mine.txt", NOBODY, NOBODY)
     (root / "rw" / "data.txt").write_text("inside")
     (root / "rw" / "data.txt").chmod(0o666)
     (root / "outside.txt").write_text("outside")
@@ -133,6 +138,7 @@ def confined(level: SandboxLevel, box: Path, **kw: Any) -> LaunchPlan:
         uid=NOBODY,
         gid=NOBODY,
         read_paths=default_read_paths([]),
+        state_dir=str(box / "state"),
         write_paths=(str(box / "rw"),),
         **kw,
     )
@@ -150,10 +156,6 @@ def test_minimal_sets_no_new_privs_and_pdeathsig() -> None:
 
     out = run_in_child(body)
     assert out == {"ok": True, "skipped": [], "nnp": "1", "pds": int(signal.SIGKILL)}
-
-
-def test_minimal_own_session() -> None:
-    pytest.skip("a new session is the spawner's job (launch.child_main calls setsid)")
 
 
 def test_pdeathsig_waits_for_reparenting_and_kills_with_the_parent() -> None:
@@ -352,7 +354,8 @@ def test_paranoid_user_namespace_allow_list_and_python_still_works(box: Path) ->
             "mount": mount_tmpfs(str(box / "rw")),
             "inet": attempt(lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM).close()),
             "read": (box / "rw" / "data.txt").read_text(),
-            "write": attempt(lambda: (box / "rw" / "p.txt").write_text("p")),
+            "write_extra": attempt(lambda: (box / "rw" / "p.txt").write_text("p")),
+            "write_state": attempt(lambda: (box / "state" / "p.txt").write_text("p")),
             "read_outside": attempt((box / "outside.txt").read_text),
             "zmq": asyncio.run(zmq_ping()).decode(),
         }
@@ -391,11 +394,44 @@ def test_paranoid_user_namespace_allow_list_and_python_still_works(box: Path) ->
     assert out["ptrace"] == "EPERM"
     assert out["mount"] == "EPERM"
     assert out["inet"] == "EPERM"
-    assert out["read"] == "inside"
-    assert out["write"] == "ok"
+    assert out["read"] == "inside"  # filesystem.write paths stay readable...
+    assert out["write_extra"] == "EACCES"  # ...but only the state dir is writable
+    assert out["write_state"] == "ok"
     assert out["read_outside"] == "EACCES"
     assert out["zmq"] == "pong"
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+@needs_root
+@needs_landlock
+@needs_seccomp
+@needs_ns
+@pytest.mark.parametrize(
+    ("level", "want"), [(SandboxLevel.STRICT, "ok"), (SandboxLevel.PARANOID, "EPERM")]
+)
+def test_allow_list_refuses_what_the_deny_list_lets_through(
+    box: Path, level: SandboxLevel, want: str
+) -> None:
+    """fchown is in neither list: the deny-list lets it through, the allow-list does not.
+
+    ``fchown(fd, -1, -1)`` on the plugin's own file changes nothing and cannot fail for lack
+    of permission, so an EPERM can only come from the filter.
+    """
+    assert "fchown" not in DENY_SYSCALLS and "fchown" not in ALLOW_SYSCALLS
+    plan = confined(level, box)
+    mine = box / "state" / "mine.txt"
+
+    def body() -> dict[str, Any]:
+        skipped = apply_in_child(plan)
+        fd = os.open(mine, os.O_RDONLY)
+        try:
+            result = attempt(lambda: os.fchown(fd, -1, -1))
+        finally:
+            os.close(fd)
+        return {"skipped": skipped, "fchown": result, "getpid": os.getpid() > 0}
+
+    out = run_in_child(body)
+    assert out == {"ok": True, "skipped": [], "fchown": want, "getpid": True}
 
 
 # ---- rlimits -------------------------------------------------------------------------
