@@ -170,6 +170,16 @@ async def test_detached_context() -> None:
         await ctx.call("other", "m")
 
 
+@pytest.mark.parametrize("event", ["sandbox:violation", "plugin:oom", "kernel:shutdown"])
+def test_emit_refuses_the_daemons_own_event_names(event: str) -> None:
+    ctx = Context("demo")
+    with pytest.raises(ValueError, match=f"cannot emit '{event}'"):
+        ctx.emit(event, {"forged": True})
+    assert ctx.emitted == []
+    ctx.emit("demo.sandbox:ok")  # the prefix only counts at the start
+    assert ctx.emitted == [("demo.sandbox:ok", None)]
+
+
 def test_load_plugin_class_rejects_non_plugins() -> None:
     with pytest.raises(PluginLoadError, match="not a subclass"):
         load_plugin_class("logging:Logger", [])
