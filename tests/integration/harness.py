@@ -9,8 +9,10 @@ arrives, up to a deadline.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -48,22 +50,33 @@ class Daemon:
     # ---- process -----------------------------------------------------------------------
 
     def start(self, timeout: float = 20.0) -> None:
-        with self.log.open("wb") as log:
+        """Start the daemon; return once its control socket accepts connections.
+
+        Waits on two fds, up to ``timeout``: an inotify watch on the runtime dir (the daemon
+        renames the listening socket into place) and a pidfd (the daemon exited early).
+        """
+        self.runtime.mkdir(mode=0o711, exist_ok=True)  # to watch it before the daemon runs
+        with _DirWatch(self.runtime) as watch, self.log.open("wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "osk_daemon.cli", "run", "--config", str(self.config)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        deadline = time.monotonic() + timeout
-        while not self.socket.exists():
-            if self.proc.poll() is not None:
-                raise AssertionError(f"daemon exited early:\n{self.log.read_text()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no control socket:\n{self.log.read_text()}")
-            # the daemon creates the socket within milliseconds; a pid wait with a tiny
-            # timeout is the cheapest way to yield here without a busy loop
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(0.01)
+            pidfd = os.pidfd_open(self.proc.pid)
+            try:
+                deadline = time.monotonic() + timeout
+                while not self.socket.exists():
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise AssertionError(f"no control socket:\n{self.log.read_text()}")
+                    ready, _, _ = select.select([watch.fd, pidfd], [], [], left)
+                    if pidfd in ready:
+                        self.proc.wait()
+                        raise AssertionError(f"daemon exited early:\n{self.log.read_text()}")
+                    if watch.fd in ready:
+                        watch.drain()
+            finally:
+                os.close(pidfd)
 
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM the daemon (by pid), wait, and check that every plugin is gone."""
@@ -148,6 +161,36 @@ class Daemon:
             r["state"] == "ready" and r["health"] in ("healthy", "unknown", "recovering")
             for r in rows
         )
+
+
+class _DirWatch:
+    """An inotify watch for names created or moved into ``path`` (glibc's calls, via ctypes:
+    the stdlib has no inotify). ``fd`` turns readable when something happened there."""
+
+    _IN_NONBLOCK_CLOEXEC = os.O_NONBLOCK | os.O_CLOEXEC
+    _IN_CREATE, _IN_MOVED_TO = 0x100, 0x80
+
+    def __init__(self, path: Path) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        self.fd: int = libc.inotify_init1(self._IN_NONBLOCK_CLOEXEC)
+        if self.fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1")
+        mask = self._IN_CREATE | self._IN_MOVED_TO
+        if libc.inotify_add_watch(self.fd, os.fsencode(path), mask) < 0:
+            errno = ctypes.get_errno()
+            os.close(self.fd)
+            raise OSError(errno, f"inotify_add_watch {path}")
+
+    def drain(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self.fd, 4096):
+                pass
+
+    def __enter__(self) -> _DirWatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
 
 
 def leftover_cgroups(runtime_dir: Path) -> list[str]:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import shutil
 import tempfile
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 import pytest
 import zmq
@@ -27,6 +28,9 @@ class Harness:
         self.workers = f"ipc://{tmp}/w.sock"
         self.seen: list[tuple[InstanceKey, Kind]] = []
         self.sockets: list[zmq.asyncio.Socket] = []
+        self.heard = asyncio.Event()  # set by the broker's listener (the fixture's)
+        self._worker_side: set[zmq.asyncio.Socket] = set()
+        self._tokens = itertools.count()
 
     def dealer(self, endpoint: str | None = None) -> zmq.asyncio.Socket:
         """A caller's socket (client endpoint) unless another endpoint is given."""
@@ -34,24 +38,39 @@ class Harness:
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(endpoint or self.clients)
         self.sockets.append(sock)
+        if endpoint == self.workers:
+            self._worker_side.add(sock)
         return sock
 
     async def worker(self, key: InstanceKey, token: str = "t") -> zmq.asyncio.Socket:
-        self.broker.declare(key[0])
-        self.broker.expect(token, key)
         sock = self.dealer(self.workers)
-        await sock.send_multipart([encode_header(Kind.HELLO), pack({"token": token})])
-        await wait_for(lambda: (key, Kind.HELLO) in self.seen)
+        await self.hello(sock, key, token)
         return sock
 
+    async def hello(self, sock: zmq.asyncio.Socket, key: InstanceKey, token: str) -> None:
+        """Bind ``sock`` to ``key``; returns once the broker has passed the HELLO on."""
+        self.broker.declare(key[0])
+        self.broker.expect(token, key)
+        await sock.send_multipart([encode_header(Kind.HELLO), pack({"token": token})])
+        async with asyncio.timeout(5):
+            while (key, Kind.HELLO) not in self.seen:
+                await self.heard.wait()
+                self.heard.clear()
 
-async def wait_for(predicate: Any, timeout: float = 5.0) -> None:
-    import anyio
+    async def barrier(self, sock: zmq.asyncio.Socket) -> None:
+        """Return once the broker has handled everything ``sock`` sent before.
 
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await anyio.sleep(0.001)  # yield to the loop; the deadline bounds it
+        ZeroMQ keeps one connection's messages in order, so the answer to a request for a
+        plugin nobody declared (answered at once) comes after everything sent earlier. A
+        worker socket that never said HELLO is bound first (its earlier frames stay
+        unauthenticated: the broker has already dropped them by then).
+        """
+        if sock in self._worker_side:
+            n = next(self._tokens)
+            await self.hello(sock, (f"barrier{n}", 0), f"barrier-token-{n}")
+        await request(sock, 999_999, "nobody-declared-this")
+        header, body = await recv(sock)
+        assert (header.id, unpack(body)["code"]) == (999_999, Unavailable.code)
 
 
 async def recv(sock: zmq.asyncio.Socket, timeout: float = 5.0) -> tuple[Header, bytes]:
@@ -64,10 +83,16 @@ async def h() -> AsyncIterator[Harness]:
     tmp = tempfile.mkdtemp(prefix="osk-broker-")
     ctx = zmq.asyncio.Context()
     seen: list[tuple[InstanceKey, Kind]] = []
+    heard = asyncio.Event()
+
+    def listener(key: InstanceKey, header: Header, body: bytes) -> None:
+        seen.append((key, header.kind))
+        heard.set()
+
     broker = Broker(
         f"ipc://{tmp}/c.sock",
         f"ipc://{tmp}/w.sock",
-        lambda key, header, body: seen.append((key, header.kind)),
+        listener,
         max_message_size=1 << 16,
         default_timeout=2.0,
         ctx=zmq.Context(),
@@ -75,6 +100,7 @@ async def h() -> AsyncIterator[Harness]:
     broker.start()
     harness = Harness(broker, ctx, tmp)
     harness.seen = seen
+    harness.heard = heard
     yield harness
     for sock in harness.sockets:
         sock.close(0)
@@ -126,7 +152,7 @@ async def test_stopped_plugin_refuses_and_queued_requests_fail(h: Harness) -> No
     h.broker.declare("s")
     client = h.dealer()
     await request(client, 1, "s")
-    await wait_for(lambda: h.broker.stats.requests == 1)
+    await h.barrier(client)  # request 1 is queued now
     h.broker.set_accepting("s", False)
     header, body = await recv(client)
     assert unpack(body)["code"] == Unavailable.code
@@ -165,12 +191,17 @@ async def test_least_loaded_instance_is_chosen(h: Harness) -> None:
     client = h.dealer()
     for i in range(4):
         await request(client, i, "p")
-    got = [0, 0]
-    for idx, sock in enumerate((w0, w1)):
-        while await sock.poll(200):
-            await sock.recv_multipart()
-            got[idx] += 1
-    assert got == [2, 2]
+    got = {w0: 0, w1: 0}
+    poller = zmq.asyncio.Poller()
+    for sock in got:
+        poller.register(sock, zmq.POLLIN)
+    async with asyncio.timeout(5):
+        while sum(got.values()) < 4:  # exactly 4 requests exist: no "no more frames" wait
+            for sock, _ in await poller.poll():
+                header, _body = split_dealer_frames(await sock.recv_multipart())
+                assert header.kind is Kind.REQUEST
+                got[sock] += 1
+    assert list(got.values()) == [2, 2]
 
 
 async def test_local_call(h: Harness) -> None:
@@ -191,19 +222,20 @@ async def test_local_call(h: Harness) -> None:
 
 
 async def test_garbage_is_dropped_and_counted_and_the_broker_lives_on(h: Harness) -> None:
-    for evil in (h.dealer(), h.dealer(h.workers)):
+    evils = [h.dealer(), h.dealer(h.workers)]
+    for evil in evils:
         await evil.send_multipart([b"only one frame"])
         await evil.send_multipart([b"\xc1", b""])
         await evil.send_multipart([b"a", b"b", b"c", b"d"])
         await evil.send_multipart([encode_header(Kind.REPLY, 1), b""])  # never said HELLO
         await evil.send_multipart([encode_header(Kind.HELLO), pack({"token": "forged"})])
         await evil.send_multipart([encode_header(Kind.STOP), b""])  # a daemon-only kind
-    await wait_for(lambda: h.broker.stats.dropped_malformed >= 9)
-    await wait_for(lambda: h.broker.stats.dropped_unauthenticated >= 3)
-    client = h.dealer()
-    await request(client, 1, "none")
-    header, _ = await recv(client)
-    assert header.id == 1  # still answering
+    for evil in evils:
+        await h.barrier(evil)  # still answering, and everything above was handled
+    # 3 unsplittable on each socket; on the client socket also REPLY, HELLO and STOP (not
+    # REQUEST); on the worker socket REPLY, the forged HELLO and STOP are unauthenticated
+    assert h.broker.stats.dropped_malformed == 9
+    assert h.broker.stats.dropped_unauthenticated == 3
 
 
 async def test_unauthenticated_workers_cannot_call_plugins(h: Harness) -> None:
@@ -211,11 +243,14 @@ async def test_unauthenticated_workers_cannot_call_plugins(h: Harness) -> None:
     h.broker.set_ready(("echo", 0), True)
     stranger = h.dealer(h.workers)
     await request(stranger, 1, "echo")
-    await wait_for(lambda: h.broker.stats.dropped_unauthenticated >= 1)
-    assert not await worker.poll(50)  # nothing was routed
-    await request(worker, 2, "echo")  # an authenticated worker may call (itself, here)
-    header, _ = await recv(worker)
-    assert header.kind is Kind.REQUEST
+    await h.barrier(stranger)
+    assert h.broker.stats.dropped_unauthenticated == 1
+    # an authenticated worker may call (itself, here); had the stranger's request been
+    # routed, it would have reached the worker first
+    header = encode_header(Kind.REQUEST, 2, "echo", "from-worker", 0.0)
+    await worker.send_multipart([header, pack(None)])
+    got, _ = await recv(worker)
+    assert (got.kind, got.method) == (Kind.REQUEST, "from-worker")
 
 
 async def test_reply_from_another_peer_is_ignored(h: Harness) -> None:

@@ -15,7 +15,6 @@ import select
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -76,6 +75,18 @@ print(json.dumps({"ok": ok, "failed": failed}), flush=True)
 
 SPINNER = """
 print("joined", flush=True)
+while True:
+    pass
+"""
+
+# Burns 50 ms of CPU *inside* the cgroup, then says so and keeps spinning. Under a quota of
+# 10 ms per 100 ms period that cannot happen without being throttled in at least one period,
+# so once the line arrives the counter must show it (no waiting on the clock).
+SPIN_PAST_QUOTA = """
+start = time.process_time()
+while time.process_time() - start < 0.05:
+    pass
+print("spun", flush=True)
 while True:
     pass
 """
@@ -184,13 +195,6 @@ def read_line(proc: subprocess.Popen[str], timeout: float = 20.0) -> str:
     return proc.stdout.readline().strip()
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached before the deadline"
-        time.sleep(0.01)
-
-
 def dirs_of(cg: InstanceCgroup) -> list[Path]:
     return [Path(p).parent for p in cg.procs_files]
 
@@ -294,14 +298,10 @@ def test_fork_bomb_stops_at_pids_max(cgroups: Cgroups, spawn: Spawn) -> None:
 def test_cpu_spinner_is_throttled(cgroups: Cgroups, spawn: Spawn) -> None:
     need(cgroups, "cpu")
     cg = cgroups.create("spin-0", CgroupLimits(cpu_quota=0.1))
-    proc = spawn(cg, SPINNER)
-    assert read_line(proc) == "joined"
-
-    def throttled() -> bool:
-        return (cg.usage().nr_throttled or 0) > 0
-
-    wait_for(throttled)
+    proc = spawn(cg, SPIN_PAST_QUOTA)
+    assert read_line(proc) == "spun"
     usage = cg.usage()
+    assert (usage.nr_throttled or 0) > 0, usage
     assert usage.throttled_seconds is None or usage.throttled_seconds > 0
     assert usage.cpu_seconds is None or usage.cpu_seconds > 0
     cg.kill()
