@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 import zmq
@@ -80,10 +82,62 @@ def test_external_client_api_talks_to_the_broker() -> None:
 
 def test_plugin_output_reaches_logs_with_names() -> None:
     with running_daemon(basic_config()) as d:
-        d.call("echo", "echo", {"text": "x"})
-        d.wait_until(lambda: d.ctl("logs", name="echo", lines=50) is not None)
-        lines = d.ctl("logs", name="echo", lines=100)
-        assert isinstance(lines, list)
+        oskctl = [sys.executable, "-m", "osk_daemon.control.oskctl", "--socket", str(d.socket)]
+        follow = subprocess.Popen(
+            [*oskctl, "logs", "echo", "-f"],  # the tail, then live: no race with the print
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        out, err = f"marker-{os.getpid()}-out", f"marker-{os.getpid()}-err"
+        try:
+            out_instance = d.call("echo", "say", {"text": out})
+            err_instance = d.call("echo", "say", {"text": err, "stream": "stderr"})
+            shown = read_until(follow, {out, err})
+        finally:
+            follow.kill()
+            follow.communicate(timeout=10)
+        assert shown[out].endswith(f" echo/{out_instance} {out}")
+        assert shown[err].endswith(f" echo/{err_instance} {err}")
+        # the control command keeps plugin, instance and stream with each line
+        lines = {
+            (x["plugin"], x["instance"], x["stream"], x["line"])
+            for x in d.ctl("logs", name="echo", lines=1000)
+        }
+        assert ("echo", out_instance, "stdout", out) in lines
+        assert ("echo", err_instance, "stderr", err) in lines
+        # the daemon's own log tags each line (it is written before oskctl can see it)
+        log = d.log.read_text()
+        assert f"[echo/{out_instance}] {out}" in log
+        assert f"[echo/{err_instance}] {err}" in log
+
+
+def read_until(
+    proc: subprocess.Popen[bytes], needles: set[str], timeout: float = 20.0
+) -> dict[str, str]:
+    """For each needle, the first line of ``proc``'s stdout containing it. Waits on the raw
+    fd (so no Python buffer hides lines from select), up to a deadline."""
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    found: dict[str, str] = {}
+    buf = b""
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        *lines, buf = buf.split(b"\n")
+        for line in lines:
+            text = line.decode(errors="replace")
+            for needle in needles - found.keys():
+                if needle in text:
+                    found[needle] = text
+        if found.keys() == needles:
+            return found
+        ready, _, _ = select.select([fd], [], [], left)
+        if not ready:
+            break
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            raise AssertionError(f"oskctl logs -f ended: {proc.communicate()[1]!r}")
+        buf += chunk
+    raise AssertionError(f"{needles - found.keys()} did not appear in oskctl logs -f")
 
 
 def test_errors_are_refused_not_fatal() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -26,6 +27,11 @@ class Echo(Plugin):
     @rpc
     def pid(self) -> int:
         return os.getpid()
+
+    @rpc
+    def say(self, text: str, stream: str = "stdout") -> int:
+        print(text, file=sys.stderr if stream == "stderr" else sys.stdout, flush=True)
+        return self.ctx.instance
 
     @rpc
     def crash(self, code: int = 1) -> None:
