@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +29,6 @@ def raise_error(spec: dict[str, Any]) -> None:
 
 def return_normally(spec: dict[str, Any]) -> None:
     return None
-
-
-def report_started(spec: dict[str, Any]) -> None:
-    """Print CLOCK_MONOTONIC at the moment the target runs (comparable across processes)."""
-    print(f"started {time.monotonic()!r}")
 
 
 def wait_for_stdin_eof_or_signal(spec: dict[str, Any]) -> None:

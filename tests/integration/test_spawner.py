@@ -10,8 +10,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import statistics
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -376,32 +374,6 @@ async def test_log_ring_tail_and_bounded_subscribers() -> None:
     ring.unsubscribe(queue)
     ring.append(LogLine(0.0, "p", 0, "stdout", "5"))
     assert queue.qsize() == 2
-
-
-@pytest.mark.anyio
-async def test_spawn_to_running_time(
-    reaper: ChildReaper, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """Prints (does not assert) the median spawn() -> target-running time of both paths."""
-    zygote = await ZygoteSpawner.open(reaper, (TARGETS,), sys_path=[str(ROOT)])
-    medians: dict[str, float] = {}
-    try:
-        for name, spawner in (("zygote", zygote), ("exec", ExecSpawner())):
-            samples = []
-            for _ in range(15):
-                t0 = time.monotonic()
-                run = await start(spawner, reaper, "report_started", {})
-                _, lines = await run.finish()
-                started = float(lines[0].line.split()[1])
-                samples.append((started - t0) * 1000)
-            medians[name] = statistics.median(samples)
-    finally:
-        await zygote.aclose()
-    with capsys.disabled():
-        print(
-            f"\nspawn->running median: zygote {medians['zygote']:.2f} ms,"
-            f" exec {medians['exec']:.2f} ms"
-        )
 
 
 async def _exit_of(reaper: ChildReaper, pids: frozenset[int]) -> list[ExitStatus]:
