@@ -38,6 +38,7 @@ batches and stops everything; afterwards exits only record stops until start().
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 from osk_daemon.errors import OskInternalError
 from osk_daemon.supervisor.backoff import Backoff, BackoffPolicy
@@ -141,6 +142,49 @@ class Tree:
         if group not in self._groups:
             raise TreeCommandError(f"no group named '{group}'")
         return self._groups[group].gave_up
+
+    # ---- changing the shape (rollouts, reload) ----------------------------------------------
+
+    def add_leaf(self, spec: LeafSpec, group: str, after: str | None = None) -> None:
+        """Add a STOPPED leaf to ``group``, after the child ``after`` (default: last).
+
+        Start it with ``start_children``. Raises TreeCommandError for an unknown group or
+        ``after``, or a leaf id that exists. Cost O(nodes).
+        """
+        if spec.id in self._leaves or spec.id in self._groups:
+            raise TreeCommandError(f"'{spec.id}' is already in the tree")
+        record = self._groups.get(group)
+        if record is None:
+            raise TreeCommandError(f"no group named '{group}'")
+        children = list(record.spec.children)
+        if after is None:
+            children.append(spec.id)
+        elif after in children:
+            children.insert(children.index(after) + 1, spec.id)
+        else:
+            raise TreeCommandError(f"'{after}' is not a child of group '{group}'")
+        self._leaves[spec.id] = LeafRecord(spec, Backoff(spec.backoff))
+        self._reshape(group, tuple(children))
+
+    def remove_leaf(self, leaf: str) -> None:
+        """Forget a leaf that is STOPPED and in no batch. Raises TreeCommandError else."""
+        record = self._leaf(leaf)
+        if record.state is not S.STOPPED or record.batch is not None:
+            raise TreeCommandError(f"leaf '{leaf}' is {record.state}; stop it before removing it")
+        group = self._topo.parent[leaf]
+        children = tuple(c for c in self._groups[group].spec.children if c != leaf)
+        del self._leaves[leaf]
+        self._reshape(group, children)
+
+    def _reshape(self, group: str, children: tuple[str, ...]) -> None:
+        record = self._groups[group]
+        record.spec = replace(record.spec, children=children)
+        self._topo = Topology.build(
+            {k: g.spec for k, g in self._groups.items()},
+            {k: leaf.spec for k, leaf in self._leaves.items()},
+            self._topo.root,
+        )
+        self._batches.reorder(self._topo.order)
 
     # ---- driver events ----------------------------------------------------------------------
 

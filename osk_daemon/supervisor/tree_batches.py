@@ -95,6 +95,10 @@ class Batches:
         self._ids = itertools.count(1)
         self._tokens = itertools.count(1)
 
+    def reorder(self, order: Sequence[str]) -> None:
+        """The tree's start order changed (a leaf was added or removed)."""
+        self._order = order
+
     def open(self, kind: BatchKind, group: str, rand: float = 0.0) -> Batch:
         """A new, empty batch; leaves join it through ``claim``."""
         batch = Batch(next(self._ids), kind, group, rand=rand)
