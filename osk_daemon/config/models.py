@@ -48,9 +48,12 @@ __all__ = [
     "LogLevel",
     "PluginConfig",
     "Restart",
+    "RolloutConfig",
+    "RolloutStrategy",
     "SandboxConfig",
     "SandboxLevel",
     "SpawnMode",
+    "StateStrategy",
     "Strategy",
     "config_json_schema",
 ]
@@ -240,6 +243,46 @@ class BackoffConfig(BaseModel):
     reset_after: float = Field(default=10.0, ge=0)
 
 
+class StateStrategy(StrEnum):
+    """How a plugin's state survives a version swap (and, for ``disk``, a restart)."""
+
+    MEMORY = "memory"  # the old instance exports, the new one imports, over ZeroMQ
+    DISK = "disk"  # also kept in <state_dir>/<plugin>/state.msgpack across restarts
+    NONE = "none"
+
+
+class RolloutStrategy(StrEnum):
+    ROLLING = "rolling"
+    BLUE_GREEN = "blue-green"
+    CANARY = "canary"
+    AB = "ab"
+
+
+class RolloutConfig(BaseModel):
+    """How ``oskctl deploy`` swaps this plugin's version (each can be overridden there)."""
+
+    model_config = _MODEL
+
+    strategy: Annotated[RolloutStrategy, Strict(False)] = RolloutStrategy.ROLLING
+    max_surge: int = Field(default=1, ge=0)
+    max_unavailable: int = Field(default=0, ge=0)
+    steps: list[int] = Field(default_factory=lambda: [5, 25, 50, 100])
+    analysis_window: float = Field(default=10.0, gt=0)
+    ab_split: int = Field(default=50, gt=0, lt=100)
+    drain_timeout: float = Field(default=30.0, gt=0)
+    progress_deadline: float = Field(default=120.0, gt=0)
+    min_requests: int = Field(default=20, ge=0, description="analysis: fewer fails the step")
+    max_error_rate_increase: float = Field(default=0.01, ge=0, le=1)
+    max_latency_ratio: float = Field(default=1.5, ge=1)
+
+    @field_validator("steps")
+    @classmethod
+    def _check_steps(cls, value: list[int]) -> list[int]:
+        if not value or any(not 0 < w <= 100 for w in value) or value != sorted(set(value)):
+            raise ValueError(f"must be increasing percentages in 1..100, got {value}")
+        return value
+
+
 class PluginConfig(BaseModel):
     """One plugin: where its code is, how many instances run, and how they are supervised."""
 
@@ -267,6 +310,9 @@ class PluginConfig(BaseModel):
     backoff: BackoffConfig = Field(default_factory=BackoffConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
+    preserve_state: bool = Field(default=True, description="hand state to the next version")
+    state_strategy: Annotated[StateStrategy, Strict(False)] = StateStrategy.MEMORY
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
 
     @field_validator("entry")
     @classmethod

@@ -14,6 +14,7 @@ from typing import Any
 
 import anyio
 
+from osk_daemon.control import rollout_commands
 from osk_daemon.control.peercred import PeerCred
 from osk_daemon.errors import ControlError
 from osk_daemon.ipc.codec import pack, unpack
@@ -137,6 +138,8 @@ async def graph(sup: Supervisor, args: dict[str, Any]) -> Any:
 
 COMMANDS: dict[str, Command] = {
     "graph": graph,
+    "deploy": rollout_commands.deploy,
+    "rollout": rollout_commands.rollout,
     "status": status,
     "start": _operate("start"),
     "stop": _operate("stop"),

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from osk_daemon.control import render
+from osk_daemon.control import render, render_rollout
 from osk_daemon.control.protocol import (
     MAX_REPLY_LINE,
     BadReply,
@@ -230,6 +230,23 @@ def _run(ns: argparse.Namespace, choice: SocketChoice, timeout: float) -> None:
             _out(render.format_graph_dot(result))
         else:
             _out(render.format_graph(result))
+    elif cmd == "deploy":
+        args = {
+            "plugin": ns.plugin,
+            "version": ns.version,
+            "strategy": ns.strategy,
+            "steps": ns.steps,
+            "analysis_window": ns.analysis_window,
+            "follow": not ns.no_follow,
+        }
+        show = render.format_json_line if as_json else render_rollout.format_rollout_progress
+        _stream(choice, timeout, "deploy", args, follow=not ns.no_follow, show=show)
+    elif cmd == "rollout":
+        args = {"action": ns.action, "plugin": ns.plugin, "follow": ns.action == "rollback"}
+        if ns.action in ("pause", "resume", "promote", "abort", "rollback") and not ns.plugin:
+            raise UsageError(f"rollout {ns.action} needs the plugin's name")
+        show = render.format_json_line if as_json else _rollout_line
+        _stream(choice, timeout, "rollout", args, follow=ns.action == "rollback", show=show)
     elif cmd == "shutdown":
         result = _request(choice, timeout, "shutdown", {})
         _out(render.format_json(result) if as_json else render.format_message(result))
@@ -251,6 +268,23 @@ def _run(ns: argparse.Namespace, choice: SocketChoice, timeout: float) -> None:
         _stream(choice, timeout, "events", {"follow": ns.follow}, follow=ns.follow, show=show)
     else:  # pragma: no cover - argparse only accepts the commands above
         raise UsageError(f"unknown command {cmd!r}")
+
+
+def _rollout_line(item: Any) -> str:
+    if isinstance(item, dict) and "event" in item:
+        return render_rollout.format_rollout_progress(item)
+    if isinstance(item, dict) and "plugin" in item:
+        return render_rollout.format_rollout_status(item)
+    return render.format_json(item)
+
+
+def _steps(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected percentages like 5,25,50,100: {text!r}"
+        ) from None
 
 
 def _log_line(item: Any) -> str:
@@ -343,6 +377,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", dest="follow", action="store_true", help="keep following")
     p = command("graph", "show the plugin dependency graph, by start wave")
     p.add_argument("--dot", action="store_true", help="print Graphviz DOT (pipe to dot -Tsvg)")
+    p = command("deploy", "swap a plugin to another installed version, without downtime")
+    p.add_argument("plugin", metavar="PLUGIN")
+    p.add_argument("--version", required=True, metavar="V", help="a version or a range")
+    p.add_argument("--strategy", choices=["rolling", "blue-green", "canary", "ab"], default=None)
+    p.add_argument("--steps", type=_steps, default=None, help="canary weights, e.g. 5,25,50,100")
+    p.add_argument("--analysis-window", type=_positive, default=None, metavar="SECONDS")
+    p.add_argument("--no-follow", action="store_true", help="start it and return at once")
+    p = command("rollout", "show or steer a rollout")
+    p.add_argument("action", choices=["status", "pause", "resume", "promote", "abort", "rollback"])
+    p.add_argument("plugin", nargs="?", default=None, metavar="PLUGIN")
     command("shutdown", "stop the daemon and all plugins")
     return parser
 

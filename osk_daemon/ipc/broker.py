@@ -48,7 +48,9 @@ from osk_daemon.errors import (
 from osk_daemon.ipc.codec import Header, Kind, encode_header, pack, split_router_frames, unpack
 from osk_daemon.ipc.deadlines import DeadlineTimer
 from osk_daemon.ipc.endpoint import LoopSocket, RouterEndpoint
-from osk_daemon.ipc.routing import InstanceKey, PluginRoutes, Route, least_loaded
+from osk_daemon.ipc.routing import InstanceKey, PluginRoutes, Route, has_version, pick
+from osk_daemon.rollout.analysis import Recorder
+from osk_daemon.rollout.traffic import TrafficSplit
 
 __all__ = ["Broker", "BrokerStats", "InstanceKey", "WorkerListener"]
 
@@ -72,6 +74,7 @@ class _Pending:
     body: bytes
     future: asyncio.Future[tuple[Kind, bytes]] | None = None
     route: Route | None = None
+    started: float = 0.0  # monotonic, when it arrived (latency for rollout analysis)
 
 
 @dataclass
@@ -155,9 +158,52 @@ class Broker:
         route = self._route_of(key)
         if route is None:
             return
-        route.ready = ready
-        if ready:
+        route.ready = ready and not route.draining
+        if route.ready:
             self._flush_queue(key[0])
+
+    # ---- versions (rollouts) ------------------------------------------------------------
+
+    def set_version(self, key: InstanceKey, version: str) -> None:
+        """Instance ``key`` runs ``version`` (known before its process says HELLO)."""
+        entry = self._plugins.setdefault(key[0], PluginRoutes())
+        entry.versions[key[1]] = version
+        route = entry.routes.get(key[1])
+        if route is not None:
+            route.version = version
+
+    def set_split(
+        self, plugin: str, weights: dict[str, int] | None, order: list[str] | None = None
+    ) -> None:
+        """Send ``plugin``'s requests by version weights; None: to any ready instance."""
+        entry = self._plugins.setdefault(plugin, PluginRoutes())
+        entry.split = None if weights is None else TrafficSplit(weights, order)
+        self._flush_queue(plugin)
+
+    def set_recorder(self, plugin: str, recorder: Recorder | None) -> None:
+        """Record every answered call of ``plugin`` (version, latency, ok) into ``recorder``."""
+        self._plugins.setdefault(plugin, PluginRoutes()).recorder = recorder
+
+    def drain(self, key: InstanceKey) -> asyncio.Future[None]:
+        """Send instance ``key`` no new requests; the future resolves once the requests it
+        has in flight are answered (at once if it has none)."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        route = self._route_of(key)
+        if route is None or route.in_flight <= 0:
+            future.set_result(None)
+            if route is not None:
+                route.draining, route.ready = True, False
+            return future
+        route.draining, route.ready = True, False
+        route.drained = future
+        return future
+
+    def forget(self, key: InstanceKey) -> None:
+        """The instance is gone for good (not restarting): drop its route and version."""
+        self.detach(key, "was removed")
+        entry = self._plugins.get(key[0])
+        if entry is not None:
+            entry.versions.pop(key[1], None)
 
     def set_accepting(self, plugin: str, accepting: bool) -> None:
         """False: no instance of ``plugin`` is running or on its way; refuse at once."""
@@ -283,7 +329,7 @@ class Broker:
         old = entry.routes.get(key[1])
         if old is not None:
             self._by_rid.pop(old.rid, None)
-        route = Route(key, rid, ep)
+        route = Route(key, rid, ep, version=entry.versions.get(key[1], ""))
         entry.routes[key[1]] = route
         self._by_rid[rid] = route
         self._listener(key, header, body)
@@ -304,11 +350,26 @@ class Broker:
         self.stats.requests += 1
         bid = next(self._ids)
         self._pending[bid] = _Pending(
-            caller, caller_id, target, method, deadline, meta, body, future
+            caller,
+            caller_id,
+            target,
+            method,
+            deadline,
+            meta,
+            body,
+            future,
+            started=time.monotonic(),
         )
         entry = self._plugins.get(target)
         if entry is None:
             self._fail(bid, Unavailable(f"no plugin named '{target}'"))
+            return
+        pin = meta.get("version") if meta else None
+        if isinstance(pin, str) and pin and not has_version(entry, pin):
+            have = ", ".join(sorted(set(entry.versions.values()))) or "none"
+            self._fail(
+                bid, Unavailable(f"plugin '{target}' runs no version {pin} (it runs {have})")
+            )
             return
         if not self._dispatch(bid, entry):
             if not entry.accepting:
@@ -318,10 +379,10 @@ class Broker:
         self._deadlines.add(deadline, bid)
 
     def _dispatch(self, bid: int, entry: PluginRoutes) -> bool:
-        route = least_loaded(entry)
+        pending = self._pending[bid]
+        route = pick(entry, pending.meta)
         if route is None:
             return False
-        pending = self._pending[bid]
         header = encode_header(
             Kind.REQUEST, bid, pending.target, pending.method, pending.deadline, pending.meta
         )
@@ -349,9 +410,21 @@ class Broker:
             self.stats.late_replies += 1
             return
         del self._pending[header.id]
-        route.in_flight -= 1
+        self._landed(route, pending, ok=header.kind is Kind.REPLY)
         self.stats.replies += 1
         self._answer(pending, header.kind, body)
+
+    def _landed(self, route: Route, pending: _Pending, ok: bool) -> None:
+        """A request ``route`` had in flight is over: account for it."""
+        route.in_flight -= 1
+        entry = self._plugins.get(route.key[0])
+        if entry is not None and entry.recorder is not None:
+            now = time.monotonic()
+            entry.recorder.record(route.version, now, now - pending.started, ok)
+        if route.drained is not None and route.in_flight <= 0:
+            if not route.drained.done():
+                route.drained.set_result(None)
+            route.drained = None
 
     def _answer(self, pending: _Pending, kind: Kind, body: bytes) -> None:
         if pending.future is not None:
@@ -368,7 +441,7 @@ class Broker:
         if isinstance(error, Unavailable):
             self.stats.unavailable += 1
         if pending.route is not None:
-            pending.route.in_flight -= 1
+            self._landed(pending.route, pending, ok=False)
         self._answer(pending, Kind.ERROR, pack(error.to_wire()))
 
     # ---- deadlines --------------------------------------------------------------------

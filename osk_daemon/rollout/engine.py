@@ -366,7 +366,8 @@ class Rollout:
         done = all(
             obs.total(r) == phase.count(r) and obs.ready(r) == phase.count(r) for r in Role
         ) and (phase.rolling or self._weights_done)
-        if done and not out:
+        # moving traffic is immediate; only instances starting or stopping are waited for
+        if done and not any(isinstance(e, StartInstances | StopInstances) for e in out):
             out += self._phase_done()
         self._obs = _projected(obs, out)
         return out

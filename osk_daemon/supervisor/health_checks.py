@@ -105,7 +105,7 @@ class HealthChecks:
                 inst, "plugin:health", inst.health.detail, health=inst.health.status.value
             )
         if inst.health.status is not before:
-            self._sup.deps.refresh(inst.plugin)
+            self._sup.instance_changed(inst)
         if restart:
             self._sup.feed(inst, lc.HealthFailed(inst.health.detail or "failed health checks"))
 

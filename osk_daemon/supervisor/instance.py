@@ -15,12 +15,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from osk_daemon.config import Config, PluginConfig
+from osk_daemon.config import Config, PluginConfig, StateStrategy
 from osk_daemon.supervisor.confinement import Prepared
 from osk_daemon.supervisor.health import HealthPolicy, HealthTracker
 from osk_daemon.supervisor.lifecycle import Lifecycle, State, Timer, describe_exit
 
 WORKER_TARGET = "osk_daemon.worker.runtime:run_worker"
+NO_STATE: Any = object()  # no hand-over state (None is a state a plugin may export)
 LIVE_STATES = frozenset({State.LOADING, State.INITIALIZING, State.READY, State.UNLOADING})
 
 
@@ -46,6 +47,9 @@ class Instance:
     usage: dict[str, Any] = field(default_factory=dict)  # last cgroup sample
     # what its sandbox does not enforce (require = false), as Confinement.check found it
     sandbox_degraded: tuple[str, ...] = ()
+    # state exported by the previous version, for this instance's next spawn only
+    handover: Any = NO_STATE
+    retiring: bool = False  # being drained and stopped by a rollout or reload
 
     @classmethod
     def create(cls, plugin: str, index: int, cfg: PluginConfig) -> Instance:
@@ -92,8 +96,16 @@ class Instance:
         self.health_handle = self.health_timeout = None
 
     def worker_spec(self, config: Config, endpoint: str) -> dict[str, Any]:
+        """What the worker needs to run this instance. Takes the hand-over state: a later
+        respawn of the same instance starts from its own saved state, not this one."""
         d = config.daemon
+        extra: dict[str, Any] = {}
+        if self.handover is not NO_STATE:
+            extra["state"], self.handover = self.handover, NO_STATE
+        if self.config.preserve_state and self.config.state_strategy is StateStrategy.DISK:
+            extra["state_file"] = f"state-{self.index}.msgpack"  # in its state dir (cwd)
         return {
+            **extra,
             "plugin": self.plugin,
             "instance": self.index,
             "version": self.config.version,

@@ -21,14 +21,14 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
 
-from osk_daemon.config import SpawnMode
+from osk_daemon.config import PluginConfig, SpawnMode
 from osk_daemon.errors import ControlError, OskError
 from osk_daemon.ipc.broker import Broker, InstanceKey
 from osk_daemon.ipc.codec import Header, Kind, unpack
@@ -41,6 +41,7 @@ from osk_daemon.supervisor.instance import Instance
 from osk_daemon.supervisor.output import LogRing
 from osk_daemon.supervisor.processes import InstanceProcesses, killpg, killpg_only
 from osk_daemon.supervisor.reaper import ChildReaper
+from osk_daemon.supervisor.rollouts import Rollouts
 from osk_daemon.supervisor.spawner import Spawner
 from osk_daemon.supervisor.tree import (
     ArmRestartTimer,
@@ -50,7 +51,7 @@ from osk_daemon.supervisor.tree import (
     StopChild,
     Tree,
 )
-from osk_daemon.supervisor.tree_build import build_tree
+from osk_daemon.supervisor.tree_build import build_tree, leaf_spec
 from osk_daemon.versioning.planning import StartPlan
 
 log = logging.getLogger("osk.supervisor")
@@ -110,9 +111,11 @@ class Supervisor:
             for i in range(pcfg.instances):
                 inst = Instance.create(name, i, pcfg)
                 self.instances[inst.leaf] = inst
+                self.broker.set_version(inst.key, str(pcfg.version))
         self.tree: Tree = build_tree(config)
         self.checks = HealthChecks(self)
         self.deps = DependencyWatch(self, plan)
+        self.rollouts = Rollouts(self)
         self.processes = InstanceProcesses(
             self, tg, reaper, spawners, endpoints.workers, confinement
         )
@@ -127,14 +130,14 @@ class Supervisor:
         self.checks.start()
         self._sampler = self._loop.call_later(_SAMPLE_EVERY, self._sample_tick)
         self.events.publish("kernel:before-init", pluginCount=len(self.config.plugins))
-        self._tree_effects(self.tree.start(time.monotonic()))
+        self.apply_tree_effects(self.tree.start(time.monotonic()))
 
     async def shutdown(self) -> None:
         """Stop every instance in reverse start order; SIGKILL what outlives the deadline."""
         if not self._shutting_down:
             self._shutting_down = True
             self.events.publish("kernel:shutdown", reason=self.deps.boot_failure or "requested")
-            self._tree_effects(self.tree.shutdown(time.monotonic()))
+            self.apply_tree_effects(self.tree.shutdown(time.monotonic()))
         self._check_all_stopped()
         with anyio.move_on_after(self.config.daemon.shutdown_timeout):
             await self._all_stopped.wait()
@@ -171,7 +174,7 @@ class Supervisor:
             effects = self.tree.restart(ids, now)
         else:
             raise ControlError(f"unknown action {action!r}")
-        self._tree_effects(effects)
+        self.apply_tree_effects(effects)
         return ids
 
     def status(self, plugin: str | None = None) -> list[dict[str, Any]]:
@@ -189,32 +192,74 @@ class Supervisor:
 
     def instances_for(self, ids: list[str]) -> list[Instance]:
         """The instances named by leaf ids or beneath group ids, in start order."""
-        wanted: set[str] = set()
-        pending = list(ids)
-        while pending:
-            node = pending.pop()
-            if node in self.instances:
-                wanted.add(node)
-            elif node in self.config.groups:
-                for child in self.config.groups[node].children:
-                    if child in self.config.plugins:
-                        count = self.config.plugins[child].instances
-                        wanted.update(f"{child}/{i}" for i in range(count))
-                    else:
-                        pending.append(child)
-        return [inst for leaf, inst in self.instances.items() if leaf in wanted]
+        under = self.tree.topology.leaves_under
+        wanted = {leaf for node in ids for leaf in under.get(node, ())}
+        return [self.instances[leaf] for leaf in self.tree.topology.order if leaf in wanted]
+
+    def instances_of(self, plugin: str) -> list[Instance]:
+        """A plugin's instances (every version), in start order."""
+        return [
+            self.instances[leaf]
+            for leaf in self.tree.topology.order
+            if self.instances[leaf].plugin == plugin
+        ]
 
     async def changed(self) -> None:
         """Wait until some instance changes state."""
         await self._changed.wait()
 
+    # ---- instances that come and go (rollouts, reload) ----------------------------------
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def spawn_task(self, func: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
+        self._tg.start_soon(func, *args)
+
+    def add_instance(self, plugin: str, cfg: PluginConfig) -> Instance:
+        """A new, not yet started instance of ``plugin`` running ``cfg`` (its own version),
+        placed in the tree after the plugin's other instances."""
+        mine = self.instances_of(plugin)
+        inst = Instance.create(plugin, 1 + max((i.index for i in mine), default=-1), cfg)
+        last = mine[-1].leaf if mine else None
+        group = self.tree.topology.parent[last] if last else self.tree.topology.root
+        self.tree.add_leaf(leaf_spec(plugin, inst.index, cfg), group, after=last)
+        self.instances[inst.leaf] = inst
+        self.broker.set_version(inst.key, str(cfg.version))
+        return inst
+
+    def start_instance(self, inst: Instance) -> None:
+        self.apply_tree_effects(self.tree.start_children([inst.leaf], time.monotonic()))
+
+    async def remove_instance(self, inst: Instance) -> None:
+        """Stop ``inst`` (the full stop ladder) and forget it: leaf, route, record."""
+        inst.retiring = True
+        self.apply_tree_effects(self.tree.stop([inst.leaf], time.monotonic()))
+        while inst.live or self.tree.leaf_state(inst.leaf) is not LeafState.STOPPED:
+            await self.changed()
+        self.tree.remove_leaf(inst.leaf)
+        del self.instances[inst.leaf]
+        self.broker.forget(inst.key)
+        self.mark_changed()
+        self.instance_changed(inst)
+
+    def adopt_plugin_config(self, plugin: str, cfg: PluginConfig) -> None:
+        """After a swap: ``cfg`` is what ``plugin`` runs now (status, reload, next swap)."""
+        plugins = dict(self.config.plugins)
+        plugins[plugin] = cfg.model_copy(update={"instances": len(self.instances_of(plugin))})
+        self.config = self.config.model_copy(update={"plugins": plugins})
+
     def _resolve(self, name: str, index: int | None) -> list[str]:
         if name in self.config.plugins:
-            count = self.config.plugins[name].instances
-            if index is not None and not 0 <= index < count:
-                raise ControlError(f"plugin '{name}' has instances 0..{count - 1}, not {index}")
-            indexes = range(count) if index is None else [index]
-            return [f"{name}/{i}" for i in indexes]
+            mine = [i for i in self.instances_of(name) if not i.retiring]
+            if index is None:
+                return [i.leaf for i in mine]
+            chosen = [i.leaf for i in mine if i.index == index]
+            if not chosen:
+                have = ", ".join(str(i.index) for i in mine)
+                raise ControlError(f"plugin '{name}' has instances {have}, not {index}")
+            return chosen
         if name in self.config.groups and index is None:
             return [name]
         raise ControlError(f"no plugin or group named '{name}'")
@@ -238,7 +283,12 @@ class Supervisor:
             self._became_ready(inst)
         elif after in (lc.State.UNLOADED, lc.State.FAILED):
             self._life_ended(inst)
+        self.instance_changed(inst)
+
+    def instance_changed(self, inst: Instance) -> None:
+        """An instance changed life state or health: tell who follows its plugin."""
         self.deps.refresh(inst.plugin)
+        self.rollouts.changed(inst)
 
     def mark_changed(self) -> None:
         """Wake whoever waits in ``changed()``."""
@@ -251,7 +301,7 @@ class Supervisor:
         inst.health.ready(restarted=inst.life.retry_count > 0)
         self.broker.set_ready(inst.key, True)
         self.checks.schedule(inst)
-        self._tree_effects(self.tree.child_started(inst.leaf, now))
+        self.apply_tree_effects(self.tree.child_started(inst.leaf, now))
 
     def _life_ended(self, inst: Instance) -> None:
         now = time.monotonic()
@@ -269,7 +319,7 @@ class Supervisor:
             killpg_only(life.pid, 9)  # whatever the plugin forked dies with it
         inst.exited.set()
         self.deps.life_ended(inst)
-        self.deps.refresh(inst.plugin)  # now, before a restart below makes it "starting"
+        self.instance_changed(inst)  # now, before a restart below makes it "starting"
         log_fn = log.warning if life.abnormal_exit and not life.stop_requested else log.info
         log_fn(
             "%s (pid %s) ended: %s%s",
@@ -284,7 +334,7 @@ class Supervisor:
             effects = self.tree.child_stopped(inst.leaf, now)
         else:
             effects = self.tree.child_exited(inst.leaf, life.abnormal_exit, now, random.random())
-        self._tree_effects(effects)
+        self.apply_tree_effects(effects)
         self._update_accepting(inst.plugin)
         self._check_all_stopped()
 
@@ -366,7 +416,8 @@ class Supervisor:
 
     # ---- the tree's effects ---------------------------------------------------------------
 
-    def _tree_effects(self, effects: list[Any]) -> None:
+    def apply_tree_effects(self, effects: list[Any]) -> None:
+        """Perform the tree's effects: stops in order (in a task), the rest at once."""
         if any(isinstance(e, StopChild) for e in effects):
             self._tg.start_soon(self._tree_batch, effects)
             return
@@ -411,11 +462,12 @@ class Supervisor:
             # never started (perhaps held by the start gate) or already gone; a death
             # reported as child_exited in the meantime already counted as this stop
             self.deps.cancel(inst)
-            self._tree_effects(self.tree.child_stopped(inst.leaf, time.monotonic()))
+            self.apply_tree_effects(self.tree.child_stopped(inst.leaf, time.monotonic()))
+            self.mark_changed()
         self._check_all_stopped()
 
     def _restart_timer(self, token: int) -> None:
-        self._tree_effects(self.tree.timer_fired(token, time.monotonic()))
+        self.apply_tree_effects(self.tree.timer_fired(token, time.monotonic()))
 
     def _update_accepting(self, plugin: str) -> None:
         accepting = any(

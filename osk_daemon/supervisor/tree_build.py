@@ -7,22 +7,26 @@ instances sit in its group's child list where the plugin was named, in order.
 
 from __future__ import annotations
 
-from osk_daemon.config import Config
+from osk_daemon.config import Config, PluginConfig
 from osk_daemon.supervisor.backoff import BackoffPolicy
 from osk_daemon.supervisor.instance import leaf_id
 from osk_daemon.supervisor.tree import GroupSpec, LeafSpec, RestartType, Strategy, Tree
 
 
+def leaf_spec(name: str, index: int, plugin: PluginConfig) -> LeafSpec:
+    """The tree's view of one instance: its id, restart type and backoff."""
+    b = plugin.backoff
+    policy = BackoffPolicy(
+        base=b.base, factor=b.factor, max=b.max, jitter=b.jitter, reset_after=b.reset_after
+    )
+    return LeafSpec(leaf_id(name, index), RestartType(plugin.restart), policy)
+
+
 def build_tree(config: Config) -> Tree:
     leaves: dict[str, LeafSpec] = {}
     for name, plugin in config.plugins.items():
-        b = plugin.backoff
-        policy = BackoffPolicy(
-            base=b.base, factor=b.factor, max=b.max, jitter=b.jitter, reset_after=b.reset_after
-        )
         for i in range(plugin.instances):
-            leaf = leaf_id(name, i)
-            leaves[leaf] = LeafSpec(leaf, RestartType(plugin.restart), policy)
+            leaves[leaf_id(name, i)] = leaf_spec(name, i, plugin)
     groups: dict[str, GroupSpec] = {}
     for name, group in config.groups.items():
         children: list[str] = []

@@ -1,0 +1,346 @@
+"""The driver of version swaps: one ``rollout.engine.Rollout`` per plugin being swapped.
+
+Theory of operation
+-------------------
+``Rollouts.deploy`` checks the request (the version must be installed or be the config's
+own; one rollout per plugin at a time), builds the canary's ``PluginConfig`` and an engine,
+and performs the engine's effects:
+
+- ``StartInstances``: a new instance record (and tree leaf) per instance at once, so the
+  next observation counts it; then, in a task, the state hand-over (``osk.export_state``
+  of a ready stable instance, pinned to its version) and the start. The new instance
+  imports that state before its ``start()``.
+- ``StopInstances``: pick instances of the role (not-ready ones first, newest first), mark
+  them retiring, drain them in the broker (no new requests; the future resolves when their
+  in-flight requests are answered, bounded by ``drain_timeout``), stop them through the
+  tree and remove their leaves.
+- ``SetWeights``: the broker's traffic split for the plugin (None: by ready instances).
+- ``Analyze``: judge the canary against the stable version over the window from the
+  broker's per-version ``Recorder``; the verdict goes back to the engine.
+- ``ArmTimer`` / ``Publish``: loop timers, and events (``rollout:*``) on the event stream.
+
+The supervisor calls ``changed(inst)`` on every life or health change; the driver
+recounts the plugin's instances by role (``Observed``) and reports a canary instance
+that ended on its own as ``CanaryFailed``. When the engine succeeds, the plugin's running
+config becomes the canary's; when it rolls back, nothing of the canary is left.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from osk_daemon.config import PluginConfig
+from osk_daemon.errors import ControlError, OskError
+from osk_daemon.ipc.codec import pack, unpack
+from osk_daemon.rollout.analysis import AnalysisPolicy, Recorder, judge
+from osk_daemon.rollout.engine import (
+    AnalysisDone,
+    Analyze,
+    ArmTimer,
+    CanaryFailed,
+    Effect,
+    Observed,
+    Publish,
+    Rollout,
+    SetWeights,
+    StartInstances,
+    State,
+    StopInstances,
+    TimerFired,
+)
+from osk_daemon.rollout.plan import Role, RolloutSpec, Strategy
+from osk_daemon.supervisor import lifecycle as lc
+from osk_daemon.supervisor.instance import NO_STATE, Instance
+from osk_daemon.supervisor.start_gate import UP_STATUSES
+from osk_daemon.supervisor.tree_types import LeafState
+
+if TYPE_CHECKING:
+    from osk_daemon.supervisor.runtime import Supervisor
+
+log = logging.getLogger("osk.rollout")
+
+__all__ = ["RolloutRun", "Rollouts"]
+
+
+class RolloutRun:
+    """One plugin's rollout: the engine, the canary config, timers and the recorder."""
+
+    def __init__(
+        self, sup: Supervisor, spec: RolloutSpec, canary: PluginConfig, drain_timeout: float
+    ) -> None:
+        self._sup = sup
+        self.spec = spec
+        self.canary_config = canary
+        self.stable_config = sup.config.plugins[spec.plugin]
+        self.engine = Rollout(spec)
+        self.drain_timeout = drain_timeout
+        self.recorder = Recorder()
+        r = canary.rollout
+        self.policy = AnalysisPolicy(
+            min_requests=r.min_requests,
+            max_error_rate_increase=r.max_error_rate_increase,
+            max_latency_ratio=r.max_latency_ratio,
+        )
+        self.started_at = time.monotonic()
+        self._loop_timer: Any = None
+        self._retiring: set[str] = set()
+        self._held_end: Publish | None = None  # the end, once the retiring are gone
+        self.finished = anyio.Event()
+
+    # ---- what the supervisor tells us ---------------------------------------------------
+
+    def role_of(self, inst: Instance) -> Role:
+        return Role.CANARY if inst.config.version == self.spec.canary else Role.STABLE
+
+    def observed(self) -> Observed:
+        counts = {Role.STABLE: [0, 0], Role.CANARY: [0, 0]}
+        for inst in self._sup.instances_of(self.spec.plugin):
+            if inst.retiring:
+                continue
+            role = self.role_of(inst)
+            counts[role][1] += 1
+            if inst.life.state is lc.State.READY and inst.health.status in UP_STATUSES:
+                counts[role][0] += 1
+        (sr, st), (cr, ct) = counts[Role.STABLE], counts[Role.CANARY]
+        return Observed(sr, st, cr, ct)
+
+    def changed(self, inst: Instance) -> None:
+        if self.engine.state in (State.SUCCEEDED, State.ROLLED_BACK):
+            return
+        life = inst.life
+        if (
+            self.role_of(inst) is Role.CANARY
+            and not inst.retiring
+            and life.state in (lc.State.UNLOADED, lc.State.FAILED)
+            and not life.stop_requested
+        ):
+            why = life.failure or lc.describe_exit(life.last_exit)
+            self.perform(self.engine.canary_failed(CanaryFailed(f"{inst.leaf}: {why}")))
+        self.perform(self.engine.observe(self.observed()))
+
+    def command(self, name: str) -> dict[str, Any]:
+        """pause | resume | promote | abort; raises RolloutCommandError where it cannot apply."""
+        actions: dict[str, Callable[[], list[Effect]]] = {
+            "pause": self.engine.pause,
+            "resume": self.engine.resume,
+            "promote": self.engine.promote,
+            "abort": self.engine.abort,
+        }
+        if name not in actions:
+            raise ControlError(f"unknown rollout command '{name}' (known: {', '.join(actions)})")
+        self.perform(actions[name]())
+        self.perform(self.engine.observe(self.observed()))
+        return self.status()
+
+    # ---- effects --------------------------------------------------------------------------
+
+    def begin(self) -> None:
+        self._sup.broker.set_recorder(self.spec.plugin, self.recorder)
+        self.perform(self.engine.begin())
+        self.perform(self.engine.observe(self.observed()))
+
+    def perform(self, effects: list[Effect]) -> None:
+        for effect in effects:
+            if isinstance(effect, StartInstances):
+                for _ in range(effect.count):
+                    self._start(effect.role)
+            elif isinstance(effect, StopInstances):
+                for inst in self._pick(effect.role, effect.count):
+                    inst.retiring = True
+                    self._retiring.add(inst.leaf)
+                    self._sup.spawn_task(self._retire, inst)
+            elif isinstance(effect, SetWeights):
+                self._set_weights(effect.weights)
+            elif isinstance(effect, ArmTimer):
+                if self._loop_timer is not None:
+                    self._loop_timer.cancel()
+                self._loop_timer = self._sup.loop.call_later(
+                    effect.delay, self._timer, effect.token
+                )
+            elif isinstance(effect, Analyze):
+                self._sup.loop.call_soon(self._analyze, effect.window)
+            elif isinstance(effect, Publish):
+                self._publish(effect)
+
+    def _timer(self, token: int) -> None:
+        self._loop_timer = None
+        self.perform(self.engine.timer_fired(TimerFired(token)))
+
+    def _analyze(self, window: float) -> None:
+        since = time.monotonic() - window
+        stable = self.recorder.window(self.spec.stable, since)
+        canary = self.recorder.window(self.spec.canary, since)
+        verdict = judge(stable, canary, self.policy)
+        log.info("%s: analysis of %s: %s", self.spec.plugin, self.spec.canary, verdict.reason)
+        self.perform(self.engine.analysis_done(AnalysisDone(verdict.passed, verdict.reason)))
+
+    def _set_weights(self, weights: tuple[int, int] | None) -> None:
+        s = self.spec
+        split = None if weights is None else {s.stable: weights[0], s.canary: weights[1]}
+        self._sup.broker.set_split(s.plugin, split, order=[s.canary, s.stable])
+
+    def status(self) -> dict[str, Any]:
+        """The engine's status; ``finishing`` while the engine is done but instances it
+        stopped have not exited yet."""
+        status = self.engine.status()
+        if self._held_end is not None:
+            status["state"] = "finishing"
+        return status
+
+    def _publish(self, effect: Publish) -> None:
+        if effect.event in ("rollout:succeeded", "rollout:rolled-back") and self._retiring:
+            self._held_end = effect  # published when the last of them has exited
+            return
+        detail = {k: v for k, v in effect.detail.items() if k != "state"}
+        self._sup.events.publish(
+            effect.event,
+            pluginName=self.spec.plugin,
+            stable=self.spec.stable,
+            canary=self.spec.canary,
+            strategy=str(self.spec.strategy),
+            **detail,
+        )
+        if effect.event in ("rollout:succeeded", "rollout:rolled-back"):
+            self._finish(succeeded=effect.event == "rollout:succeeded")
+
+    def _finish(self, succeeded: bool) -> None:
+        if self._loop_timer is not None:
+            self._loop_timer.cancel()
+        plugin = self.spec.plugin
+        if succeeded:
+            self._sup.adopt_plugin_config(plugin, self.canary_config)
+            self._sup.broker.set_split(plugin, None)
+        else:
+            self._sup.broker.set_split(plugin, None)
+            log.warning("%s: rolled back to %s: %s", plugin, self.spec.stable, self.engine.reason)
+        self._sup.broker.set_recorder(plugin, None)
+        self.finished.set()
+
+    # ---- instances ------------------------------------------------------------------------
+
+    def _pick(self, role: Role, count: int) -> list[Instance]:
+        mine = [
+            i
+            for i in self._sup.instances_of(self.spec.plugin)
+            if not i.retiring and self.role_of(i) is role
+        ]
+        mine.sort(key=lambda i: (i.life.state is lc.State.READY, -i.index))
+        return mine[:count]
+
+    def _start(self, role: Role) -> None:
+        cfg = self.canary_config if role is Role.CANARY else self.stable_config
+        inst = self._sup.add_instance(self.spec.plugin, cfg)
+        self._sup.spawn_task(self._hand_over_and_start, inst, role)
+
+    async def _hand_over_and_start(self, inst: Instance, role: Role) -> None:
+        if inst.config.preserve_state and inst.config.state_strategy != "none":
+            inst.handover = await self._export_state(role)
+        self._sup.start_instance(inst)
+
+    async def _export_state(self, role: Role) -> Any:
+        """The state of a ready instance of the other role, or NO_STATE."""
+        source_version = self.spec.stable if role is Role.CANARY else self.spec.canary
+        plugin = self.spec.plugin
+        try:
+            body = await self._sup.broker.call(
+                plugin, "osk.export_state", pack(None), 10.0, {"version": source_version}
+            )
+            return unpack(body, int(self._sup.config.daemon.max_message_size))
+        except OskError as exc:
+            log.warning("%s: no state handed over from %s: %s", plugin, source_version, exc)
+            return NO_STATE
+
+    async def _retire(self, inst: Instance) -> None:
+        drained = self._sup.broker.drain(inst.key)
+        with anyio.move_on_after(self.drain_timeout) as scope:
+            await drained
+        if scope.cancelled_caught:
+            log.warning(
+                "%s: still busy after the %gs drain timeout; stopping it anyway",
+                inst.leaf,
+                self.drain_timeout,
+            )
+        await self._sup.remove_instance(inst)
+        self._retiring.discard(inst.leaf)
+        self.perform(self.engine.observe(self.observed()))
+        if not self._retiring and self._held_end is not None:
+            end, self._held_end = self._held_end, None
+            self._publish(end)
+
+
+class Rollouts:
+    """The rollouts of one supervisor: at most one running per plugin, plus the last one."""
+
+    def __init__(self, sup: Supervisor) -> None:
+        self._sup = sup
+        self.runs: dict[str, RolloutRun] = {}
+
+    def changed(self, inst: Instance) -> None:
+        run = self.runs.get(inst.plugin)
+        if run is not None:
+            run.changed(inst)
+
+    def get(self, plugin: str) -> RolloutRun:
+        run = self.runs.get(plugin)
+        if run is None:
+            if plugin not in self._sup.config.plugins:
+                raise ControlError(f"no plugin named '{plugin}'")
+            raise ControlError(f"no rollout of '{plugin}' has run since the daemon started")
+        return run
+
+    def deploy(self, plugin: str, canary: PluginConfig, spec: RolloutSpec) -> RolloutRun:
+        """Start a rollout; raises ControlError if one of this plugin is still running."""
+        current = self.runs.get(plugin)
+        if current is not None and not current.finished.is_set():
+            raise ControlError(
+                f"a rollout of '{plugin}' to {current.spec.canary} is {current.engine.state}; "
+                "abort or promote it first"
+            )
+        live = [i for i in self._sup.instances_of(plugin) if not i.retiring]
+        if any(self._sup.tree.leaf_state(i.leaf) is LeafState.STOPPED for i in live):
+            raise ControlError(f"'{plugin}' has stopped instances; start it before deploying")
+        run = RolloutRun(self._sup, spec, canary, canary.rollout.drain_timeout)
+        self.runs[plugin] = run
+        log.info(
+            "%s: %s rollout %s -> %s (%d instance(s))",
+            plugin,
+            spec.strategy,
+            spec.stable,
+            spec.canary,
+            spec.instances,
+        )
+        run.begin()
+        return run
+
+    def statuses(self) -> list[dict[str, Any]]:
+        return [run.status() for run in self.runs.values()]
+
+
+def spec_for(
+    plugin: str, stable: PluginConfig, canary: PluginConfig, overrides: dict[str, Any]
+) -> RolloutSpec:
+    """The rollout's parameters: the canary config's ``rollout`` table, then ``overrides``
+    (from ``oskctl deploy``). Raises ControlError for a bad value."""
+    r = canary.rollout
+    fields: dict[str, Any] = {
+        "strategy": Strategy(str(overrides.get("strategy") or r.strategy)),
+        "instances": stable.instances,
+        "max_surge": r.max_surge,
+        "max_unavailable": r.max_unavailable,
+        "steps": tuple(overrides.get("steps") or r.steps),
+        "analysis_window": float(overrides.get("analysis_window") or r.analysis_window),
+        "ab_split": r.ab_split,
+        "progress_deadline": r.progress_deadline,
+    }
+    for key in ("max_surge", "max_unavailable", "ab_split"):
+        if overrides.get(key) is not None:
+            fields[key] = overrides[key]
+    try:
+        return RolloutSpec(plugin, str(stable.version), str(canary.version), **fields)
+    except (ValueError, TypeError) as exc:
+        raise ControlError(f"cannot deploy {plugin}: {exc}") from exc

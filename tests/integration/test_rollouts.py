@@ -1,0 +1,211 @@
+"""Version swaps on a real daemon under real load: no failed call, state carried, rollback.
+
+A load thread calls the plugin non-stop through the broker's client socket (the external
+client API) and counts every failure; the swap is driven through the control socket, and
+its end is awaited on the daemon's event stream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from osk_daemon.errors import OskError
+from osk_daemon.ipc.client import Client
+from tests.integration.harness import ControlError, Daemon, daemon_config, running_daemon
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+COUNTER = """
+from osk_daemon.worker import Plugin, rpc
+
+VERSION = "{version}"
+BROKEN = {broken}
+
+
+class Counter(Plugin):
+    async def start(self) -> None:
+        self.count = getattr(self, "count", 0)
+
+    @rpc
+    def incr(self) -> dict:
+        if BROKEN:
+            raise RuntimeError("this version is broken")
+        self.count += 1
+        return {{"count": self.count, "version": VERSION}}
+
+    @rpc
+    def get(self) -> dict:
+        return {{"count": self.count, "version": VERSION}}
+
+    async def export_state(self) -> dict:
+        return {{"count": self.count}}
+
+    async def import_state(self, state) -> None:
+        self.count = state["count"]
+"""
+
+
+def install_counter(root: Path, version: str, broken: bool = False) -> None:
+    folder = root / "counter" / version
+    folder.mkdir(parents=True)
+    (folder / "counter_plugin.py").write_text(COUNTER.format(version=version, broken=broken))
+    (folder / "osk-plugin.toml").write_text(
+        f'name = "counter"\nversion = "{version}"\nentry = "counter_plugin:Counter"\n'
+    )
+
+
+@pytest.fixture
+def installed(tmp_path: Path) -> Path:
+    root = tmp_path / "installed"
+    install_counter(root, "1.0.0")
+    install_counter(root, "2.0.0")
+    install_counter(root, "3.0.0", broken=True)
+    root.chmod(0o755)
+    return root
+
+
+class Load:
+    """Calls ``counter.incr`` in a loop from a thread until stopped; counts what failed."""
+
+    def __init__(self, d: Daemon) -> None:
+        self.endpoint = f"ipc://{d.runtime / 'broker.sock'}"
+        self.ok = 0
+        self.failed: list[str] = []
+        self.versions: set[str] = set()
+        self.last: dict[str, Any] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with Client(self.endpoint) as client:
+            deadline = time.monotonic() + 90  # bounded even if the test forgets to stop it
+            while not self._stop.is_set() and time.monotonic() < deadline:
+                try:
+                    self.last = client.call("counter", "incr", timeout=5.0)
+                    self.ok += 1
+                    self.versions.add(self.last["version"])
+                except OskError as exc:
+                    self.failed.append(f"{type(exc).__name__}: {exc}")
+
+    def __enter__(self) -> Load:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+
+def rollout_ended(d: Daemon) -> dict[str, Any] | None:
+    rows = d.ctl("rollout", action="status")
+    done = [r for r in rows if r["state"] in ("succeeded", "rolled-back")]
+    return done[0] if done else None
+
+
+def config(installed: Path, instances: int = 1, rollout: str = "") -> str:
+    body = f"""
+        [plugins.counter]
+        version = "1.0.0"
+        instances = {instances}
+        [plugins.counter.health_check]
+        interval = 0.2
+        timeout = 0.2
+        [plugins.counter.rollout]
+        drain_timeout = 5.0
+        {rollout}
+        """
+    return daemon_config(body, plugins_dir=str(installed))
+
+
+@pytest.mark.parametrize(
+    ("strategy", "instances"), [("rolling", 1), ("rolling", 3), ("blue-green", 2)]
+)
+def test_a_swap_under_load_fails_no_call_and_carries_state(
+    installed: Path, strategy: str, instances: int
+) -> None:
+    with running_daemon(config(installed, instances)) as d, Load(d) as load:
+        d.wait_until(lambda: load.ok >= 300, what="load flowing")
+        before_deploy = load.ok
+        d.ctl("deploy", plugin="counter", version="^2", strategy=strategy)
+        done = d.wait_until(lambda: rollout_ended(d), timeout=60, what="rollout ended")
+        assert done["state"] == "succeeded", done
+        before = load.ok
+        d.wait_until(lambda: load.ok >= before + 50, what="load after the swap")
+        assert load.failed == []
+        rows = d.status("counter")
+        assert {r["version"] for r in rows} == {"2.0.0"}
+        assert len(rows) == instances
+        assert load.last["version"] == "2.0.0"
+        if instances == 1:
+            # one instance: its count went on from where 1.0.0 handed it over; only the
+            # calls 1.0.0 answered between the export and the cut-over are not in it
+            assert load.last["count"] > load.ok - before_deploy // 2
+        # and back again, the same way
+        d.ctl("rollout", action="rollback", plugin="counter")
+        d.wait_until(
+            lambda: {r["version"] for r in d.status("counter")} == {"1.0.0"},
+            timeout=60,
+            what="rolled back to 1.0.0",
+        )
+    assert load.failed == []
+    assert {"1.0.0", "2.0.0"} <= load.versions
+
+
+def test_a_bad_canary_is_rolled_back_by_itself(installed: Path) -> None:
+    rollout = "analysis_window = 0.5\nmin_requests = 5\nsteps = [50, 100]"
+    with running_daemon(config(installed, 2, rollout)) as d, Load(d) as load:
+        d.wait_until(lambda: load.ok >= 20, what="load flowing")
+        d.ctl("deploy", plugin="counter", version="3.0.0", strategy="canary")
+        done = d.wait_until(lambda: rollout_ended(d), timeout=60, what="rollout ended")
+        assert done["state"] == "rolled-back"
+        assert "analysis failed: error rate" in done["reason"]
+        events = [e for e in d.ctl("events", lines=1000) if e["type"] == "rollout:rolled-back"]
+        assert events and "error rate" in events[0]["reason"]
+        assert {r["version"] for r in d.status("counter")} == {"1.0.0"}
+        failed_before = len(load.failed)
+        before = load.ok
+        d.wait_until(lambda: load.ok >= before + 30, what="load after the rollback")
+        assert len(load.failed) == failed_before  # once rolled back, nothing fails
+
+
+def test_rollout_commands_are_safe_and_explained(installed: Path) -> None:
+    with running_daemon(config(installed)) as d:
+        with pytest.raises(ControlError, match="no rollout of 'counter'"):
+            d.ctl("rollout", action="pause", plugin="counter")
+        with pytest.raises(
+            ControlError, match=re.escape("no installed version of 'counter' fits ^9")
+        ):
+            d.ctl("deploy", plugin="counter", version="^9")
+        with pytest.raises(ControlError, match=re.escape("already runs 1.0.0")):
+            d.ctl("deploy", plugin="counter", version="1.0.0")
+        status = d.ctl("deploy", plugin="counter", version="2.0.0", strategy="ab", follow=False)
+        assert status["strategy"] == "ab"
+        d.wait_until(
+            lambda: d.ctl("rollout", action="status", plugin="counter")["state"] == "serving",
+            what="A/B serving both",
+        )
+        pinned = {d.call("counter", "get", timeout=5.0)["version"] for _ in range(10)}
+        assert pinned <= {"1.0.0", "2.0.0"}
+        v2 = d.ctl("call", plugin="counter", method="get", version="2.0.0", timeout=5.0)
+        assert v2["version"] == "2.0.0"
+        with pytest.raises(ControlError, match=re.escape("runs no version 9.9.9")):
+            d.ctl("call", plugin="counter", method="get", version="9.9.9", timeout=5.0)
+        with pytest.raises(ControlError, match="is serving; abort or promote it first"):
+            d.ctl("deploy", plugin="counter", version="3.0.0")
+        d.ctl("rollout", action="pause", plugin="counter")
+        d.ctl("rollout", action="pause", plugin="counter")  # twice: a no-op
+        d.ctl("rollout", action="promote", plugin="counter")
+        done = d.wait_until(lambda: rollout_ended(d), timeout=60, what="promoted")
+        assert done["state"] == "succeeded"
+        with contextlib.suppress(ControlError):
+            d.ctl("rollout", action="abort", plugin="counter")
+        with pytest.raises(ControlError, match=re.escape("succeeded; deploy 1.0.0 to go back")):
+            d.ctl("rollout", action="promote", plugin="counter")
+        assert {r["version"] for r in d.status("counter")} == {"2.0.0"}
