@@ -57,8 +57,8 @@ async def status(sup: Supervisor, args: dict[str, Any]) -> Any:
 def _operate(action: str) -> Command:
     async def command(sup: Supervisor, args: dict[str, Any]) -> Any:
         name = _str(args, "name")
-        ids = sup.operate(action, name, _opt_int(args, "instance"))
-        leaves = sup.instances_for(ids)
+        ids = sup.members.operate(action, name, _opt_int(args, "instance"))
+        leaves = sup.members.named(ids)
         generations = {inst.leaf: inst.generation for inst in leaves}
 
         def settled(inst: Instance) -> bool:

@@ -99,7 +99,7 @@ class RolloutRun:
 
     def observed(self) -> Observed:
         counts = {Role.STABLE: [0, 0], Role.CANARY: [0, 0]}
-        for inst in self._sup.instances_of(self.spec.plugin):
+        for inst in self._sup.members.of_plugin(self.spec.plugin):
             if inst.retiring:
                 continue
             role = self.role_of(inst)
@@ -213,7 +213,7 @@ class RolloutRun:
             self._loop_timer.cancel()
         plugin = self.spec.plugin
         if succeeded:
-            self._sup.adopt_plugin_config(plugin, self.canary_config)
+            self._sup.members.adopt(plugin, self.canary_config)
             self._sup.broker.set_split(plugin, None)
         else:
             self._sup.broker.set_split(plugin, None)
@@ -226,7 +226,7 @@ class RolloutRun:
     def _pick(self, role: Role, count: int) -> list[Instance]:
         mine = [
             i
-            for i in self._sup.instances_of(self.spec.plugin)
+            for i in self._sup.members.of_plugin(self.spec.plugin)
             if not i.retiring and self.role_of(i) is role
         ]
         mine.sort(key=lambda i: (i.life.state is lc.State.READY, -i.index))
@@ -234,13 +234,13 @@ class RolloutRun:
 
     def _start(self, role: Role) -> None:
         cfg = self.canary_config if role is Role.CANARY else self.stable_config
-        inst = self._sup.add_instance(self.spec.plugin, cfg)
+        inst = self._sup.members.add(self.spec.plugin, cfg)
         self._sup.spawn_task(self._hand_over_and_start, inst, role)
 
     async def _hand_over_and_start(self, inst: Instance, role: Role) -> None:
         if inst.config.preserve_state and inst.config.state_strategy != "none":
             inst.handover = await self._export_state(role)
-        self._sup.start_instance(inst)
+        self._sup.members.start(inst)
 
     async def _export_state(self, role: Role) -> Any:
         """The state of a ready instance of the other role, or NO_STATE."""
@@ -265,7 +265,7 @@ class RolloutRun:
                 inst.leaf,
                 self.drain_timeout,
             )
-        await self._sup.remove_instance(inst)
+        await self._sup.members.remove(inst)
         self._retiring.discard(inst.leaf)
         self.perform(self.engine.observe(self.observed()))
         if not self._retiring and self._held_end is not None:
@@ -301,7 +301,7 @@ class Rollouts:
                 f"a rollout of '{plugin}' to {current.spec.canary} is {current.engine.state}; "
                 "abort or promote it first"
             )
-        live = [i for i in self._sup.instances_of(plugin) if not i.retiring]
+        live = [i for i in self._sup.members.of_plugin(plugin) if not i.retiring]
         if any(self._sup.tree.leaf_state(i.leaf) is LeafState.STOPPED for i in live):
             raise ControlError(f"'{plugin}' has stopped instances; start it before deploying")
         run = RolloutRun(self._sup, spec, canary, canary.rollout.drain_timeout)

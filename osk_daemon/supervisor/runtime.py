@@ -7,8 +7,10 @@ for a core: a child's exit (from the reaper), a worker's frame (from the broker)
 timer, an operator's command. The driver applies it to the instance's ``Lifecycle``,
 performs the effects (spawn, STOP frame, signal, timers, publish), and when a life
 ends tells the ``Tree``, whose effects (start, stop, restart timers) it performs in
-turn. Only stops are awaited: a batch of StopChild effects runs in its own task, one
-after the other (children stop in reverse start order), everything else is immediate.
+turn (``tree_effects``). Only stops are awaited: a batch of StopChild effects runs in its
+own task, one after the other (children stop in reverse start order), everything else is
+immediate. Which instances exist, and operator commands on them, is ``membership``'s:
+rollouts add and remove instances at run time.
 
 Signals go to the instance's process group (each plugin is its own session), so a
 plugin's own children die with it. The daemon is a child subreaper and every plugin
@@ -28,7 +30,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
-from osk_daemon.config import PluginConfig, SpawnMode
+from osk_daemon.config import SpawnMode
 from osk_daemon.errors import ControlError, OskError
 from osk_daemon.ipc.broker import Broker, InstanceKey
 from osk_daemon.ipc.codec import Header, Kind, unpack
@@ -38,20 +40,18 @@ from osk_daemon.supervisor.dependency_watch import DependencyWatch
 from osk_daemon.supervisor.events import EventStream
 from osk_daemon.supervisor.health_checks import HealthChecks
 from osk_daemon.supervisor.instance import Instance
+from osk_daemon.supervisor.membership import Membership
 from osk_daemon.supervisor.output import LogRing
 from osk_daemon.supervisor.processes import InstanceProcesses, killpg, killpg_only
 from osk_daemon.supervisor.reaper import ChildReaper
 from osk_daemon.supervisor.rollouts import Rollouts
 from osk_daemon.supervisor.spawner import Spawner
 from osk_daemon.supervisor.tree import (
-    ArmRestartTimer,
-    GroupGaveUp,
     LeafState,
-    StartChild,
-    StopChild,
     Tree,
 )
-from osk_daemon.supervisor.tree_build import build_tree, leaf_spec
+from osk_daemon.supervisor.tree_build import build_tree
+from osk_daemon.supervisor.tree_effects import TreeEffects
 from osk_daemon.versioning.planning import StartPlan
 
 log = logging.getLogger("osk.supervisor")
@@ -116,6 +116,8 @@ class Supervisor:
         self.checks = HealthChecks(self)
         self.deps = DependencyWatch(self, plan)
         self.rollouts = Rollouts(self)
+        self.members = Membership(self)
+        self._tree_effects = TreeEffects(self)
         self.processes = InstanceProcesses(
             self, tg, reaper, spawners, endpoints.workers, confinement
         )
@@ -138,7 +140,7 @@ class Supervisor:
             self._shutting_down = True
             self.events.publish("kernel:shutdown", reason=self.deps.boot_failure or "requested")
             self.apply_tree_effects(self.tree.shutdown(time.monotonic()))
-        self._check_all_stopped()
+        self.check_all_stopped()
         with anyio.move_on_after(self.config.daemon.shutdown_timeout):
             await self._all_stopped.wait()
         for inst in self.instances.values():
@@ -162,21 +164,6 @@ class Supervisor:
             if inst.live and inst.life.pid is not None:
                 killpg(inst.life.pid, 9)
 
-    def operate(self, action: str, name: str, index: int | None) -> list[str]:
-        """Operator start/stop/restart of a plugin (or one instance) or a group."""
-        ids = self._resolve(name, index)
-        now = time.monotonic()
-        if action == "start":
-            effects = self.tree.start_children(ids, now)
-        elif action == "stop":
-            effects = self.tree.stop(ids, now)
-        elif action == "restart":
-            effects = self.tree.restart(ids, now)
-        else:
-            raise ControlError(f"unknown action {action!r}")
-        self.apply_tree_effects(effects)
-        return ids
-
     def status(self, plugin: str | None = None) -> list[dict[str, Any]]:
         if plugin is not None and plugin not in self.config.plugins:
             raise ControlError(f"no plugin named '{plugin}'")
@@ -190,25 +177,9 @@ class Supervisor:
         """An instance's row for ``oskctl status``, with what its dependencies do to it."""
         return self.deps.overlay(inst, inst.status(self.tree.restarts(inst.leaf)))
 
-    def instances_for(self, ids: list[str]) -> list[Instance]:
-        """The instances named by leaf ids or beneath group ids, in start order."""
-        under = self.tree.topology.leaves_under
-        wanted = {leaf for node in ids for leaf in under.get(node, ())}
-        return [self.instances[leaf] for leaf in self.tree.topology.order if leaf in wanted]
-
-    def instances_of(self, plugin: str) -> list[Instance]:
-        """A plugin's instances (every version), in start order."""
-        return [
-            self.instances[leaf]
-            for leaf in self.tree.topology.order
-            if self.instances[leaf].plugin == plugin
-        ]
-
     async def changed(self) -> None:
         """Wait until some instance changes state."""
         await self._changed.wait()
-
-    # ---- instances that come and go (rollouts, reload) ----------------------------------
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -217,52 +188,9 @@ class Supervisor:
     def spawn_task(self, func: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
         self._tg.start_soon(func, *args)
 
-    def add_instance(self, plugin: str, cfg: PluginConfig) -> Instance:
-        """A new, not yet started instance of ``plugin`` running ``cfg`` (its own version),
-        placed in the tree after the plugin's other instances."""
-        mine = self.instances_of(plugin)
-        inst = Instance.create(plugin, 1 + max((i.index for i in mine), default=-1), cfg)
-        last = mine[-1].leaf if mine else None
-        group = self.tree.topology.parent[last] if last else self.tree.topology.root
-        self.tree.add_leaf(leaf_spec(plugin, inst.index, cfg), group, after=last)
-        self.instances[inst.leaf] = inst
-        self.broker.set_version(inst.key, str(cfg.version))
-        return inst
-
-    def start_instance(self, inst: Instance) -> None:
-        self.apply_tree_effects(self.tree.start_children([inst.leaf], time.monotonic()))
-
-    async def remove_instance(self, inst: Instance) -> None:
-        """Stop ``inst`` (the full stop ladder) and forget it: leaf, route, record."""
-        inst.retiring = True
-        self.apply_tree_effects(self.tree.stop([inst.leaf], time.monotonic()))
-        while inst.live or self.tree.leaf_state(inst.leaf) is not LeafState.STOPPED:
-            await self.changed()
-        self.tree.remove_leaf(inst.leaf)
-        del self.instances[inst.leaf]
-        self.broker.forget(inst.key)
-        self.mark_changed()
-        self.instance_changed(inst)
-
-    def adopt_plugin_config(self, plugin: str, cfg: PluginConfig) -> None:
-        """After a swap: ``cfg`` is what ``plugin`` runs now (status, reload, next swap)."""
-        plugins = dict(self.config.plugins)
-        plugins[plugin] = cfg.model_copy(update={"instances": len(self.instances_of(plugin))})
-        self.config = self.config.model_copy(update={"plugins": plugins})
-
-    def _resolve(self, name: str, index: int | None) -> list[str]:
-        if name in self.config.plugins:
-            mine = [i for i in self.instances_of(name) if not i.retiring]
-            if index is None:
-                return [i.leaf for i in mine]
-            chosen = [i.leaf for i in mine if i.index == index]
-            if not chosen:
-                have = ", ".join(str(i.index) for i in mine)
-                raise ControlError(f"plugin '{name}' has instances {have}, not {index}")
-            return chosen
-        if name in self.config.groups and index is None:
-            return [name]
-        raise ControlError(f"no plugin or group named '{name}'")
+    def apply_tree_effects(self, effects: list[Any]) -> None:
+        """Perform the tree's effects (``tree_effects``)."""
+        self._tree_effects.apply(effects)
 
     # ---- events into the lifecycle ------------------------------------------------------
 
@@ -336,7 +264,7 @@ class Supervisor:
             effects = self.tree.child_exited(inst.leaf, life.abnormal_exit, now, random.random())
         self.apply_tree_effects(effects)
         self._update_accepting(inst.plugin)
-        self._check_all_stopped()
+        self.check_all_stopped()
 
     def _perform(self, inst: Instance, effects: Iterable[lc.Effect]) -> None:
         for effect in effects:
@@ -414,61 +342,6 @@ class Supervisor:
                 data = None
             self.publish(inst, "plugin:event", event=header.method, data=data)
 
-    # ---- the tree's effects ---------------------------------------------------------------
-
-    def apply_tree_effects(self, effects: list[Any]) -> None:
-        """Perform the tree's effects: stops in order (in a task), the rest at once."""
-        if any(isinstance(e, StopChild) for e in effects):
-            self._tg.start_soon(self._tree_batch, effects)
-            return
-        for effect in effects:
-            self._tree_effect(effect)
-
-    async def _tree_batch(self, effects: list[Any]) -> None:
-        for effect in effects:
-            if isinstance(effect, StopChild):
-                await self._stop_and_wait(self.instances[effect.leaf], effect.reason)
-            else:
-                self._tree_effect(effect)
-
-    def _tree_effect(self, effect: Any) -> None:
-        if isinstance(effect, StartChild):
-            inst = self.instances[effect.leaf]
-            if inst.live:
-                log.error("tree asked to start %s, which is %s", inst.leaf, inst.life.state)
-                return
-            if self.deps.may_start(inst):
-                self.feed(inst, lc.StartRequested())
-            else:
-                self.mark_changed()
-        elif isinstance(effect, ArmRestartTimer):
-            self._loop.call_later(effect.delay, self._restart_timer, effect.token)
-        elif isinstance(effect, GroupGaveUp):
-            log.error(
-                "group '%s' gave up: more than its intensity of restarts (%d) within %gs",
-                effect.group,
-                effect.restarts,
-                effect.period,
-            )
-            self.events.publish("supervisor:gave-up", group=effect.group, restarts=effect.restarts)
-        elif isinstance(effect, StopChild):
-            self._tg.start_soon(self._tree_batch, [effect])
-
-    async def _stop_and_wait(self, inst: Instance, reason: str) -> None:
-        if inst.live:
-            self.feed(inst, lc.StopRequested(reason))
-            await inst.exited.wait()
-        elif self.tree.leaf_state(inst.leaf) is LeafState.STOPPING:
-            # never started (perhaps held by the start gate) or already gone; a death
-            # reported as child_exited in the meantime already counted as this stop
-            self.deps.cancel(inst)
-            self.apply_tree_effects(self.tree.child_stopped(inst.leaf, time.monotonic()))
-            self.mark_changed()
-        self._check_all_stopped()
-
-    def _restart_timer(self, token: int) -> None:
-        self.apply_tree_effects(self.tree.timer_fired(token, time.monotonic()))
-
     def _update_accepting(self, plugin: str) -> None:
         accepting = any(
             inst.live or self.tree.leaf_state(inst.leaf) in _RUNNING_LEAF
@@ -477,7 +350,7 @@ class Supervisor:
         )
         self.broker.set_accepting(plugin, accepting and not self._shutting_down)
 
-    def _check_all_stopped(self) -> None:
+    def check_all_stopped(self) -> None:
         if self._shutting_down and not any(i.live for i in self.instances.values()):
             self._all_stopped.set()
 

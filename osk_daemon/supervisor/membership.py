@@ -1,0 +1,116 @@
+"""Which instances a supervisor runs, and operator commands on them.
+
+The instances of a plugin are not fixed by its config: a rollout adds instances of the new
+version and removes the old ones, a reload scales. This module holds those moves (a new
+instance gets the next free index and a tree leaf right after its plugin's others; a
+removed one is stopped with the full ladder, then its leaf, route and record are dropped)
+and the lookups every command uses, which read the tree and the live records rather than
+the config's ``instances`` count.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from osk_daemon.config import PluginConfig
+from osk_daemon.errors import ControlError
+from osk_daemon.supervisor.instance import Instance
+from osk_daemon.supervisor.tree_build import leaf_spec
+from osk_daemon.supervisor.tree_types import LeafState
+
+if TYPE_CHECKING:
+    from osk_daemon.supervisor.runtime import Supervisor
+
+__all__ = ["Membership"]
+
+
+class Membership:
+    def __init__(self, sup: Supervisor) -> None:
+        self._sup = sup
+
+    # ---- lookups --------------------------------------------------------------------------
+
+    def of_plugin(self, plugin: str) -> list[Instance]:
+        """A plugin's instances (every version), in start order."""
+        sup = self._sup
+        return [
+            sup.instances[leaf]
+            for leaf in sup.tree.topology.order
+            if sup.instances[leaf].plugin == plugin
+        ]
+
+    def named(self, ids: list[str]) -> list[Instance]:
+        """The instances named by leaf ids or beneath group ids, in start order."""
+        topo = self._sup.tree.topology
+        wanted = {leaf for node in ids for leaf in topo.leaves_under.get(node, ())}
+        return [self._sup.instances[leaf] for leaf in topo.order if leaf in wanted]
+
+    def resolve(self, name: str, index: int | None) -> list[str]:
+        """Leaf ids for an operator's NAME (plugin or group) and optional instance index."""
+        config = self._sup.config
+        if name in config.plugins:
+            mine = [i for i in self.of_plugin(name) if not i.retiring]
+            if index is None:
+                return [i.leaf for i in mine]
+            chosen = [i.leaf for i in mine if i.index == index]
+            if not chosen:
+                have = ", ".join(str(i.index) for i in mine)
+                raise ControlError(f"plugin '{name}' has instances {have}, not {index}")
+            return chosen
+        if name in config.groups and index is None:
+            return [name]
+        raise ControlError(f"no plugin or group named '{name}'")
+
+    def operate(self, action: str, name: str, index: int | None) -> list[str]:
+        """Operator start/stop/restart of a plugin (or one instance) or a group."""
+        ids = self.resolve(name, index)
+        tree, now = self._sup.tree, time.monotonic()
+        if action == "start":
+            effects = tree.start_children(ids, now)
+        elif action == "stop":
+            effects = tree.stop(ids, now)
+        elif action == "restart":
+            effects = tree.restart(ids, now)
+        else:
+            raise ControlError(f"unknown action {action!r}")
+        self._sup.apply_tree_effects(effects)
+        return ids
+
+    # ---- instances that come and go -----------------------------------------------------
+
+    def add(self, plugin: str, cfg: PluginConfig) -> Instance:
+        """A new, not yet started instance of ``plugin`` running ``cfg`` (its own version),
+        placed in the tree after the plugin's other instances."""
+        sup = self._sup
+        mine = self.of_plugin(plugin)
+        inst = Instance.create(plugin, 1 + max((i.index for i in mine), default=-1), cfg)
+        last = mine[-1].leaf if mine else None
+        group = sup.tree.topology.parent[last] if last else sup.tree.topology.root
+        sup.tree.add_leaf(leaf_spec(plugin, inst.index, cfg), group, after=last)
+        sup.instances[inst.leaf] = inst
+        sup.broker.set_version(inst.key, str(cfg.version))
+        return inst
+
+    def start(self, inst: Instance) -> None:
+        self._sup.apply_tree_effects(self._sup.tree.start_children([inst.leaf], time.monotonic()))
+
+    async def remove(self, inst: Instance) -> None:
+        """Stop ``inst`` (the full stop ladder) and forget it: leaf, route, record."""
+        sup = self._sup
+        inst.retiring = True
+        sup.apply_tree_effects(sup.tree.stop([inst.leaf], time.monotonic()))
+        while inst.live or sup.tree.leaf_state(inst.leaf) is not LeafState.STOPPED:
+            await sup.changed()
+        sup.tree.remove_leaf(inst.leaf)
+        del sup.instances[inst.leaf]
+        sup.broker.forget(inst.key)
+        sup.mark_changed()
+        sup.instance_changed(inst)
+
+    def adopt(self, plugin: str, cfg: PluginConfig) -> None:
+        """After a swap: ``cfg`` is what ``plugin`` runs now (status, reload, next swap)."""
+        sup = self._sup
+        plugins = dict(sup.config.plugins)
+        plugins[plugin] = cfg.model_copy(update={"instances": len(self.of_plugin(plugin))})
+        sup.config = sup.config.model_copy(update={"plugins": plugins})
