@@ -23,9 +23,10 @@ import zmq
 from osk_daemon.config import Config, SpawnMode
 from osk_daemon.control.commands import DaemonCommands
 from osk_daemon.control.server import serve_control
-from osk_daemon.errors import BootFailed
+from osk_daemon.errors import BootFailed, OskError
 from osk_daemon.supervisor.confinement import Confinement
 from osk_daemon.supervisor.reaper import ChildReaper, become_subreaper
+from osk_daemon.supervisor.reload import reload_config
 from osk_daemon.supervisor.runtime import Endpoints, Supervisor
 from osk_daemon.supervisor.spawner import ExecSpawner, Spawner, ZygoteSpawner
 from osk_daemon.versioning.planning import plan_start
@@ -38,6 +39,15 @@ def endpoints(runtime_dir: Path) -> Endpoints:
         clients=f"ipc://{runtime_dir / 'broker.sock'}",
         workers=f"ipc://{runtime_dir / 'workers.sock'}",
     )
+
+
+async def _reload_on_signal(sup: Supervisor) -> None:
+    """SIGHUP: reload the config file; a refused reload is logged and changes nothing."""
+    log.info("SIGHUP: reloading %s", sup.config.source)
+    try:
+        await reload_config(sup)
+    except OskError as exc:
+        log.error("%s", exc)
 
 
 def prepare_runtime_dir(path: Path) -> None:
@@ -102,6 +112,7 @@ async def run_daemon(
             supervisor.start(request_stop=stop.set)
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, stop.set)
+            loop.add_signal_handler(signal.SIGHUP, tg.start_soon, _reload_on_signal, sup)
             log.info(
                 "osk-daemon running %d plugin(s); control socket %s; cgroups %s",
                 len(config.plugins),
@@ -121,6 +132,7 @@ async def run_daemon(
         raise
     finally:
         previous = {}
+        loop.remove_signal_handler(signal.SIGHUP)
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
             # a second SIGTERM during the last cleanup must not cut it short and orphan

@@ -18,8 +18,10 @@ from osk_daemon.control import rollout_commands
 from osk_daemon.control.peercred import PeerCred
 from osk_daemon.errors import ControlError
 from osk_daemon.ipc.codec import pack, unpack
+from osk_daemon.supervisor.dynamic_load import load_plugin, unload_plugin
 from osk_daemon.supervisor.instance import Instance
 from osk_daemon.supervisor.lifecycle import State
+from osk_daemon.supervisor.reload import reload_config
 from osk_daemon.supervisor.runtime import Supervisor
 
 Command = Callable[[Supervisor, dict[str, Any]], Awaitable[Any]]
@@ -136,10 +138,30 @@ async def graph(sup: Supervisor, args: dict[str, Any]) -> Any:
     return sup.deps.graph()
 
 
+async def reload(sup: Supervisor, args: dict[str, Any]) -> Any:
+    return await reload_config(sup)
+
+
+async def load(sup: Supervisor, args: dict[str, Any]) -> Any:
+    return load_plugin(sup, _str(args, "path"))
+
+
+async def unload(sup: Supervisor, args: dict[str, Any]) -> Any:
+    return await unload_plugin(
+        sup,
+        _str(args, "name"),
+        _str(args, "strategy", "graceful"),
+        _str(args, "dependents", "block"),
+    )
+
+
 COMMANDS: dict[str, Command] = {
     "graph": graph,
     "deploy": rollout_commands.deploy,
     "rollout": rollout_commands.rollout,
+    "reload": reload,
+    "load": load,
+    "unload": unload,
     "status": status,
     "start": _operate("start"),
     "stop": _operate("stop"),

@@ -247,6 +247,14 @@ def _run(ns: argparse.Namespace, choice: SocketChoice, timeout: float) -> None:
             raise UsageError(f"rollout {ns.action} needs the plugin's name")
         show = render.format_json_line if as_json else _rollout_line
         _stream(choice, timeout, "rollout", args, follow=ns.action == "rollback", show=show)
+    elif cmd in ("reload", "load", "unload"):
+        args = {}
+        if cmd == "load":
+            args = {"path": str(ns.path.absolute())}
+        elif cmd == "unload":
+            args = {"name": ns.name, "strategy": ns.strategy, "dependents": ns.dependents}
+        result = _request(choice, timeout, cmd, args)
+        _out(render.format_json(result))
     elif cmd == "shutdown":
         result = _request(choice, timeout, "shutdown", {})
         _out(render.format_json(result) if as_json else render.format_message(result))
@@ -387,6 +395,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("rollout", "show or steer a rollout")
     p.add_argument("action", choices=["status", "pause", "resume", "promote", "abort", "rollback"])
     p.add_argument("plugin", nargs="?", default=None, metavar="PLUGIN")
+    command("reload", "apply the edited config file (like SIGHUP); a bad one changes nothing")
+    p = command("load", "start a plugin from its folder (with osk-plugin.toml) at run time")
+    p.add_argument("path", type=Path, metavar="PATH")
+    p = command("unload", "stop a plugin for good and forget it")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--strategy", choices=["graceful", "forceful", "drain"], default="graceful")
+    p.add_argument("--dependents", choices=["cascade", "warn", "block"], default="block")
     command("shutdown", "stop the daemon and all plugins")
     return parser
 

@@ -73,7 +73,9 @@ class RolloutSpec:
             raise ValueError(f"ab_split must be in 1..99, got {self.ab_split}")
         if self.analysis_window <= 0 or self.progress_deadline <= 0:
             raise ValueError("analysis_window and progress_deadline must be > 0")
-        if self.stable == self.canary:
+        if self.stable == self.canary and self.strategy is not Strategy.ROLLING:
+            # traffic is split by version: one version cannot be split from itself
+            # (a rolling swap of the same version with another config is fine)
             raise ValueError(f"{self.plugin} already runs {self.stable}")
 
 

@@ -56,16 +56,37 @@ _TO_START = frozenset({LeafState.STARTING, LeafState.RESTARTING})
 class DependencyWatch:
     def __init__(self, supervisor: Supervisor, plan: StartPlan) -> None:
         self._sup = supervisor
-        self.plan = plan
-        plugins = list(plan.config.plugins)
-        edges = [(p, d, False) for p in plugins for d in sorted(plan.requires.get(p, ()))]
-        edges += [(p, d, True) for p in plugins for d in sorted(plan.optional.get(p, ()))]
-        self.tracker = DependencyTracker(DependencyGraph(plugins, edges, plan.offline_capable))
-        self.gate = StartGate({p: plan.requires.get(p, frozenset()) for p in plugins})
         self._status: dict[str, Status] = {}
         self._ever_up: set[str] = set()
         self.boot_failure: str | None = None
         self.rolled_back: list[str] = []  # what a failed boot stopped, dependents first
+        self.gate = StartGate({})
+        self.replan(plan)
+
+    def replan(self, plan: StartPlan) -> None:
+        """A reload changed the plugins or their requirements: rebuild the graph, then
+        recompute every plugin's status (an unchanged one keeps its verdict)."""
+        self.plan = plan
+        plugins = list(plan.config.plugins)
+        held = self.gate.held_leaves()
+        edges = [(p, d, False) for p in plugins for d in sorted(plan.requires.get(p, ()))]
+        edges += [(p, d, True) for p in plugins for d in sorted(plan.optional.get(p, ()))]
+        self.tracker = DependencyTracker(DependencyGraph(plugins, edges, plan.offline_capable))
+        self.gate = StartGate({p: plan.requires.get(p, frozenset()) for p in plugins})
+        known = self._status
+        self._status = {}
+        self._ever_up &= set(plugins)
+        for plugin in plugins:
+            if plugin in known:
+                self.refresh(plugin)
+        for leaf, plugin in held:  # what waited under the old graph asks the new one
+            inst = self._sup.instances.get(leaf)
+            if (
+                inst is not None
+                and plugin in plan.config.plugins
+                and self.gate.request(leaf, plugin)
+            ):
+                self._sup.feed(inst, lc.StartRequested())
 
     # ---- queries for status and oskctl graph --------------------------------------------
 

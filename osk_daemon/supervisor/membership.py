@@ -79,14 +79,17 @@ class Membership:
 
     # ---- instances that come and go -----------------------------------------------------
 
-    def add(self, plugin: str, cfg: PluginConfig) -> Instance:
+    def add(self, plugin: str, cfg: PluginConfig, group: str | None = None) -> Instance:
         """A new, not yet started instance of ``plugin`` running ``cfg`` (its own version),
-        placed in the tree after the plugin's other instances."""
+        placed in the tree after the plugin's other instances (a new plugin: last in
+        ``group``, default the root)."""
         sup = self._sup
         mine = self.of_plugin(plugin)
         inst = Instance.create(plugin, 1 + max((i.index for i in mine), default=-1), cfg)
         last = mine[-1].leaf if mine else None
-        group = sup.tree.topology.parent[last] if last else sup.tree.topology.root
+        if last is not None:
+            group = sup.tree.topology.parent[last]
+        group = group or sup.tree.topology.root
         sup.tree.add_leaf(leaf_spec(plugin, inst.index, cfg), group, after=last)
         sup.instances[inst.leaf] = inst
         sup.broker.set_version(inst.key, str(cfg.version))
@@ -95,11 +98,17 @@ class Membership:
     def start(self, inst: Instance) -> None:
         self._sup.apply_tree_effects(self._sup.tree.start_children([inst.leaf], time.monotonic()))
 
-    async def remove(self, inst: Instance) -> None:
-        """Stop ``inst`` (the full stop ladder) and forget it: leaf, route, record."""
+    async def remove(self, inst: Instance, force: bool = False) -> None:
+        """Stop ``inst`` (the stop ladder; ``force``: SIGKILL once the stop is under way,
+        so the exit counts as a stop, not a crash) and forget it: leaf, route, record."""
         sup = self._sup
         inst.retiring = True
         sup.apply_tree_effects(sup.tree.stop([inst.leaf], time.monotonic()))
+        if force:
+            while inst.live and not inst.life.stop_requested:
+                await sup.changed()
+            if inst.live:
+                sup.processes.signal(inst, 9)
         while inst.live or sup.tree.leaf_state(inst.leaf) is not LeafState.STOPPED:
             await sup.changed()
         sup.tree.remove_leaf(inst.leaf)

@@ -95,7 +95,9 @@ class RolloutRun:
     # ---- what the supervisor tells us ---------------------------------------------------
 
     def role_of(self, inst: Instance) -> Role:
-        return Role.CANARY if inst.config.version == self.spec.canary else Role.STABLE
+        """Canary: the instances this rollout started (their config is its canary config,
+        which may keep the version and change only settings, as a reload does)."""
+        return Role.CANARY if inst.config is self.canary_config else Role.STABLE
 
     def observed(self) -> Observed:
         counts = {Role.STABLE: [0, 0], Role.CANARY: [0, 0]}

@@ -181,6 +181,10 @@ class Supervisor:
         """Wait until some instance changes state."""
         await self._changed.wait()
 
+    def logs_for(self, plugin: str) -> LogRing:
+        """The ring of ``plugin``'s captured output (made for a plugin added at run time)."""
+        return self.logs.setdefault(plugin, LogRing(self.config.daemon.log_buffer_lines))
+
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
         return self._loop

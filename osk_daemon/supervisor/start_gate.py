@@ -75,6 +75,10 @@ class StartGate:
     def held(self, leaf: str) -> bool:
         return leaf in self._held
 
+    def held_leaves(self) -> list[tuple[str, str]]:
+        """(leaf, plugin) of every held leaf, in request order."""
+        return list(self._held.items())
+
     def request(self, leaf: str, plugin: str) -> bool:
         """The tree wants ``leaf`` (of ``plugin``) started: True to start it now, False if
         it is held until its requirements are up."""

@@ -166,6 +166,12 @@ class Tree:
         self._leaves[spec.id] = LeafRecord(spec, Backoff(spec.backoff))
         self._reshape(group, tuple(children))
 
+    def update_leaf(self, spec: LeafSpec) -> None:
+        """New restart type and backoff for an existing leaf (a reload); its state stays."""
+        record = self._leaf(spec.id)
+        record.spec = spec
+        record.backoff = Backoff(spec.backoff)
+
     def remove_leaf(self, leaf: str) -> None:
         """Forget a leaf that is STOPPED and in no batch. Raises TreeCommandError else."""
         record = self._leaf(leaf)

@@ -325,7 +325,7 @@ def test_every_command_is_safe_from_every_state(state: State, command: str) -> N
         ({"steps": (50, 10)}, "steps must increase"),
         ({"steps": (0, 100)}, "percentages in 1..100"),
         ({"ab_split": 100}, "ab_split must be in 1..99"),
-        ({"canary": "1.0.0"}, "already runs 1.0.0"),
+        ({"canary": "1.0.0", "strategy": Strategy.CANARY}, "already runs 1.0.0"),
     ],
 )
 def test_bad_specs_are_refused(changes: dict[str, Any], message: str) -> None:

@@ -1,0 +1,194 @@
+"""Applying an edited config to a running daemon (``oskctl reload``, SIGHUP).
+
+Theory of operation
+-------------------
+The new file is loaded and planned exactly as at start (drop-ins, versions, start order);
+any error is refused with its file, key and reason and the running config stays, whole.
+Then ``config.diff`` says what changed, and each kind is applied the way that keeps
+serving:
+
+- removed plugins stop (dependents first) and are forgotten;
+- added plugins get their instances (in the group the new config names, if the running
+  tree has it, else the root group) and start through the start gate, so they wait for
+  what they require;
+- plugins whose code, version, config, env, limits or sandbox changed are swapped by a
+  rolling rollout (new instances ready before old ones drain), with state handed over;
+- ``instances`` alone scales up or down (the newest instances go first);
+- supervision settings alone (health checks, backoff, restart type, timeouts) apply in
+  place to the running instances: no process restarts;
+- untouched plugins keep their processes and pids.
+
+Daemon keys that cannot change under a running daemon (sockets, directories) refuse the
+reload, naming them. A change to the group tree other than new plugins is reported, not
+applied: restructuring supervision of running processes is a restart's job. The plan's
+dependency graph replaces the old one once the moves are under way.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from osk_daemon.config import GroupConfig, PluginConfig, load_config
+from osk_daemon.config.diff import ConfigDiff, diff_configs
+from osk_daemon.errors import ConfigError, ControlError
+from osk_daemon.rollout.plan import RolloutSpec, Strategy
+from osk_daemon.supervisor.health import HealthPolicy
+from osk_daemon.supervisor.tree_build import leaf_spec
+from osk_daemon.versioning.planning import plan_start
+
+if TYPE_CHECKING:
+    from osk_daemon.supervisor.runtime import Supervisor
+
+log = logging.getLogger("osk.reload")
+
+__all__ = ["reload_config"]
+
+
+async def reload_config(sup: Supervisor) -> dict[str, Any]:
+    """Load ``sup.config.source`` again and apply what changed. Raises ControlError (the
+    running config stays) for an invalid file, a conflict, or a daemon key that needs a
+    restart."""
+    source = sup.config.source
+    try:
+        plan = plan_start(load_config(source))
+    except ConfigError as exc:
+        log.error("reload refused, the running config stays: %s", exc)
+        raise ControlError(f"reload refused, the running config stays: {exc}") from exc
+    diff = diff_configs(sup.config, plan.config)
+    if diff.daemon_restart:
+        raise ControlError(
+            "reload refused, the running config stays: "
+            f"{', '.join('daemon.' + k for k in diff.daemon_restart)} cannot change while the "
+            "daemon runs; restart it to apply"
+        )
+    new = plan.config
+    old_groups = sup.config.groups
+    for name in reversed([p for wave in sup.deps.plan.waves for p in wave]):
+        if name in diff.removed:
+            for inst in reversed(sup.members.of_plugin(name)):
+                await sup.members.remove(inst)
+            sup.broker.set_accepting(name, False)
+    merged = dict(sup.config.plugins)
+    for name in diff.removed:
+        merged.pop(name, None)
+    for name in diff.added:
+        merged[name] = new.plugins[name]
+    for name in diff.retune:
+        merged[name] = _retune(sup, name, new.plugins[name])
+    for name in diff.scale:
+        merged[name] = merged[name].model_copy(update={"instances": new.plugins[name].instances})
+    # groups and daemon settings stay as they run (reported below): the tree and the
+    # broker were built from them
+    sup.config = sup.config.model_copy(update={"plugins": merged})
+    sup.deps.replan(plan)
+    for name in diff.added:
+        _add_plugin(sup, name, new.plugins[name], new.groups)
+    for name in diff.scale:
+        await _scale(sup, name, new.plugins[name])
+    for name in diff.swap:
+        _swap(sup, name, new.plugins[name])
+    summary = diff.summary()
+    summary["not_applied"] = [
+        *(f"groups.{g}" for g in _restructured(diff, old_groups, new.groups)),
+        *(f"daemon.{k}" for k in diff.daemon),
+    ]
+    sup.events.publish("kernel:reloaded", **{k: v for k, v in summary.items() if v})
+    log.info("reloaded %s: %s", source, _describe(diff))
+    return summary
+
+
+def _describe(diff: ConfigDiff) -> str:
+    if diff.empty:
+        return "nothing changed"
+    parts = [
+        f"{label} {', '.join(names)}"
+        for label, names in (
+            ("added", diff.added),
+            ("removed", diff.removed),
+            ("swapping", diff.swap),
+            ("scaled", diff.scale),
+            ("retuned", diff.retune),
+        )
+        if names
+    ]
+    return "; ".join(parts) or "only group or daemon settings changed"
+
+
+def _restructured(
+    diff: ConfigDiff, old: Mapping[str, GroupConfig], new: Mapping[str, GroupConfig]
+) -> list[str]:
+    """Groups that changed beyond gaining added plugins or losing removed ones."""
+    out = []
+    for gid in diff.groups:
+        before, after = old.get(gid), new.get(gid)
+        if before is None or after is None:
+            out.append(gid)
+            continue
+        kept = before.model_copy(
+            update={"children": [c for c in before.children if c not in diff.removed]}
+        )
+        wanted = after.model_copy(
+            update={"children": [c for c in after.children if c not in diff.added]}
+        )
+        if kept != wanted:
+            out.append(gid)
+    return out
+
+
+def _add_plugin(
+    sup: Supervisor, name: str, cfg: PluginConfig, groups: Mapping[str, GroupConfig]
+) -> None:
+    parent = next((g for g, spec in groups.items() if name in spec.children), "root")
+    if parent not in sup.tree.topology.groups_under:
+        parent = sup.tree.topology.root
+    sup.logs_for(name)
+    sup.broker.declare(name)
+    sup.broker.set_accepting(name, True)
+    for _ in range(cfg.instances):
+        inst = sup.members.add(name, cfg, group=parent)
+        sup.members.start(inst)
+
+
+async def _scale(sup: Supervisor, name: str, cfg: PluginConfig) -> None:
+    mine = [i for i in sup.members.of_plugin(name) if not i.retiring]
+    for _ in range(cfg.instances - len(mine)):
+        sup.members.start(sup.members.add(name, mine[-1].config if mine else cfg))
+    for inst in sorted(mine, key=lambda i: -i.index)[: max(0, len(mine) - cfg.instances)]:
+        await sup.members.remove(inst)
+
+
+def _retune(sup: Supervisor, name: str, cfg: PluginConfig) -> PluginConfig:
+    hc = cfg.health_check
+    policy = HealthPolicy(
+        enabled=hc.enabled,
+        interval=hc.interval,
+        timeout=hc.timeout,
+        failure_threshold=hc.failure_threshold,
+        success_threshold=hc.success_threshold,
+        auto_restart=hc.auto_restart,
+    )
+    for inst in sup.members.of_plugin(name):
+        inst.config = cfg
+        inst.health.policy = policy
+        inst.life.start_timeout = cfg.start_timeout
+        inst.life.shutdown_timeout = cfg.shutdown_timeout
+        sup.tree.update_leaf(leaf_spec(name, inst.index, cfg))
+    return cfg
+
+
+def _swap(sup: Supervisor, name: str, cfg: PluginConfig) -> None:
+    current = sup.config.plugins[name]
+    r = cfg.rollout
+    spec = RolloutSpec(
+        name,
+        str(current.version),
+        str(cfg.version),
+        Strategy.ROLLING,
+        instances=cfg.instances,
+        max_surge=r.max_surge,
+        max_unavailable=r.max_unavailable,
+        progress_deadline=r.progress_deadline,
+    )
+    sup.rollouts.deploy(name, cfg, spec)

@@ -1,0 +1,170 @@
+"""Config reload (oskctl reload, SIGHUP) and run-time load/unload, on real daemons."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+from pathlib import Path
+
+import pytest
+
+from tests.integration.harness import (
+    ControlError,
+    Daemon,
+    daemon_config,
+    plugin_block,
+    running_daemon,
+)
+from tests.integration.test_rollouts import install_counter
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+
+def pids(d: Daemon) -> dict[str, set[int]]:
+    out: dict[str, set[int]] = {}
+    for row in d.status():
+        out.setdefault(row["plugin"], set()).add(row["pid"])
+    return out
+
+
+def config(installed: Path, counter_version: str, extra: str) -> str:
+    return daemon_config(
+        f"""
+        [plugins.counter]
+        version = "{counter_version}"
+        [plugins.counter.health_check]
+        interval = 0.2
+        timeout = 0.2
+        """
+        + extra,
+        plugins_dir=str(installed),
+    )
+
+
+@pytest.fixture
+def installed(tmp_path: Path) -> Path:
+    root = tmp_path / "installed"
+    install_counter(root, "1.0.0")
+    install_counter(root, "2.0.0")
+    root.chmod(0o755)
+    return root
+
+
+def test_reload_applies_each_kind_of_change_and_keeps_untouched_pids(installed: Path) -> None:
+    before = (
+        plugin_block("keep")
+        + plugin_block("gone")
+        + plugin_block("tuned", health_check={"interval": 1.0, "timeout": 0.5})
+        + plugin_block("wide", instances=1)
+    )
+    with running_daemon(config(installed, "1.0.0", before)) as d:
+        old = pids(d)
+        after = (
+            plugin_block("keep")
+            + plugin_block("tuned", health_check={"interval": 0.3, "timeout": 0.2})
+            + plugin_block("wide", instances=2)
+            + plugin_block("newbie")
+        )
+        d.config.write_text(config(installed, "2.0.0", after))
+        summary = d.ctl("reload")
+        assert summary["added"] == ["newbie"]
+        assert summary["removed"] == ["gone"]
+        assert summary["swapped"] == ["counter"]
+        assert summary["scaled"] == ["wide"]
+        assert summary["retuned"] == ["tuned"]
+        assert "keep" in summary["unchanged"]
+
+        def settled() -> bool:
+            rows = d.status()
+            names = {r["plugin"] for r in rows}
+            counter = {r["version"] for r in rows if r["plugin"] == "counter"}
+            wide = [r for r in rows if r["plugin"] == "wide"]
+            return (
+                "gone" not in names
+                and counter == {"2.0.0"}
+                and len(wide) == 2
+                and all(r["state"] == "ready" for r in rows)
+            )
+
+        d.wait_until(settled, timeout=60, what="reload applied")
+        now = pids(d)
+        assert now["keep"] == old["keep"]  # untouched: same process
+        assert now["tuned"] == old["tuned"]  # retuned in place: same process
+        assert old["wide"] <= now["wide"]  # scaled up: the first instance kept
+        assert now["counter"].isdisjoint(old["counter"])  # swapped: new processes
+        assert d.call("newbie", "echo", {"text": "hi"})["text"] == "hi"
+        with pytest.raises(ControlError) as info:
+            d.call("gone", "echo", {"text": "x"})
+        assert info.value.code == "unavailable"
+
+
+def test_an_invalid_config_is_refused_and_the_running_one_stays(installed: Path) -> None:
+    with running_daemon(config(installed, "1.0.0", plugin_block("keep"))) as d:
+        old = pids(d)
+        good = d.config.read_text()
+        d.config.write_text(good + "\n[plugins.keep.health_check]\ninterval = -1\n")
+        with pytest.raises(ControlError) as info:
+            d.ctl("reload")
+        message = str(info.value)
+        assert "the running config stays" in message
+        assert "osk.toml: plugins.keep.health_check.interval: must be > 0, got -1" in message
+        d.config.write_text(good.replace('version = "1.0.0"', 'version = "^9"'))
+        with pytest.raises(ControlError, match="version-mismatch"):
+            d.ctl("reload")
+        d.config.write_text(good.replace('runtime_dir = "run"', 'runtime_dir = "other"'))
+        with pytest.raises(ControlError, match=re.escape("daemon.runtime_dir cannot change")):
+            d.ctl("reload")
+        assert pids(d) == old
+        assert d.call("keep", "echo", {"text": "still"})["text"] == "still"
+
+
+def test_sighup_reloads(installed: Path) -> None:
+    with running_daemon(config(installed, "1.0.0", plugin_block("keep"))) as d:
+        assert d.proc is not None
+        d.config.write_text(config(installed, "1.0.0", plugin_block("keep") + plugin_block("hup")))
+        os.kill(d.proc.pid, signal.SIGHUP)
+        d.wait_until(
+            lambda: any(r["plugin"] == "hup" and r["state"] == "ready" for r in d.status()),
+            what="the plugin added by SIGHUP",
+        )
+        events = [e["type"] for e in d.ctl("events", lines=1000)]
+        assert "kernel:reloaded" in events
+
+
+def test_load_and_unload_at_run_time(installed: Path, tmp_path: Path) -> None:
+    extra = tmp_path / "reporter"
+    extra.mkdir()
+    (extra / "reporter_plugin.py").write_text(
+        "from osk_daemon.worker import Plugin, rpc\n\n\n"
+        "class Reporter(Plugin):\n"
+        "    @rpc\n"
+        "    async def report(self) -> dict:\n"
+        '        return await self.ctx.call("counter", "get")\n'
+    )
+    (extra / "osk-plugin.toml").write_text(
+        'name = "reporter"\nversion = "0.1.0"\nentry = "reporter_plugin:Reporter"\n'
+        '[[requires]]\nname = "counter"\nrange = "^1"\n'
+    )
+    extra.chmod(0o755)
+    with running_daemon(config(installed, "1.0.0", "")) as d:
+        loaded = d.ctl("load", path=str(extra))
+        assert loaded["plugin"] == "reporter"
+        d.wait_until(
+            lambda: any(r["plugin"] == "reporter" and r["state"] == "ready" for r in d.status()),
+            what="reporter loaded",
+        )
+        assert d.call("reporter", "report")["version"] == "1.0.0"
+        with pytest.raises(ControlError, match="runs already"):
+            d.ctl("load", path=str(extra))
+        with pytest.raises(ControlError, match="reporter requires 'counter'"):
+            d.ctl("unload", name="counter")
+        done = d.ctl("unload", name="counter", strategy="drain", dependents="cascade")
+        assert done["unloaded"] == ["reporter", "counter"]
+        assert d.status() == []
+        with pytest.raises(ControlError, match="no plugin named 'counter'"):
+            d.ctl("unload", name="counter")
+        loaded = d.ctl("load", path=str(installed / "counter" / "2.0.0"))
+        d.wait_until(lambda: [r["state"] for r in d.status()] == ["ready"], what="counter back")
+        d.ctl("unload", name="counter", strategy="forceful")
+        assert d.status() == []
