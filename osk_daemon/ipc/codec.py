@@ -1,34 +1,48 @@
 """The wire format between the daemon, its plugins and outside callers.
 
-A message is two ZeroMQ frames, ``[header, body]`` (the broker's ROUTER sees a third,
-the peer's routing id, in front). The header is a small msgpack array that the broker
-reads to route; the body is opaque bytes that the broker forwards untouched.
+A logical message is two ZeroMQ frames, ``[header, body]``. The header says what the
+message is; the body is opaque bytes that the broker forwards untouched. One ZeroMQ
+message carries one such pair or a *batch* of them, ``[header, body, header, body, ...]``
+(at most ``MAX_BATCH`` pairs); on the broker's ROUTER sockets the peer's routing id comes
+first. Batches exist for throughput: ZeroMQ wakes its I/O thread once per message, not
+per frame, so the RPC kinds (REQUEST, REPLY, ERROR) that leave in the same loop pass go
+out together; everything else is sent one pair per message. A receiver handles the pairs
+of a batch in order; a message whose frames do not split into pairs is dropped whole.
 
-    header = [PROTO, kind, id, target, method, deadline, meta]
+A header has one of two forms:
 
-- ``kind``: a ``Kind`` below.
-- ``id``: request id chosen by the sender, echoed in the reply (0 when unused).
-- ``target``: plugin name for requests, "" otherwise.
-- ``method``: the RPC method, event name or "" .
-- ``deadline``: absolute CLOCK_MONOTONIC seconds (one host, one clock), 0.0 = none.
-- ``meta``: a small map (version pin, trace context, reply status) or nil.
+- the general form, a msgpack array ``[PROTO, kind, id, target, method, deadline, meta]``:
+  - ``kind``: a ``Kind`` below.
+  - ``id``: request id chosen by the sender, echoed in the reply (0 when unused).
+  - ``target``: plugin name for requests, "" otherwise.
+  - ``method``: the RPC method, event name or "" .
+  - ``deadline``: absolute CLOCK_MONOTONIC seconds (one host, one clock), 0.0 = none.
+  - ``meta``: a small map (version pin, trace context, reply status) or nil.
+- the reply form, 11 fixed bytes ``0xC1, PROTO, kind, id (u64 little-endian)``, for REPLY
+  and ERROR, whose headers carry nothing but the kind and the id. 0xC1 is the one byte
+  msgpack never uses, so the two forms cannot be confused; the broker reads a reply's
+  routing information with one ``struct`` call instead of a msgpack decode.
 
 This module is the only place where frames are decoded; everything unknown or malformed
-raises ``FrameError`` here and is dropped by the caller.
+raises ``FrameError`` here and is dropped by the caller. ``Encoder`` is the fast way to
+encode on a hot path (it reuses its msgpack packers, so it belongs to one thread).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import enum
+import struct
 from typing import Any, NamedTuple
 
 import msgpack
 
 from osk_daemon.errors import FrameError
 
-PROTO = 1
+PROTO = 2  # 2: batches and the reply form
 MAX_HEADER_SIZE = 4096
+MAX_BATCH = 1024  # pairs in one ZeroMQ message that a receiver accepts
+SEND_BATCH = 256  # pairs a sender puts in one message at most
 DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
 
 
@@ -48,6 +62,12 @@ class Kind(enum.IntEnum):
 
 _KINDS = {int(k): k for k in Kind}
 _MAX_ID = 2**63
+_REPLY_MARK = 0xC1
+_REPLY_FORM = struct.Struct("<BBBQ")
+REPLY_FORM_SIZE = _REPLY_FORM.size
+_REPLY_KINDS = {int(Kind.REPLY): Kind.REPLY, int(Kind.ERROR): Kind.ERROR}
+_REQUEST = int(Kind.REQUEST)
+_new_header = tuple.__new__
 
 
 class Header(NamedTuple):
@@ -72,10 +92,33 @@ def encode_header(
     deadline: float = 0.0,
     meta: dict[str, Any] | None = None,
 ) -> bytes:
+    """A header in the general form (any kind)."""
     data: bytes = msgpack.packb(
         [PROTO, int(kind), id, target, method, float(deadline), meta], use_bin_type=True
     )
     return data
+
+
+def encode_reply_header(kind: Kind, id: int) -> bytes:
+    """A REPLY or ERROR header in the reply form. Raises ValueError for other kinds."""
+    if kind is not Kind.REPLY and kind is not Kind.ERROR:
+        raise ValueError(f"{kind.name} has no reply form")
+    return _REPLY_FORM.pack(_REPLY_MARK, PROTO, kind, id)
+
+
+def decode_reply_header(data: bytes) -> tuple[Kind, int] | None:
+    """``(kind, id)`` of a header in the reply form; None if ``data`` is in the general
+    form (decode that with ``decode_header``). Raises FrameError for a broken reply form.
+    Cost: one ``struct`` unpack, for the broker's reply path."""
+    if not data or data[0] != _REPLY_MARK:
+        return None
+    if len(data) != REPLY_FORM_SIZE:
+        raise FrameError(f"reply header of {len(data)} bytes (the reply form has 11)")
+    _, proto, kind, id_ = _REPLY_FORM.unpack(data)
+    member = _REPLY_KINDS.get(kind)
+    if proto != PROTO or member is None or id_ >= _MAX_ID:
+        raise FrameError(_what_is_wrong(proto, kind, id_, "", "", 0.0, None))
+    return member, id_
 
 
 def _reject_ext(code: int, data: bytes) -> Any:
@@ -83,16 +126,23 @@ def _reject_ext(code: int, data: bytes) -> Any:
 
 
 def decode_header(data: bytes) -> Header:
-    """Decode and validate a header frame. Raises FrameError on anything unexpected."""
+    """Decode and validate a header frame (either form). Raises FrameError on anything
+    unexpected."""
     if len(data) > MAX_HEADER_SIZE:
         raise FrameError(f"header of {len(data)} bytes exceeds {MAX_HEADER_SIZE}")
+    if data[:1] == b"\xc1":
+        kind_id = decode_reply_header(data)
+        assert kind_id is not None
+        return _new_header(Header, (kind_id[0], kind_id[1], "", "", 0.0, None))
     try:
-        raw = msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=_reject_ext)
+        raw = msgpack.unpackb(
+            data, raw=False, strict_map_key=True, ext_hook=_reject_ext, use_list=False
+        )
     except FrameError:
         raise
     except Exception as exc:  # msgpack raises several unrelated types on garbage
         raise FrameError(f"header is not valid msgpack: {exc}") from exc
-    if type(raw) is not list or len(raw) != 7:
+    if type(raw) is not tuple or len(raw) != 7:
         raise FrameError("header must be a 7-element array")
     proto, kind, id_, target, method, deadline, meta = raw
     kind_member = _KINDS.get(kind) if type(kind) is int else None
@@ -106,7 +156,7 @@ def decode_header(data: bytes) -> Header:
         and (type(deadline) is float or type(deadline) is int)
         and (meta is None or type(meta) is dict)
     ):
-        return Header(kind_member, id_, target, method, float(deadline), meta)
+        return _new_header(Header, (kind_member, id_, target, method, float(deadline), meta))
     raise FrameError(_what_is_wrong(proto, kind, id_, target, method, deadline, meta))
 
 
@@ -123,7 +173,9 @@ def _what_is_wrong(
         return "target and method must be strings"
     if type(deadline) not in (int, float):
         return f"bad deadline {deadline!r}"
-    return "meta must be a map or nil"
+    if meta is not None and type(meta) is not dict:
+        return "meta must be a map or nil"
+    return f"{Kind(kind).name} has no reply form"
 
 
 def _default(obj: Any) -> Any:
@@ -154,8 +206,63 @@ def unpack(data: bytes, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> Any:
         raise FrameError(f"body is not valid msgpack: {exc}") from exc
 
 
+class Encoder:
+    """``encode_header``, ``encode_reply_header`` and ``pack`` with reused msgpack packers.
+
+    ``msgpack.packb`` builds a packer (and its buffer) on every call, which costs about as
+    much as the packing; an ``Encoder`` keeps two. A packer is not safe to share between
+    threads, so an ``Encoder`` belongs to one owner on one thread (the broker's loop, a
+    worker's loop, one ``Client``). Same output and errors as the module functions.
+    """
+
+    __slots__ = ("_body", "_header")
+
+    def __init__(self) -> None:
+        self._header = msgpack.Packer(use_bin_type=True).pack
+        self._body = msgpack.Packer(use_bin_type=True, default=_default).pack
+
+    def request(
+        self, id: int, target: str, method: str, deadline: float, meta: dict[str, Any] | None
+    ) -> bytes:
+        """A REQUEST header (general form)."""
+        data: bytes = self._header((PROTO, _REQUEST, id, target, method, float(deadline), meta))
+        return data
+
+    def header(
+        self,
+        kind: Kind,
+        id: int = 0,
+        target: str = "",
+        method: str = "",
+        deadline: float = 0.0,
+        meta: dict[str, Any] | None = None,
+    ) -> bytes:
+        """A header of any kind in the general form."""
+        data: bytes = self._header((PROTO, int(kind), id, target, method, float(deadline), meta))
+        return data
+
+    reply = staticmethod(encode_reply_header)
+
+    def body(self, value: Any) -> bytes:
+        """Pack a body. Raises TypeError for values msgpack cannot carry."""
+        data: bytes = self._body(value)
+        return data
+
+
+def check_batch(frames: list[bytes], first: int) -> int:
+    """How many ``(header, body)`` pairs ``frames[first:]`` holds (``first``: 1 after a
+    routing id, else 0). Raises FrameError unless they split into 1..MAX_BATCH pairs."""
+    n = len(frames) - first
+    if n < 2 or n & 1 or n > 2 * MAX_BATCH:
+        raise FrameError(
+            f"expected 1 to {MAX_BATCH} (header, body) pairs"
+            f"{' after the routing id' if first else ''}, got {max(n, 0)} frames"
+        )
+    return n >> 1
+
+
 def split_router_frames(frames: list[bytes]) -> tuple[bytes, Header, bytes]:
-    """Split ``[routing_id, header, body]`` as received on a ROUTER socket."""
+    """Split ``[routing_id, header, body]`` (one pair) as received on a ROUTER socket."""
     if len(frames) != 3:
         raise FrameError(f"expected 3 frames on the broker socket, got {len(frames)}")
     routing_id, header, body = frames
@@ -163,7 +270,14 @@ def split_router_frames(frames: list[bytes]) -> tuple[bytes, Header, bytes]:
 
 
 def split_dealer_frames(frames: list[bytes]) -> tuple[Header, bytes]:
-    """Split ``[header, body]`` as received on a DEALER socket."""
+    """Split ``[header, body]`` (one pair) as received on a DEALER socket."""
     if len(frames) != 2:
         raise FrameError(f"expected 2 frames, got {len(frames)}")
     return decode_header(frames[0]), frames[1]
+
+
+def split_batch(frames: list[bytes], first: int = 0) -> list[tuple[Header, bytes]]:
+    """Every ``(header, body)`` of a message, from ``frames[first]`` on (1 after a routing
+    id). Raises FrameError if the frames do not split into pairs or a header is bad."""
+    check_batch(frames, first)
+    return [(decode_header(frames[i]), frames[i + 1]) for i in range(first, len(frames), 2)]
