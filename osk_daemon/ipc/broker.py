@@ -13,7 +13,8 @@ heartbeats and REQUESTs (calls to other plugins) accepted.
 
 A REQUEST gets a broker-wide id; the table ``_pending`` maps it back to the caller's own
 id and routing id, so replies from a worker are forwarded to whoever asked, with the
-caller's id restored. Bodies are never unpacked here: the broker only reads headers.
+caller's id restored. Bodies are never unpacked here: the broker only reads headers, and
+a reply's header is the codec's 11-byte reply form, read with one ``struct`` call.
 
 Requests go to the ready instance with the fewest requests in flight (``routing``).
 While a plugin is starting or restarting (no instance ready yet but one on its way)
@@ -23,7 +24,10 @@ the default); one heap and one timer (``deadlines.DeadlineTimer``) answer expire
 with ``timeout``, so nothing hangs. When an instance is lost, its in-flight requests are
 answered with an error at once.
 
-Both sockets are read from the asyncio loop (``endpoint.RouterEndpoint``).
+Both sockets are read from the asyncio loop (``endpoint.RouterEndpoint``) and share one
+``FlushGroup``: what a pass over one socket routes is posted, and leaves as one batch per
+peer when the pass ends (see ``endpoint``). A batch a worker can no longer be sent (its
+socket is gone) fails the requests in it at once, like a lost instance's.
 """
 
 from __future__ import annotations
@@ -45,9 +49,19 @@ from osk_daemon.errors import (
     PluginError,
     Unavailable,
 )
-from osk_daemon.ipc.codec import Header, Kind, encode_header, pack, split_router_frames, unpack
+from osk_daemon.ipc.codec import (
+    Encoder,
+    Header,
+    Kind,
+    check_batch,
+    decode_header,
+    decode_reply_header,
+    encode_reply_header,
+    pack,
+    unpack,
+)
 from osk_daemon.ipc.deadlines import DeadlineTimer
-from osk_daemon.ipc.endpoint import LoopSocket, RouterEndpoint
+from osk_daemon.ipc.endpoint import FlushGroup, LoopSocket, RouterEndpoint
 from osk_daemon.ipc.routing import InstanceKey, PluginRoutes, Route, has_version, pick
 from osk_daemon.rollout.analysis import Recorder
 from osk_daemon.rollout.traffic import TrafficSplit
@@ -106,12 +120,15 @@ class Broker:
         self._max = max_message_size
         self._default_timeout = default_timeout
         self._ctx = ctx or zmq.Context.instance()
+        self._enc = Encoder()
+        group = FlushGroup()
         self._clients = RouterEndpoint(
             self._ctx,
             client_endpoint,
             self._on_client,
             name="clients",
             max_message_size=max_message_size,
+            group=group,
         )
         self._workers = RouterEndpoint(
             self._ctx,
@@ -119,13 +136,17 @@ class Broker:
             self._on_worker,
             name="workers",
             max_message_size=max_message_size,
+            group=group,
+            on_undeliverable=self._undeliverable,
         )
         self._tokens: dict[str, InstanceKey] = {}
         self._by_rid: dict[bytes, Route] = {}
         self._plugins: dict[str, PluginRoutes] = {}
         self._pending: dict[int, _Pending] = {}
         self._ids = itertools.count(1)
-        self._deadlines = DeadlineTimer(self._expired, self._pending.__contains__)
+        self._deadlines = DeadlineTimer(
+            self._expired, self._pending.__contains__, self._pending.__len__
+        )
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -258,56 +279,87 @@ class Broker:
 
     # ---- frames in ---------------------------------------------------------------------
 
-    def _split(self, frames: list[bytes]) -> tuple[bytes, Header, bytes] | None:
-        try:
-            rid, header, body = split_router_frames(frames)
-            if len(body) > self._max:
-                raise FrameError(f"body of {len(body)} bytes exceeds {self._max}")
-        except FrameError as exc:
-            self.stats.dropped_malformed += 1
-            log.warning(
-                "dropped a malformed frame (%d dropped so far): %s",
-                self.stats.dropped_malformed,
-                exc,
-            )
-            return None
-        return rid, header, body
+    def _malformed(self, exc: FrameError) -> None:
+        self.stats.dropped_malformed += 1
+        log.warning(
+            "dropped a malformed frame (%d dropped so far): %s", self.stats.dropped_malformed, exc
+        )
 
     def _on_client(self, ep: LoopSocket, frames: list[bytes]) -> None:
-        split = self._split(frames)
-        if split is None:
+        """``[routing id, (header, body)...]`` from a caller: REQUESTs only. A malformed
+        pair drops the rest of its message."""
+        try:
+            check_batch(frames, 1)
+        except FrameError as exc:
+            self._malformed(exc)
             return
-        rid, header, body = split
-        if header.kind is not Kind.REQUEST:
-            self.stats.dropped_malformed += 1
-            log.warning(
-                "dropped %s on the client socket: callers may only send REQUEST", header.kind.name
-            )
-            return
-        self._request(ep, rid, header, body)
+        rid = frames[0]
+        limit = self._max
+        for i in range(1, len(frames), 2):
+            body = frames[i + 1]
+            try:
+                header = decode_header(frames[i])
+                if len(body) > limit:
+                    raise FrameError(f"body of {len(body)} bytes exceeds {limit}")
+            except FrameError as exc:
+                self._malformed(exc)
+                return
+            if header.kind is not Kind.REQUEST:
+                self.stats.dropped_malformed += 1
+                log.warning(
+                    "dropped %s on the client socket: callers may only send REQUEST",
+                    header.kind.name,
+                )
+                continue
+            self._request(ep, rid, header, body)
 
     def _on_worker(self, ep: LoopSocket, frames: list[bytes]) -> None:
-        split = self._split(frames)
-        if split is None:
+        """``[routing id, (header, body)...]`` from a worker; only HELLO before it is bound.
+        Replies come in the reply form and take the short path."""
+        try:
+            check_batch(frames, 1)
+        except FrameError as exc:
+            self._malformed(exc)
             return
-        rid, header, body = split
-        kind = header.kind
-        if kind is Kind.HELLO:
-            self._hello(ep, rid, header, body)
-            return
+        rid = frames[0]
         route = self._by_rid.get(rid)
-        if route is None:
-            self.stats.dropped_unauthenticated += 1
-            log.warning("dropped %s from a peer that never said HELLO", kind.name)
-        elif kind is Kind.REQUEST:
-            self._request(ep, rid, header, body)
-        elif kind in (Kind.REPLY, Kind.ERROR):
-            self._reply(route, header, body)
-        elif kind in _WORKER_KINDS:
-            self._listener(route.key, header, body)
-        else:
-            self.stats.dropped_malformed += 1
-            log.warning("dropped %s: not a kind a worker may send", kind.name)
+        limit = self._max
+        for i in range(1, len(frames), 2):
+            raw, body = frames[i], frames[i + 1]
+            try:
+                if len(body) > limit:
+                    raise FrameError(f"body of {len(body)} bytes exceeds {limit}")
+                reply = decode_reply_header(raw)
+                header = decode_header(raw) if reply is None else None
+            except FrameError as exc:
+                self._malformed(exc)
+                return
+            if header is None:
+                assert reply is not None
+                if route is None:
+                    self._unauthenticated(reply[0])
+                else:
+                    self._reply(route, reply[0], reply[1], body)
+                continue
+            kind = header.kind
+            if kind is Kind.HELLO:
+                self._hello(ep, rid, header, body)
+                route = self._by_rid.get(rid)
+            elif route is None:
+                self._unauthenticated(kind)
+            elif kind is Kind.REQUEST:
+                self._request(ep, rid, header, body)
+            elif kind is Kind.REPLY or kind is Kind.ERROR:
+                self._reply(route, kind, header.id, body)
+            elif kind in _WORKER_KINDS:
+                self._listener(route.key, header, body)
+            else:
+                self.stats.dropped_malformed += 1
+                log.warning("dropped %s: not a kind a worker may send", kind.name)
+
+    def _unauthenticated(self, kind: Kind) -> None:
+        self.stats.dropped_unauthenticated += 1
+        log.warning("dropped %s from a peer that never said HELLO", kind.name)
 
     def _request(self, ep: LoopSocket, rid: bytes, header: Header, body: bytes) -> None:
         deadline = header.deadline or time.monotonic() + self._default_timeout
@@ -383,11 +435,10 @@ class Broker:
         route = pick(entry, pending.meta)
         if route is None:
             return False
-        header = encode_header(
-            Kind.REQUEST, bid, pending.target, pending.method, pending.deadline, pending.meta
+        header = self._enc.request(
+            bid, pending.target, pending.method, pending.deadline, pending.meta
         )
-        if not route.endpoint.send((route.rid, header, pending.body)):
-            return False
+        route.endpoint.post(route.rid, header, pending.body, bid)
         pending.route = route
         pending.body = b""  # the worker has it now; do not keep large bodies alive
         route.in_flight += 1
@@ -404,15 +455,25 @@ class Broker:
                 return
             entry.queue.popleft()
 
-    def _reply(self, route: Route, header: Header, body: bytes) -> None:
-        pending = self._pending.get(header.id)
+    def _reply(self, route: Route, kind: Kind, bid: int, body: bytes) -> None:
+        pending = self._pending.get(bid)
         if pending is None or pending.route is not route:
             self.stats.late_replies += 1
             return
-        del self._pending[header.id]
-        self._landed(route, pending, ok=header.kind is Kind.REPLY)
+        del self._pending[bid]
+        self._landed(route, pending, ok=kind is Kind.REPLY)
         self.stats.replies += 1
-        self._answer(pending, header.kind, body)
+        self._answer(pending, kind, body)
+
+    def _undeliverable(self, rid: bytes, bids: list[int]) -> None:
+        """A batch of requests could not be sent to ``rid`` (its socket is gone): fail
+        them now rather than at their deadline."""
+        for bid in bids:
+            pending = self._pending.get(bid)
+            route = pending.route if pending is not None else None
+            if route is not None and route.rid == rid:
+                where = f"{route.key[0]}/{route.key[1]}"
+                self._fail(bid, PluginError(f"{where} could not be reached for the request"))
 
     def _landed(self, route: Route, pending: _Pending, ok: bool) -> None:
         """A request ``route`` had in flight is over: account for it."""
@@ -432,7 +493,7 @@ class Broker:
                 pending.future.set_result((kind, body))
         elif pending.caller is not None:
             ep, rid = pending.caller
-            ep.send((rid, encode_header(kind, pending.caller_id), body))
+            ep.post(rid, encode_reply_header(kind, pending.caller_id), body)
 
     def _fail(self, bid: int, error: OskError) -> None:
         pending = self._pending.pop(bid, None)

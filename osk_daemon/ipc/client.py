@@ -3,8 +3,9 @@
 ``Client`` is a blocking DEALER connected to the daemon's broker socket. Each call sends a
 REQUEST with an absolute deadline; the broker answers every request (with the reply, or
 with a ``timeout``/``unavailable`` error), so a call never waits past its deadline plus a
-small grace. ``call_many`` pipelines a batch: it sends everything first, then collects the
-answers in any order.
+small grace. ``call_many`` pipelines a batch: it sends everything first, as batches of up
+to ``SEND_BATCH`` requests per ZeroMQ message (see ``codec``), then collects the answers
+in any order. A malformed answer is dropped (logged); its call ends at the deadline.
 
     with Client("ipc:///run/osk/broker.sock") as client:
         client.call("echo", "echo", {"text": "hi"})
@@ -15,26 +16,32 @@ Arguments travel as msgpack: a dict becomes keyword arguments, a list positional
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import Any
 
 import zmq
+import zmq.backend
 
-from osk_daemon.errors import DeadlineExceeded, OskError, error_from_wire
+from osk_daemon.errors import DeadlineExceeded, FrameError, OskError, error_from_wire
 from osk_daemon.ipc.codec import (
     DEFAULT_MAX_MESSAGE_SIZE,
+    SEND_BATCH,
+    Encoder,
     Kind,
-    encode_header,
-    pack,
-    split_dealer_frames,
+    check_batch,
+    decode_header,
     unpack,
 )
+
+log = logging.getLogger("osk.client")
 
 _GRACE = 0.5
 _NOBLOCK = int(zmq.NOBLOCK)
 _SNDMORE = int(zmq.SNDMORE)
+_send_frame = zmq.backend.Socket.send  # the Cython send, without pyzmq's Python wrapper
 
 
 class Client:
@@ -57,6 +64,7 @@ class Client:
         self._sock.setsockopt(zmq.RCVHWM, 0)
         self._sock.connect(endpoint)
         self._ids = itertools.count(1)
+        self._enc = Encoder()
 
     def call(
         self,
@@ -88,12 +96,14 @@ class Client:
         deadline = time.monotonic() + (timeout or self.timeout)
         meta = {"version": version} if version else None
         order: dict[int, int] = {}
-        send = self._sock.send
+        request, body = self._enc.request, self._enc.body
+        frames: list[bytes] = []
         for slot, (plugin, method, args) in enumerate(calls):
             rid = next(self._ids)
             order[rid] = slot
-            send(encode_header(Kind.REQUEST, rid, plugin, method, deadline, meta), _SNDMORE)
-            send(pack(args))
+            frames.append(request(rid, plugin, method, deadline, meta))
+            frames.append(body(args))
+        self._send_batches(frames)
         results: list[Any] = [None] * len(order)
         while order:
             try:
@@ -106,13 +116,34 @@ class Client:
                 for slot in order.values():
                     results[slot] = error
                 break
-            header, body = split_dealer_frames(frames)
-            slot_or_none = order.pop(header.id, None)
-            if slot_or_none is None:
-                continue  # an answer to an earlier call that already timed out
-            value = unpack(body, self._max)
-            results[slot_or_none] = error_from_wire(value) if header.kind is Kind.ERROR else value
+            try:
+                check_batch(frames, 0)
+                for i in range(0, len(frames), 2):
+                    header = decode_header(frames[i])
+                    slot_or_none = order.pop(header.id, None)
+                    if slot_or_none is None:
+                        continue  # an answer to an earlier call that already timed out
+                    results[slot_or_none] = self._result(header.kind, frames[i + 1])
+            except FrameError as exc:
+                log.warning("dropped a malformed answer from the daemon: %s", exc)
         return results
+
+    def _result(self, kind: Kind, body: bytes) -> Any:
+        try:
+            value = unpack(body, self._max)
+        except FrameError as exc:
+            return exc
+        return error_from_wire(value) if kind is Kind.ERROR else value
+
+    def _send_batches(self, frames: list[bytes]) -> None:
+        """Send ``[header, body, ...]`` as messages of up to ``SEND_BATCH`` pairs."""
+        sock, send = self._sock, _send_frame
+        step = 2 * SEND_BATCH
+        for start in range(0, len(frames), step):
+            end = min(start + step, len(frames)) - 1
+            for i in range(start, end):
+                send(sock, frames[i], _SNDMORE)
+            send(sock, frames[end], 0)
 
     def _recv(self) -> list[bytes]:
         """One message without blocking (zmq.Again if none waits)."""

@@ -55,7 +55,17 @@ from osk_daemon.errors import (
     Unavailable,
     error_from_wire,
 )
-from osk_daemon.ipc.codec import Header, Kind, encode_header, pack, split_dealer_frames, unpack
+from osk_daemon.ipc.codec import (
+    Encoder,
+    Header,
+    Kind,
+    check_batch,
+    decode_header,
+    encode_header,
+    encode_reply_header,
+    pack,
+    unpack,
+)
 from osk_daemon.ipc.endpoint import LoopSocket
 from osk_daemon.worker.context import Context
 from osk_daemon.worker.sdk import (
@@ -184,6 +194,8 @@ def run_worker(spec: dict[str, Any]) -> NoReturn:
 
 
 _DEPENDENCY_EVENTS = frozenset({"dependency_down", "dependency_up"})
+_enc = Encoder()  # the loop thread's (requests and replies are packed only there)
+_NOT_AWAITABLE = frozenset({type(None), bool, int, float, str, bytes, list, dict, tuple})
 _DENIED = frozenset({errno.EACCES, errno.EPERM, errno.ENETUNREACH})
 
 
@@ -340,15 +352,23 @@ class _Worker:
             await asyncio.sleep(interval)
 
     def on_frames(self, sock: LoopSocket, frames: list[bytes]) -> None:
+        """One message from the daemon: one ``(header, body)`` pair or a batch of them,
+        handled in order; a bad header drops the rest of the message."""
         try:
-            header, body = split_dealer_frames(frames)
+            check_batch(frames, 0)
         except FrameError as exc:
             log.warning("dropped a bad frame from the daemon: %s", exc)
             return
-        try:
-            self.dispatch(header, body)
-        except Exception:
-            log.exception("failed to handle a %s frame; dropped it", header.kind.name)
+        for i in range(0, len(frames), 2):
+            try:
+                header = decode_header(frames[i])
+            except FrameError as exc:
+                log.warning("dropped a bad frame from the daemon: %s", exc)
+                return
+            try:
+                self.dispatch(header, frames[i + 1])
+            except Exception:
+                log.exception("failed to handle a %s frame; dropped it", header.kind.name)
 
     def dispatch(self, header: Header, body: bytes) -> None:
         if header.kind is Kind.REQUEST:
@@ -401,11 +421,11 @@ class _Worker:
         try:
             args = unpack(body, self.max_size)
         except FrameError as exc:
-            self.send(Kind.ERROR, pack(exc.to_wire()), header.id)
+            self.answer(Kind.ERROR, header.id, pack(exc.to_wire()))
             return
         handler = self.find_handler(header.method)
         if handler is None:
-            self.send(Kind.ERROR, pack(self.not_found(header.method).to_wire()), header.id)
+            self.answer(Kind.ERROR, header.id, pack(self.not_found(header.method).to_wire()))
             return
         pos, kw = split_args(args)
         try:  # a sync handler runs right here; an async one only builds its coroutine
@@ -413,10 +433,10 @@ class _Worker:
         except Exception as exc:
             self.reply_error(header, exc)
             return
-        if inspect.isawaitable(result):
-            self.spawn(self.finish_request(header, result))
-        else:
+        if type(result) in _NOT_AWAITABLE or not inspect.isawaitable(result):
             self.reply(header, result)
+        else:
+            self.spawn(self.finish_request(header, result))
 
     def find_handler(self, method: str) -> Callable[..., Any] | None:
         if self.plugin is None:
@@ -445,11 +465,22 @@ class _Worker:
 
     def reply(self, header: Header, result: Any) -> None:
         try:
-            body = self.pack_limited(result, f"the result of {header.method!r}")
+            body = _enc.body(result)
+            if len(body) > self.max_size:
+                raise FrameError(
+                    f"the result of {header.method!r} is {len(body)} bytes, over the limit "
+                    f"of {self.max_size}"
+                )
         except Exception as exc:
-            self.send(Kind.ERROR, error_body(exc), header.id)
+            self.answer(Kind.ERROR, header.id, error_body(exc))
         else:
-            self.send(Kind.REPLY, body, header.id)
+            self.answer(Kind.REPLY, header.id, body)
+
+    def answer(self, kind: Kind, id: int, body: bytes) -> None:
+        """Post the REPLY or ERROR to request ``id``; it leaves with the other answers of
+        this loop pass, in one message (see ``endpoint``)."""
+        assert self.sock is not None
+        self.sock.post(b"", encode_reply_header(kind, id), body)
 
     def pack_limited(self, value: Any, what: str) -> bytes:
         body = pack(value)
@@ -460,7 +491,7 @@ class _Worker:
     def reply_error(self, header: Header, exc: Exception) -> None:
         log.warning("handler %r raised %s: %s", header.method, type(exc).__name__, exc)
         log.debug("traceback of %r", header.method, exc_info=exc)
-        self.send(Kind.ERROR, error_body(exc), header.id)
+        self.answer(Kind.ERROR, header.id, error_body(exc))
         if isinstance(exc, OSError) and exc.errno in _DENIED:
             # what the kernel refused (Landlock EACCES, seccomp EPERM) reaches the daemon's
             # event stream as far as the plugin lets it surface
@@ -485,14 +516,9 @@ class _Worker:
         fut: asyncio.Future[tuple[Kind, bytes]] = asyncio.get_running_loop().create_future()
         self.pending[id] = fut
         try:
-            self.send(
-                Kind.REQUEST,
-                body,
-                id,
-                target=plugin,
-                method=method,
-                deadline=time.monotonic() + timeout,
-            )
+            assert self.sock is not None
+            header = _enc.request(id, plugin, method, time.monotonic() + timeout, None)
+            self.sock.post(b"", header, body)
             async with asyncio.timeout(timeout + CALL_GRACE):
                 kind, reply = await fut
         except TimeoutError:

@@ -15,7 +15,16 @@ import zmq.asyncio
 
 from osk_daemon.errors import DeadlineExceeded, PluginError, Unavailable
 from osk_daemon.ipc.broker import Broker, InstanceKey
-from osk_daemon.ipc.codec import Header, Kind, encode_header, pack, split_dealer_frames, unpack
+from osk_daemon.ipc.codec import (
+    Header,
+    Kind,
+    encode_header,
+    encode_reply_header,
+    pack,
+    split_batch,
+    split_dealer_frames,
+    unpack,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(30), pytest.mark.anyio]
 
@@ -198,9 +207,9 @@ async def test_least_loaded_instance_is_chosen(h: Harness) -> None:
     async with asyncio.timeout(5):
         while sum(got.values()) < 4:  # exactly 4 requests exist: no "no more frames" wait
             for sock, _ in await poller.poll():
-                header, _body = split_dealer_frames(await sock.recv_multipart())
-                assert header.kind is Kind.REQUEST
-                got[sock] += 1
+                for header, _body in split_batch(await sock.recv_multipart()):
+                    assert header.kind is Kind.REQUEST
+                    got[sock] += 1
     assert list(got.values()) == [2, 2]
 
 
@@ -264,3 +273,64 @@ async def test_reply_from_another_peer_is_ignored(h: Harness) -> None:
     reply, _body = await recv(client)
     assert reply.kind is Kind.ERROR  # the forged reply was dropped; the deadline answered
     assert h.broker.stats.late_replies == 1
+
+
+async def test_batches_are_routed_and_answered_in_batches(h: Harness) -> None:
+    worker = await h.worker(("echo", 0))
+    h.broker.set_ready(("echo", 0), True)
+    client = h.dealer()
+    deadline = time.monotonic() + 5
+    frames: list[bytes] = []
+    for i in range(20):
+        frames += [encode_header(Kind.REQUEST, 100 + i, "echo", "m", deadline), pack(i)]
+    await client.send_multipart(frames)  # one message, 20 requests
+    requests: list[tuple[Header, bytes]] = []
+    messages = 0
+    while len(requests) < 20:
+        assert await worker.poll(5000)
+        requests += split_batch(await worker.recv_multipart())
+        messages += 1
+    assert messages < 20  # what one pass routed left together
+    answer: list[bytes] = []
+    for header, body in requests:  # answered in the reply form, in one message
+        answer += [encode_reply_header(Kind.REPLY, header.id), body]
+    await worker.send_multipart(answer)
+    replies: dict[int, object] = {}
+    while len(replies) < 20:
+        assert await client.poll(5000)
+        for header, body in split_batch(await client.recv_multipart()):
+            assert header.kind is Kind.REPLY
+            replies[header.id] = unpack(body)
+    assert replies == {100 + i: i for i in range(20)}
+    assert h.broker.stats.replies == 20
+
+
+async def test_a_malformed_pair_drops_the_rest_of_its_batch(h: Harness) -> None:
+    client = h.dealer()
+    good = encode_header(Kind.REQUEST, 1, "nobody", "m")
+    await client.send_multipart([good, b"", b"\xc1", b"", encode_header(Kind.REQUEST, 2), b""])
+    header, body = await recv(client)
+    assert (header.id, unpack(body)["code"]) == (1, Unavailable.code)  # the one before
+    await h.barrier(client)  # request 2 never got an answer
+    assert h.broker.stats.dropped_malformed == 1
+
+
+async def test_a_worker_that_vanished_fails_its_requests_at_once(h: Harness) -> None:
+    monitor = h.broker._workers.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+    try:
+        worker = await h.worker(("gone", 0))
+        h.broker.set_ready(("gone", 0), True)
+        worker.close(0)  # the instance is still "ready": nobody told the broker yet
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, lambda: monitor.poll(5000) and monitor.recv_multipart())
+        client = h.dealer()
+        started = time.monotonic()
+        await request(client, 5, "gone", deadline=time.monotonic() + 5)
+        header, body = await recv(client)
+        assert (header.kind, header.id) == (Kind.ERROR, 5)
+        assert unpack(body)["code"] == PluginError.code
+        assert "could not be reached" in unpack(body)["message"]
+        assert time.monotonic() - started < 2  # not at the deadline
+    finally:
+        h.broker._workers.sock.disable_monitor()
+        monitor.close(0)

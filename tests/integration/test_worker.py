@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import pytest
 import zmq
 
 from osk_daemon.errors import Unavailable
-from osk_daemon.ipc.codec import Header, Kind, encode_header, pack, split_router_frames, unpack
+from osk_daemon.ipc.codec import Header, Kind, encode_header, pack, split_batch, unpack
 
 pytestmark = [pytest.mark.timeout(30), pytest.mark.integration]
 
@@ -140,7 +141,10 @@ class NotAPlugin:
 
 
 class FakeDaemon:
-    """A ROUTER that records the worker's routing id and speaks frames with deadlines."""
+    """A ROUTER that records the worker's routing id and speaks frames with deadlines.
+
+    A message from the worker may be a batch of pairs (answers of one loop pass); ``recv``
+    hands them out one by one, in order."""
 
     def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str) -> None:
         self.sock = ctx.socket(zmq.ROUTER)
@@ -148,15 +152,21 @@ class FakeDaemon:
         self.sock.bind(endpoint)
         self.peer = b""
         self.heartbeats: list[float] = []
+        self.batches: list[int] = []  # pairs per message received
+        self._waiting: deque[tuple[Header, bytes]] = deque()
 
     def recv(self, timeout: float = 10.0, *, keep_heartbeats: bool = False) -> tuple[Header, Any]:
         """Next non-heartbeat frame (heartbeat arrival times are recorded)."""
         deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            if not self.sock.poll(int(left * 1000) + 1):
-                continue
-            routing_id, header, body = split_router_frames(self.sock.recv_multipart())
-            self.peer = routing_id
+        while self._waiting or (left := deadline - time.monotonic()) > 0:
+            if not self._waiting:
+                if not self.sock.poll(int(left * 1000) + 1):
+                    continue
+                frames = self.sock.recv_multipart()
+                self.peer = frames[0]
+                self._waiting.extend(split_batch(frames, 1))
+                self.batches.append(len(frames) // 2)
+            header, body = self._waiting.popleft()
             if header.kind is Kind.HEARTBEAT:
                 self.heartbeats.append(time.monotonic())
                 if not keep_heartbeats:
@@ -504,6 +514,30 @@ def test_garbage_frames_are_dropped(h: Harness) -> None:
     h.daemon.send_raw(encode_header(Kind.REQUEST, 6, "echo", "echo"), b"\xc1")
     header, body = h.daemon.recv_kind(Kind.ERROR)
     assert (header.id, body["code"]) == (6, "bad_frame")
+
+
+def test_a_batch_of_requests_is_answered_in_batches(h: Harness) -> None:
+    h.start_ready()
+    deadline = time.monotonic() + 10
+    frames = [h.daemon.peer]
+    for i in range(50):
+        frames += [encode_header(Kind.REQUEST, 200 + i, "echo", "echo", deadline), pack([i])]
+    h.daemon.sock.send_multipart(frames)
+    before = len(h.daemon.batches)
+    got = [h.daemon.recv_kind(Kind.REPLY) for _ in range(50)]
+    assert [(header.id, body) for header, body in got] == [(200 + i, i) for i in range(50)]
+    assert len(h.daemon.batches) - before < 50  # answers of one pass leave together
+    # a bad header drops the rest of its message, and the worker carries on
+    h.daemon.send_raw(
+        encode_header(Kind.REQUEST, 300, "echo", "echo", deadline),
+        pack(["kept"]),
+        b"\xc1",
+        b"",
+        encode_header(Kind.REQUEST, 301, "echo", "echo", deadline),
+        pack(["dropped"]),
+    )
+    assert h.daemon.recv_kind(Kind.REPLY)[0].id == 300
+    assert h.daemon.call("echo", ["after"])[1] == "after"
 
 
 def test_expired_request_gets_no_reply(h: Harness) -> None:
