@@ -50,6 +50,7 @@ class Instance:
     # state exported by the previous version, for this instance's next spawn only
     handover: Any = NO_STATE
     retiring: bool = False  # being drained and stopped by a rollout or reload
+    gentle_start: bool = False  # start at a low CPU priority (added while others serve)
 
     @classmethod
     def create(cls, plugin: str, index: int, cfg: PluginConfig) -> Instance:

@@ -91,6 +91,7 @@ class Membership:
             group = sup.tree.topology.parent[last]
         group = group or sup.tree.topology.root
         sup.tree.add_leaf(leaf_spec(plugin, inst.index, cfg), group, after=last)
+        inst.gentle_start = bool(mine)  # others of the plugin serve meanwhile
         sup.instances[inst.leaf] = inst
         sup.broker.set_version(inst.key, str(cfg.version))
         return inst

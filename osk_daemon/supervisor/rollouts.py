@@ -155,7 +155,7 @@ class RolloutRun:
                 for inst in self._pick(effect.role, effect.count):
                     inst.retiring = True
                     self._retiring.add(inst.leaf)
-                    self._sup.spawn_task(self._retire, inst)
+                    self._sup.spawn_task(self._retire, inst, time.monotonic())
             elif isinstance(effect, SetWeights):
                 self._set_weights(effect.weights)
             elif isinstance(effect, ArmTimer):
@@ -257,7 +257,9 @@ class RolloutRun:
             log.warning("%s: no state handed over from %s: %s", plugin, source_version, exc)
             return NO_STATE
 
-    async def _retire(self, inst: Instance) -> None:
+    async def _retire(self, inst: Instance, since: float) -> None:
+        """Drain, then stop ``inst``. The ``rollout:drained`` event says how long the
+        cut-over took: from the decision to stop it to its last request answered."""
         drained = self._sup.broker.drain(inst.key)
         with anyio.move_on_after(self.drain_timeout) as scope:
             await drained
@@ -267,7 +269,17 @@ class RolloutRun:
                 inst.leaf,
                 self.drain_timeout,
             )
+        drain_ms = round((time.monotonic() - since) * 1000, 3)
         await self._sup.members.remove(inst)
+        self._sup.events.publish(
+            "rollout:drained",
+            pluginName=self.spec.plugin,
+            instance=inst.index,
+            version=str(inst.config.version),
+            drain_ms=drain_ms,
+            stopped_ms=round((time.monotonic() - since) * 1000, 3),
+            timed_out=scope.cancelled_caught,
+        )
         self._retiring.discard(inst.leaf)
         self.perform(self.engine.observe(self.observed()))
         if not self._retiring and self._held_end is not None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import time
 from collections.abc import Callable, Coroutine, Iterable
@@ -206,6 +207,8 @@ class Supervisor:
         except OskError as exc:
             log.error("%s: %s", inst.leaf, exc)
             return
+        if isinstance(event, lc.Spawned) and inst.gentle_start:
+            _renice(event.pid, GENTLE_NICE)
         self._perform(inst, effects)
         after = inst.life.state
         if after is before:
@@ -231,6 +234,9 @@ class Supervisor:
         now = time.monotonic()
         inst.ready_at = now
         inst.health.ready(restarted=inst.life.retry_count > 0)
+        if inst.gentle_start and inst.life.pid is not None:
+            _renice(inst.life.pid, 0)  # serving now: full share of the CPU
+            inst.gentle_start = False
         self.broker.set_ready(inst.key, True)
         self.checks.schedule(inst)
         self.apply_tree_effects(self.tree.child_started(inst.leaf, now))
@@ -357,6 +363,19 @@ class Supervisor:
     def check_all_stopped(self) -> None:
         if self._shutting_down and not any(i.live for i in self.instances.values()):
             self._all_stopped.set()
+
+
+# A plugin added while others serve (a swap, a reload) starts at this nice value, so its
+# start-up (interpreter, imports, start()) takes CPU from the serving path only when the
+# CPU is idle; it gets its full share back once ready.
+GENTLE_NICE = 10
+
+
+def _renice(pid: int, nice: int) -> None:
+    try:
+        os.setpriority(os.PRIO_PROCESS, pid, nice)
+    except OSError as exc:  # gone already, or not permitted: only a scheduling hint
+        log.debug("setpriority(%d, %d): %s", pid, nice, exc)
 
 
 def _error_message(body: bytes) -> str:

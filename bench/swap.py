@@ -1,0 +1,239 @@
+"""Benchmark version swaps under constant load: failed calls, latency, cut-over time.
+
+One real daemon runs ``counter`` (installed in ``bench/plugins/installed``, versions
+1.0.0 and 2.0.0, which hand their count over). A load thread calls it non-stop through
+the broker's client socket and records every call (start, latency, version, ok or the
+error). Meanwhile ``--swaps`` rolling swaps alternate the version (``oskctl deploy``),
+each waited for on the daemon's event stream, with steady load in between.
+
+Reported, from the same run:
+
+- total calls and failed calls (goal: 0 failed of at least 10,000);
+- latency p50/p99 of calls that started in a steady window vs inside a swap
+  (goal: p99 during swaps <= 3x steady);
+- cut-over: per retired instance, from the rollout's decision to stop it (the new
+  instance is ready and healthy by then, so its own start is excluded) to its last
+  in-flight request answered, from the ``rollout:drained`` event (goal: <= 50 ms);
+- how long a whole swap takes, new instance start included.
+
+Usage: ``python bench/swap.py [--swaps N] [--instances N] [--min-calls N] [--json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+from _common import (
+    BENCH,
+    PERCENTILE_METHOD,
+    BenchDaemon,
+    daemon_config,
+    emit,
+    machine,
+    ms,
+    open_daemon,
+    percentile,
+    run_main,
+    table,
+    verdict,
+)
+
+from osk_daemon.errors import OskError
+from osk_daemon.ipc.client import Client
+
+INSTALLED = BENCH / "plugins" / "installed"
+GOAL_FAILED = 0
+GOAL_P99_RATIO = 3.0
+GOAL_CUTOVER = 0.050
+
+
+class Load:
+    """Sequential calls from one thread; each (start, latency, version or None, error)."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self.calls: list[tuple[float, float, str | None, str]] = []
+        self.grew = threading.Condition()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with Client(self.endpoint) as client:
+            deadline = time.monotonic() + 600  # bounded whatever happens
+            while not self._stop.is_set() and time.monotonic() < deadline:
+                start = time.monotonic()
+                try:
+                    _, version = client.call("counter", "incr", timeout=10.0)
+                    call = (start, time.monotonic() - start, version, "")
+                except OskError as exc:
+                    call = (start, time.monotonic() - start, None, f"{type(exc).__name__}: {exc}")
+                with self.grew:
+                    self.calls.append(call)
+                    if len(self.calls) % 100 == 0:
+                        self.grew.notify_all()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+
+def swap(d: BenchDaemon, version: str) -> tuple[float, float]:
+    """Deploy ``version`` and wait for its end on the event stream (no polling, so the
+    bench adds no control traffic during the swap); return (start, end), monotonic."""
+    before = {r["instance"] for r in d.ctl("status", plugin="counter")}
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(120)
+        sock.connect(str(d.control))
+        sock.sendall(b'{"cmd": "events", "args": {"follow": true, "lines": 0}}\n')
+        start = time.monotonic()
+        d.ctl("deploy", plugin="counter", version=version, strategy="rolling")
+        ended = _read_until(sock, ("rollout:succeeded", "rollout:rolled-back"))
+    end = time.monotonic()
+    if ended["type"] != "rollout:succeeded":
+        raise RuntimeError(f"the swap to {version} rolled back: {ended}\n{d.tail()}")
+    after = {r["instance"] for r in d.ctl("status", plugin="counter")}
+    assert after.isdisjoint(before), "every instance was replaced"
+    return start, end
+
+
+def _read_until(sock: socket.socket, types: tuple[str, ...]) -> dict[str, Any]:
+    buf = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise RuntimeError("the event stream closed")
+        buf += chunk
+        *lines, buf = buf.split(b"\n")
+        for line in lines:
+            event = json.loads(line).get("stream") if line.strip() else None
+            if isinstance(event, dict) and event.get("type") in types:
+                return event
+
+
+def wait_calls(d: BenchDaemon, load: Load, count: int) -> None:
+    """Let ``count`` more calls through (steady load between swaps)."""
+    target = len(load.calls) + count
+    with load.grew:
+        if not load.grew.wait_for(lambda: len(load.calls) >= target, timeout=120):
+            raise TimeoutError(f"the load stalled at {len(load.calls)} calls:\n{d.tail()}")
+
+
+def measure(swaps: int, instances: int, min_calls: int, steady_calls: int) -> dict[str, Any]:
+    config = daemon_config(
+        {
+            "counter": {
+                "version": "1.0.0",
+                "instances": instances,
+                "health_check": {"interval": 0.5, "timeout": 0.25},
+                "rollout": {"drain_timeout": 10.0, "max_surge": 1, "max_unavailable": 0},
+            }
+        },
+        plugins_dir=str(INSTALLED),
+        cgroups=os.environ.get("SWAP_CGROUPS", "1") == "1",
+    )
+    windows: list[tuple[float, float]] = []
+    with open_daemon(config) as d:
+        load = Load(d.broker)
+        load.start()
+        try:
+            wait_calls(d, load, steady_calls)
+            for n in range(swaps):
+                windows.append(swap(d, "2.0.0" if n % 2 == 0 else "1.0.0"))
+                wait_calls(d, load, steady_calls)
+            while len(load.calls) < min_calls:
+                wait_calls(d, load, min(steady_calls, min_calls - len(load.calls)))
+        finally:
+            load.stop()
+        drained = [e for e in d.ctl("events", lines=1000) if e["type"] == "rollout:drained"]
+    calls = load.calls
+
+    def during(start: float) -> bool:
+        return any(a <= start <= b for a, b in windows)
+
+    steady = [lat for s, lat, _, err in calls if not err and not during(s)]
+    swapping = [lat for s, lat, _, err in calls if not err and during(s)]
+    failed = [err for _, _, _, err in calls if err]
+    cutovers = [e["drain_ms"] / 1000 for e in drained]
+    return {
+        "swaps": swaps,
+        "instances": instances,
+        "calls": len(calls),
+        "failed": len(failed),
+        "failures": failed[:10],
+        "steady": {
+            "n": len(steady),
+            "p50": percentile(steady, 0.5),
+            "p99": percentile(steady, 0.99),
+        },
+        "during": {
+            "n": len(swapping),
+            "p50": percentile(swapping, 0.5),
+            "p99": percentile(swapping, 0.99),
+        },
+        "cutover": {
+            "n": len(cutovers),
+            "p50": percentile(cutovers, 0.5),
+            "max": max(cutovers) if cutovers else 0.0,
+        },
+        "swap_duration": {
+            "p50": percentile([b - a for a, b in windows], 0.5),
+            "max": max(b - a for a, b in windows),
+        },
+        "versions_seen": sorted({v for _, _, v, _ in calls if v}),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", action="store_true", help="print exact JSON on stdout")
+    parser.add_argument("--swaps", type=int, default=10)
+    parser.add_argument("--instances", type=int, default=2)
+    parser.add_argument("--min-calls", type=int, default=10_000)
+    parser.add_argument("--steady-calls", type=int, default=800)
+    args = parser.parse_args()
+    r = measure(args.swaps, args.instances, args.min_calls, args.steady_calls)
+    ratio = r["during"]["p99"] / r["steady"]["p99"] if r["steady"]["p99"] else float("inf")
+    rows = [
+        ["calls", r["calls"], "", f">= {args.min_calls}"],
+        ["failed calls", r["failed"], "", f"{GOAL_FAILED}: {verdict(r['failed'] == GOAL_FAILED)}"],
+        ["latency steady", f"p50 {ms(r['steady']['p50'])}", f"p99 {ms(r['steady']['p99'])}", ""],
+        [
+            "latency during swaps",
+            f"p50 {ms(r['during']['p50'])}",
+            f"p99 {ms(r['during']['p99'])}",
+            f"p99 <= {GOAL_P99_RATIO:g}x steady: {ratio:.2f}x {verdict(ratio <= GOAL_P99_RATIO)}",
+        ],
+        [
+            "cut-over (stop decided -> drained)",
+            f"p50 {ms(r['cutover']['p50'])}",
+            f"max {ms(r['cutover']['max'])}",
+            f"<= {ms(GOAL_CUTOVER)}: {verdict(r['cutover']['max'] <= GOAL_CUTOVER)}",
+        ],
+        [
+            "whole swap (new start included)",
+            f"p50 {ms(r['swap_duration']['p50'])}",
+            f"max {ms(r['swap_duration']['max'])}",
+            "",
+        ],
+    ]
+    text = (
+        f"swap: {r['swaps']} rolling swaps of {r['instances']} instance(s) under one "
+        f"sequential caller; versions seen {', '.join(r['versions_seen'])}\n"
+        f"percentiles: {PERCENTILE_METHOD}\n\n" + table(["metric", "a", "b", "goal"], rows)
+    )
+    if r["failures"]:
+        text += "\nfirst failures:\n" + "\n".join(f"  {f}" for f in r["failures"])
+    emit(text, {"machine": machine(), **r, "p99_ratio": ratio}, args.json)
+
+
+if __name__ == "__main__":
+    run_main(main)
