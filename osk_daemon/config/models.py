@@ -310,6 +310,11 @@ class PluginConfig(BaseModel):
     backoff: BackoffConfig = Field(default_factory=BackoffConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
+    watch: list[str] = Field(
+        default_factory=list,
+        description="hot reload: globs (relative to the plugin's path) whose change swaps it",
+    )
+    watch_debounce: float = Field(default=0.3, gt=0, description="seconds of quiet first")
     preserve_state: bool = Field(default=True, description="hand state to the next version")
     state_strategy: Annotated[StateStrategy, Strict(False)] = StateStrategy.MEMORY
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)

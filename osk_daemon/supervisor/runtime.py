@@ -40,6 +40,7 @@ from osk_daemon.supervisor.confinement import Confinement
 from osk_daemon.supervisor.dependency_watch import DependencyWatch
 from osk_daemon.supervisor.events import EventStream
 from osk_daemon.supervisor.health_checks import HealthChecks
+from osk_daemon.supervisor.hot_reload import watch_plugin
 from osk_daemon.supervisor.instance import Instance
 from osk_daemon.supervisor.membership import Membership
 from osk_daemon.supervisor.output import LogRing
@@ -134,6 +135,9 @@ class Supervisor:
         self._sampler = self._loop.call_later(_SAMPLE_EVERY, self._sample_tick)
         self.events.publish("kernel:before-init", pluginCount=len(self.config.plugins))
         self.apply_tree_effects(self.tree.start(time.monotonic()))
+        for name, pcfg in self.config.plugins.items():
+            if pcfg.watch:
+                self._tg.start_soon(watch_plugin, self, name)
 
     async def shutdown(self) -> None:
         """Stop every instance in reverse start order; SIGKILL what outlives the deadline."""

@@ -168,3 +168,46 @@ def test_load_and_unload_at_run_time(installed: Path, tmp_path: Path) -> None:
         d.wait_until(lambda: [r["state"] for r in d.status()] == ["ready"], what="counter back")
         d.ctl("unload", name="counter", strategy="forceful")
         assert d.status() == []
+
+
+def test_hot_reload_swaps_to_the_edited_code_and_keeps_state(tmp_path: Path) -> None:
+    code = tmp_path / "live"
+    code.mkdir()
+    source = (
+        "from osk_daemon.worker import Plugin, rpc\n\n"
+        'GREETING = "{greeting}"\n\n\n'
+        "class Live(Plugin):\n"
+        "    async def start(self) -> None:\n"
+        '        self.count = getattr(self, "count", 0)\n\n'
+        "    @rpc\n"
+        "    def hello(self) -> list:\n"
+        "        self.count += 1\n"
+        "        return [GREETING, self.count]\n\n"
+        "    async def export_state(self) -> int:\n"
+        "        return self.count\n\n"
+        "    async def import_state(self, state: int) -> None:\n"
+        "        self.count = state\n"
+    )
+    (code / "live_plugin.py").write_text(source.format(greeting="hello"))
+    code.chmod(0o755)
+    body = plugin_block(
+        "live", entry="live_plugin:Live", plugins=code, watch=["*.py"], watch_debounce=0.05
+    )
+    with running_daemon(daemon_config(body)) as d:
+        assert d.call("live", "hello") == ["hello", 1]
+        assert d.call("live", "hello") == ["hello", 2]
+        old_pid = d.row("live")["pid"]
+        (code / "live_plugin.py").write_text(source.format(greeting="bonjour"))
+        d.wait_until(
+            lambda: (
+                d.ctl("rollout", action="status") != []
+                and d.ctl("rollout", action="status")[0]["state"] == "succeeded"
+            ),
+            what="the hot reload swap",
+        )
+        assert d.call("live", "hello") == ["bonjour", 3]  # new code, state carried
+        rows = d.status("live")
+        assert len(rows) == 1
+        assert rows[0]["pid"] != old_pid
+        changed = [e for e in d.ctl("events", lines=1000) if e["type"] == "plugin:code-changed"]
+        assert changed and changed[0]["files"] == ["live_plugin.py"]
