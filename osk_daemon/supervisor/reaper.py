@@ -5,11 +5,14 @@ its parent can read it. The daemon makes itself a *child subreaper*
 (``prctl(PR_SET_CHILD_SUBREAPER)``), so processes the zygote double-forks are re-parented to
 the daemon when their intermediate parent exits; then they are the daemon's own children.
 
-How: one SIGCHLD handler on the asyncio loop (``loop.add_signal_handler``, which only queues
-the signal and runs the handler on the loop) calls ``waitid(P_ALL, WEXITED | WNOHANG)`` until
-nothing is left. SIGCHLD is coalesced by the kernel, so one signal may stand for many exits;
-draining until empty is what makes that safe. Each ``ExitStatus`` goes to the callbacks
-registered with ``watch(pid)``. A child may die before anyone watches it (a fast-failing
+How: ``reap`` calls ``waitid(P_ALL, WEXITED | WNOHANG)`` until nothing is left; it runs on
+the asyncio loop from two wake-ups. Each watched child has a pidfd on the loop
+(``add_reader``), readable as soon as that child has exited: the fast path, with no signal
+hop before ``reap`` runs. SIGCHLD (``loop.add_signal_handler``, which only queues the signal
+and runs the handler on the loop) catches every other child. SIGCHLD is coalesced by the
+kernel, so one signal may stand for many exits; draining until empty is what makes that
+safe, and whichever wake-up comes second finds nothing left. Each ``ExitStatus`` goes to the
+callbacks registered with ``watch(pid)``. A child may die before anyone watches it (a fast-failing
 plugin re-parented to us before the spawner even learned its pid), so unwatched statuses are
 stashed, bounded, and handed over as soon as ``watch`` is called.
 
@@ -104,6 +107,7 @@ class ChildReaper:
     ) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watchers: dict[int, list[ExitCallback]] = {}
+        self._pidfds: dict[int, int] = {}  # watched pid -> its pidfd on the loop
         # pid -> (status, loop.time() when reaped). The TTL keeps a stale status from being
         # handed to a new process that got the same pid after the pid space wrapped.
         self._stash: OrderedDict[int, tuple[ExitStatus, float]] = OrderedDict()
@@ -129,6 +133,8 @@ class ChildReaper:
     def uninstall(self) -> None:
         """Stop handling SIGCHLD (its disposition returns to the default). Idempotent."""
         if self._loop is not None:
+            for pid in list(self._pidfds):
+                self._close_pidfd(pid)
             self._loop.remove_signal_handler(signal.SIGCHLD)
             self._loop = None
 
@@ -145,6 +151,13 @@ class ChildReaper:
             loop.call_soon(callback, stashed[0])
             return
         self._watchers.setdefault(pid, []).append(callback)
+        if pid not in self._pidfds:
+            try:
+                pidfd = os.pidfd_open(pid)
+            except OSError:  # not there (SIGCHLD still reaps it if it is ours)
+                return
+            self._pidfds[pid] = pidfd
+            loop.add_reader(pidfd, self._on_pidfd, pid)
 
     def unwatch(self, pid: int, callback: ExitCallback) -> None:
         """Forget one callback for ``pid``; unknown pairs are ignored."""
@@ -153,6 +166,7 @@ class ChildReaper:
             callbacks.remove(callback)
             if not callbacks:
                 del self._watchers[pid]
+                self._close_pidfd(pid)
 
     def reap(self) -> None:
         """Collect every exited child now (the SIGCHLD handler; cheap when none exited)."""
@@ -167,6 +181,7 @@ class ChildReaper:
             self._deliver(loop, _status_from(result))
 
     def _deliver(self, loop: asyncio.AbstractEventLoop, status: ExitStatus) -> None:
+        self._close_pidfd(status.pid)
         callbacks = self._watchers.pop(status.pid, None)
         if callbacks:
             for callback in callbacks:
@@ -177,6 +192,19 @@ class ChildReaper:
         self._stash.move_to_end(status.pid)
         while len(self._stash) > self._stash_size:
             self._stash.popitem(last=False)
+
+    def _on_pidfd(self, pid: int) -> None:
+        self.reap()
+        # Still open: not waitable by us yet (a cold-spawned child that died before its
+        # middle process exited); SIGCHLD reaps it once it is re-parented to us.
+        self._close_pidfd(pid)
+
+    def _close_pidfd(self, pid: int) -> None:
+        pidfd = self._pidfds.pop(pid, None)
+        if pidfd is not None:
+            if self._loop is not None:
+                self._loop.remove_reader(pidfd)
+            os.close(pidfd)
 
     def _require_loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:
