@@ -139,13 +139,16 @@ def _max_fd() -> int:
     return max([*limits, 1024])
 
 
-def close_fds_except(keep: int) -> None:
-    """Close every fd from 3 up except ``keep`` (two ``close_range`` calls on Linux)."""
-    os.closerange(3, keep)
-    os.closerange(keep + 1, _max_fd())
+def close_fds_except(*keep: int) -> None:
+    """Close every fd from 3 up except ``keep`` (one ``close_range`` call per gap on Linux)."""
+    low = 3
+    for fd in sorted(fd for fd in set(keep) if fd >= 3):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, _max_fd())
 
 
-def _setup_fds(stdout: int, stderr: int) -> None:
+def _setup_fds(stdout: int, stderr: int, keep: frozenset[int]) -> None:
     if stderr == 1:  # about to be overwritten by the stdout dup2
         stderr = os.dup(stderr)
     os.dup2(stdout, 1)
@@ -156,8 +159,8 @@ def _setup_fds(stdout: int, stderr: int) -> None:
         os.close(devnull)
     for fd in (0, 1, 2):
         os.set_inheritable(fd, True)
-    # close_range(2) on Linux >= 5.9: one syscall however high the limit.
-    os.closerange(3, _max_fd())
+    # close_range(2) on Linux >= 5.9: one syscall per gap however high the limit.
+    close_fds_except(*keep)
 
 
 def _replace_environ(env: Mapping[str, str]) -> None:
@@ -214,20 +217,25 @@ def enter_session(started_fd: int | None = None) -> None:
 
 
 def child_main(
-    req: SpawnRequest, *, started_fd: int | None = None, in_session: bool = False
+    req: SpawnRequest,
+    *,
+    started_fd: int | None = None,
+    in_session: bool = False,
+    keep_fds: frozenset[int] = frozenset(),
 ) -> NoReturn:
     """Turn the current (fresh) process into the plugin process and run the target.
 
     ``req.stdout``/``req.stderr`` are fds of *this* process. ``started_fd`` is passed to
     ``enter_session``; ``in_session=True`` skips that step (a warm zygote child did it
-    before it received ``req``). Never returns: exits 0, the ``sys.exit`` code, or
-    ``EXIT_TARGET_RAISED``.
+    before it received ``req``). ``keep_fds`` stay open with 0-2 (what a warm-up hook
+    prepared for this target); every other fd is closed. Never returns: exits 0, the
+    ``sys.exit`` code, or ``EXIT_TARGET_RAISED``.
     """
     code = EXIT_TARGET_RAISED
     try:
         if not in_session:
             enter_session(started_fd)
-        _setup_fds(req.stdout, req.stderr)
+        _setup_fds(req.stdout, req.stderr, keep_fds)
         for stream in (sys.stdout, sys.stderr):
             if isinstance(stream, io.TextIOWrapper):
                 stream.reconfigure(line_buffering=True)

@@ -17,10 +17,11 @@ dead zygote fails the requests it had not answered, and the next ``spawn`` start
 one; a request the dead zygote never saw is retried once.
 
 The zygote keeps ``warm`` pre-forked children (already our children, already session
-leaders) and hands each request to one of them, so ``spawn`` returns after one message
-round trip. It announces each as ``{"warm": pid}``; ``WarmChildren`` watches those pids
-by pidfd until one is handed out (then it is a plugin like any other) or exits
-(they exit on EOF of their socket to the zygote), and ``aclose`` waits for them.
+leaders) and announces each as ``{"warm": pid}`` with a socket to it; ``spawn`` sends the
+request straight to one of them and returns its pid at once, without waking the zygote.
+``WarmChildren`` watches those pids by pidfd until one is handed a request (then it is a
+plugin like any other) or exits (on EOF of its socket to us or to the zygote), and
+``aclose`` waits for them. With no warm child ready, the request goes to the zygote.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from osk_daemon.supervisor.launch import (
     RESET_SIGNALS,
     SpawnRequest,
     encode_env_request,
+    request_from_wire,
     request_to_wire,
 )
 from osk_daemon.supervisor.reaper import ChildReaper, is_subreaper
@@ -55,10 +57,15 @@ log = logging.getLogger("osk.supervisor.spawner")
 
 LAUNCH_MODULE = "osk_daemon.supervisor.launch"
 ZYGOTE_MODULE = "osk_daemon.supervisor.zygote"
+WORKER_WARM_UP = "osk_daemon.worker.runtime:warm_up"
 
 
 class Spawner(Protocol):
     """Starts the process that runs ``req.target``; returns its pid (a child of ours)."""
+
+    def spawn_now(self, req: SpawnRequest) -> int | None:
+        """Start it without waiting if that is possible: the pid, or None (then ``spawn``)."""
+        ...
 
     async def spawn(self, req: SpawnRequest) -> int: ...
 
@@ -101,8 +108,15 @@ class ExecSpawner:
     def __init__(self, *, python: str = sys.executable) -> None:
         self._python = python
 
+    def spawn_now(self, req: SpawnRequest) -> int:
+        """The same as ``spawn``: ``posix_spawn`` does not wait for the child."""
+        return self._start(req)
+
     async def spawn(self, req: SpawnRequest) -> int:
         """Start the launcher; raises ``PluginLoadError`` if ``posix_spawn`` fails."""
+        return self._start(req)
+
+    def _start(self, req: SpawnRequest) -> int:
         env = _resolved_env(req)
         env[REQUEST_ENV] = encode_env_request(req)
         argv = [self._python, "-P", "-m", LAUNCH_MODULE]
@@ -131,9 +145,11 @@ class ZygoteSpawner:
         ready_timeout: float,
         spawn_timeout: float,
         warm: int,
+        warm_up: str | None,
     ) -> None:
         self._reaper = reaper
         self._warm_size = warm
+        self._warm_up = warm_up
         self._warm = WarmChildren()
         self._warm_spawns = 0
         self._cold_spawns = 0
@@ -159,11 +175,15 @@ class ZygoteSpawner:
         ready_timeout: float = 30.0,
         spawn_timeout: float = 10.0,
         warm: int = 2,
+        warm_up: str | None = WORKER_WARM_UP,
     ) -> ZygoteSpawner:
         """Start the zygote and wait until it has imported ``preload`` (failures are logged).
 
         The zygote keeps ``warm`` pre-forked children to hand requests to (each costs an idle
         process sharing the zygote's pages); ``warm=0`` double-forks per request instead.
+        Each warm child runs the ``warm_up`` hook (``module:function``, see ``zygote``) while
+        it waits, if that module is in ``preload``: by default the worker runtime's, so a
+        plugin process finds its ZeroMQ context and event loop already made.
         ``sys_path`` is prepended to the zygote's ``sys.path`` before preloading. Needs an
         installed ``reaper`` and this process to be a child subreaper; raises
         ``OskInternalError`` otherwise and ``PluginLoadError`` if the zygote fails to start.
@@ -183,6 +203,7 @@ class ZygoteSpawner:
             ready_timeout=ready_timeout,
             spawn_timeout=spawn_timeout,
             warm=warm,
+            warm_up=warm_up,
         )
         async with self._lock:
             await self._ensure_zygote()
@@ -202,17 +223,30 @@ class ZygoteSpawner:
     @property
     def spawn_counts(self) -> tuple[int, int]:
         """How many spawns were answered ``(warm, cold)``, over every zygote incarnation."""
-        warm = self._warm_spawns + sum(z.warm_spawns for z in self._all)
-        cold = self._cold_spawns + sum(z.cold_spawns for z in self._all)
-        return warm, cold
+        return self._warm_spawns, self._cold_spawns + sum(z.cold_spawns for z in self._all)
+
+    def spawn_now(self, req: SpawnRequest) -> int | None:
+        """Hand ``req`` to a warm child at once: its pid, or None when no warm child is
+        ready or the zygote is down (then ``spawn``). Raises ``PluginLoadError`` for a
+        malformed request. Costs one ``sendmsg``."""
+        zygote = self._current
+        if self._closed or zygote is None or not zygote.usable:
+            return None
+        return self._hand(zygote, self._message(req), req)
 
     async def spawn(self, req: SpawnRequest) -> int:
-        """Fork a plugin process from the zygote; returns its pid.
+        """Start a plugin process from a warm zygote child, else the zygote; returns its pid.
 
-        Raises ``PluginLoadError`` when the fork failed, the zygote cannot be (re)started, or
-        no answer came within ``spawn_timeout`` (the zygote is then killed and replaced).
+        Raises ``PluginLoadError`` when the request is malformed, the fork failed, the zygote
+        cannot be (re)started, or no answer came within ``spawn_timeout`` (the zygote is then
+        killed and replaced).
         """
-        message = {"id": 0, **request_to_wire(req, env=_resolved_env(req))}
+        message = self._message(req)
+        async with self._lock:  # no wait unless the zygote is down: it restarts first
+            zygote = await self._ensure_zygote()
+        pid = self._hand(zygote, message, req)
+        if pid is not None:
+            return pid
         for attempt in (1, 2):
             async with self._lock:
                 zygote = await self._ensure_zygote()
@@ -239,6 +273,27 @@ class ZygoteSpawner:
             finally:
                 zygote.pending.pop(req_id, None)
         raise AssertionError("unreachable")
+
+    @staticmethod
+    def _message(req: SpawnRequest) -> dict[str, Any]:
+        message = {"id": 0, **request_to_wire(req, env=_resolved_env(req))}
+        try:  # a warm child could only exit on it; the zygote would refuse it
+            request_from_wire(message, stdout=req.stdout, stderr=req.stderr)
+        except ValueError as exc:
+            raise PluginLoadError(f"malformed spawn request: {exc}") from exc
+        return message
+
+    def _hand(self, zygote: Zygote, message: dict[str, Any], req: SpawnRequest) -> int | None:
+        data = msgpack.packb(message, use_bin_type=True)
+        pid = self._warm.hand(zygote.loop, data, [req.stdout, req.stderr])
+        if pid is not None:
+            self._warm_spawns += 1
+        return pid
+
+    async def wait_warm(self, count: int) -> None:
+        """Wait until at least ``count`` warm children are ready (the pool refills a moment
+        after a hand-out). Callers bound it with a timeout; used by tests and benchmarks."""
+        await self._warm.wait_for(count)
 
     async def aclose(self, *, grace: float = 5.0) -> None:
         """Close the socket (the zygote exits on EOF), wait for it, SIGKILL after ``grace`` s.
@@ -286,6 +341,8 @@ class ZygoteSpawner:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             argv = [self._python, "-P", "-m", ZYGOTE_MODULE, "--warm", str(self._warm_size)]
+            if self._warm_up and self._warm_up.partition(":")[0] in self._preload:
+                argv += ["--warm-up", self._warm_up]
             for path in self._sys_path:
                 argv += ["--path", path]
             argv += self._preload
@@ -312,9 +369,8 @@ class ZygoteSpawner:
 
     def _forget(self, zygote: Zygote) -> None:
         self._all.discard(zygote)
-        self._warm_spawns += zygote.warm_spawns
         self._cold_spawns += zygote.cold_spawns
-        zygote.warm_spawns = zygote.cold_spawns = 0
+        zygote.cold_spawns = 0
 
     def _kill(self, zygote: Zygote) -> None:
         zygote.close("zygote killed")

@@ -5,25 +5,39 @@ that already did it costs about a millisecond. The zygote pays the imports once 
 plugin process per request. It must stay fork-safe: no threads, no ZeroMQ context, no open
 files held by preloaded modules. It imports only this module, ``launch`` and its preloads.
 
-How: ``python -P -m osk_daemon.supervisor.zygote [--warm K] [--path DIR]... MODULE...`` runs
-with one end of a ``SOCK_SEQPACKET`` socketpair as fd 3. It imports each MODULE (a failure
-is reported and skipped), fills its warm pool (below), sends ``{"ready": true, "pid",
-"preloaded", "failed"}`` and then serves requests one at a time: a msgpack map ``{"id",
-"target", "spec", "env", "cwd", "sys_path", "launch"}`` with the child's stdout and stderr
-attached as SCM_RIGHTS fds.
+How: ``python -P -m osk_daemon.supervisor.zygote [--warm K] [--warm-up MOD:FN]
+[--path DIR]... MODULE...`` runs with one end of a ``SOCK_SEQPACKET`` socketpair as fd 3.
+It imports each MODULE (a failure is reported and skipped), fills its warm pool (below),
+sends ``{"ready": true, "pid", "preloaded", "failed"}`` and then serves requests one at a
+time: a msgpack map ``{"id", "target", "spec", "env", "cwd", "sys_path", "launch"}`` with
+the child's stdout and stderr attached as SCM_RIGHTS fds.
 
 Warm pool (K > 0, the default path): the zygote keeps K children that already did the double
-fork below, called ``setsid`` and reset their signals, and now block reading their own
-socketpair to the zygote. A request is forwarded as it came (bytes and both fds) to one of
-them, the daemon gets ``{"id", "pid", "warm": true}`` at once, and only then does the zygote
-fork a replacement. The warm child runs the rest of ``launch.child_main``. Each warm child
-is announced to the daemon as ``{"warm": pid}`` when it is ready, so the daemon can tell
-them from plugins and wait for them on close. A warm child exits 0 on EOF of its socket (the
-zygote died or dropped it); any event on an idle warm child's socket means it died, and it
-is replaced, never handed a request. A single ``poll`` loop watches the daemon socket and
-the warm sockets; the zygote stays single-threaded.
+fork below, called ``setsid`` and reset their signals, and now wait for a request. Each is
+announced to the daemon as ``{"warm": pid}`` with one end of a new ``SOCK_SEQPACKET``
+socketpair attached; the child holds the other end. The daemon sends a request (the same
+map and fds) straight to a warm child of its choice, so a restart costs one message and no
+zygote wake-up. A warm child also holds a socket to the zygote: when it takes its request
+(or dies) the zygote sees EOF there and forks a replacement ``REFILL_DELAY`` later (at once
+if no warm child is left): forking and warming a child costs a few ms of CPU, which on a
+small machine would be taken from the plugin process just handed out, in the middle of its
+start. The warm child runs the rest of ``launch.child_main``. On EOF from the daemon (it
+closed its end) it exits 0; on EOF from the zygote (the zygote died) it shuts its request
+socket, runs a request the daemon had already sent, else exits 0, so the daemon never
+sends a request nobody runs (a send after the shutdown fails with EPIPE).
 
-Cold path (K = 0, or no warm child is ready): double-fork per request:
+A warm child waits with its interpreter already warm: it has run one asyncio loop pass and,
+with ``--warm-up MOD:FN``, called ``FN()`` of that preloaded module, which prepares what any
+target of MOD needs before the target is known (the worker runtime: its logging handler,
+ZeroMQ context and event loop). The hook must start no thread, run no plugin code and
+return ``(fds, release)``: the fds it holds and a function that closes them. A request for
+a target in MOD keeps those fds open through ``child_main``; any other target gets
+``release()`` first. A ZeroMQ context is safe here only because a warm child never forks
+again: it becomes the plugin process itself. A single ``poll`` loop watches the daemon
+socket and the warm children's sockets; the zygote stays single-threaded.
+
+Cold path (requests the zygote gets; the daemon sends them when it has no warm child ready):
+double-fork per request:
 
     zygote --fork--> A --fork--> B (runs launch.child_main: setsid, ..., the target)
                      A waits until B has called setsid, sends {"id", "pid": B}, exits 0
@@ -37,13 +51,14 @@ zygote with status 0, and with it every warm child.
 
 from __future__ import annotations
 
-import errno
 import gc
 import importlib
 import os
 import select
 import socket
 import sys
+import time
+from collections.abc import Callable
 from typing import Any, NamedTuple, NoReturn
 
 import msgpack
@@ -59,8 +74,9 @@ from osk_daemon.supervisor.launch import (
 SOCKET_FD = 3
 MAX_MESSAGE = 1 << 20
 WARM_HELLO_TIMEOUT = 5.0
+REFILL_DELAY = 0.02  # s from a hand-out to the refill while another warm child is ready
+REFILL_RETRY = 1.0  # s after a failed fork before the pool tries again
 _TRUNCATED = socket.MSG_TRUNC | socket.MSG_CTRUNC
-_PEER_GONE = (errno.EPIPE, errno.ECONNRESET, errno.ECONNREFUSED, errno.ENOTCONN)
 
 
 def _send(sock: socket.socket, message: dict[str, Any]) -> None:
@@ -87,8 +103,16 @@ def _preload(paths: list[str], modules: list[str]) -> tuple[list[str], dict[str,
     return loaded, failed
 
 
-def _parse_args(argv: list[str]) -> tuple[int, list[str], list[str]]:
+class _Args(NamedTuple):
+    warm: int
+    warm_up: str | None
+    paths: list[str]
+    modules: list[str]
+
+
+def _parse_args(argv: list[str]) -> _Args:
     warm = 0
+    warm_up: str | None = None
     paths: list[str] = []
     modules: list[str] = []
     args = iter(argv)
@@ -97,14 +121,40 @@ def _parse_args(argv: list[str]) -> tuple[int, list[str], list[str]]:
             paths.append(next(args))
         elif arg == "--warm":
             warm = max(0, int(next(args)))
+        elif arg == "--warm-up":
+            warm_up = next(args)
         else:
             modules.append(arg)
-    return warm, paths, modules
+    return _Args(warm, warm_up, paths, modules)
+
+
+_Release = Callable[[], None]
+_Hook = Callable[[], tuple[frozenset[int], _Release]]
+
+
+class _WarmUp(NamedTuple):
+    """A warm-up hook and the module whose targets it prepares for."""
+
+    module: str
+    hook: _Hook
+
+
+def _resolve_warm_up(spec: str | None) -> _WarmUp | None:
+    """The ``--warm-up MOD:FN`` hook; None (logged) if MOD is not imported or has no FN."""
+    if not spec:
+        return None
+    module, _, name = spec.partition(":")
+    hook = getattr(sys.modules.get(module), name, None) if name else None
+    if not callable(hook):
+        _log(f"warm-up {spec!r} ignored: not a function of a preloaded module")
+        return None
+    return _WarmUp(module, hook)
 
 
 class _Warm(NamedTuple):
     pid: int
-    sock: socket.socket  # the zygote's end
+    sock: socket.socket  # the zygote's end of the child's socket: EOF when it is used or dies
+    requests: socket.socket  # the daemon's end of its request socket, until announced
 
 
 def _prefault() -> None:
@@ -119,81 +169,149 @@ def _prefault() -> None:
         asyncio.run(asyncio.sleep(0))
 
 
-def _warm_main(fd: int) -> NoReturn:
-    """Process B of a warm child: enter its session, wait for one request, run it."""
+class _Prepared(NamedTuple):
+    """What a warm-up hook left in this warm child for the targets of ``module``."""
+
+    module: str
+    fds: frozenset[int]
+    release: _Release
+
+    def keep_for(self, target: str) -> frozenset[int]:
+        """The fds to keep open for ``target``; releases everything if it is not ours."""
+        if target.partition(":")[0] == self.module:
+            return self.fds
+        self.release()  # nothing prepared for another module may leak into this target
+        return frozenset()
+
+
+def _prepare(warm_up: _WarmUp | None) -> _Prepared | None:
+    """Warm this child up while it waits; what ``warm_up`` prepared, or None."""
+    if warm_up is None:
+        _prefault()
+        return None
+    try:
+        fds, release = warm_up.hook()
+    except Exception as exc:  # the target then starts the slow way
+        _log(f"warm-up of {warm_up.module} failed in warm child {os.getpid()}: {exc!r}")
+        return None
+    return _Prepared(warm_up.module, frozenset(fds), release)
+
+
+def _wait_request(zygote: socket.socket, requests: socket.socket) -> tuple[bytes, list[int], int]:
+    """Block until the daemon's request comes: ``(data, fds, flags)``; ``b""`` on EOF.
+
+    EOF from the daemon ends the wait. So does EOF from the zygote (it died): the request
+    socket is shut first, so a request sent before counts and any later send fails.
+    """
+    poller = select.poll()
+    poller.register(requests.fileno(), select.POLLIN)
+    poller.register(zygote.fileno(), select.POLLIN)
+    events = {fd for fd, _ in poller.poll()}
+    if requests.fileno() not in events:
+        requests.shutdown(socket.SHUT_RD)
+    data, fds, flags, _ = socket.recv_fds(requests, MAX_MESSAGE, 2, socket.MSG_DONTWAIT)
+    return data, fds, flags
+
+
+def _warm_main(zygote_fd: int, requests_fd: int, warm_up: _WarmUp | None) -> NoReturn:
+    """Process B of a warm child: enter its session, warm up, wait for one request, run it."""
+    keep: frozenset[int] = frozenset()
     try:
         enter_session()
-        close_fds_except(fd)  # the daemon socket and other warm children's sockets too
-        sock = socket.socket(fileno=fd)
-        _send(sock, {"pid": os.getpid()})
-        _prefault()
-        data, fds, flags, _ = socket.recv_fds(sock, MAX_MESSAGE, 2)
+        close_fds_except(zygote_fd, requests_fd)  # the daemon's and other children's too
+        zygote = socket.socket(fileno=zygote_fd)
+        requests = socket.socket(fileno=requests_fd)
+        _send(zygote, {"pid": os.getpid()})
+        prepared = _prepare(warm_up)
+        data, fds, flags = _wait_request(zygote, requests)
         if not data:
             os._exit(0)
         if flags & _TRUNCATED or len(fds) != 2:
             raise ValueError("request truncated or without its two fds")
         req = request_from_wire(msgpack.unpackb(data, raw=False), stdout=fds[0], stderr=fds[1])
-        sock.detach()  # child_main closes it with every other fd
+        zygote.detach()  # child_main closes both with every other fd
+        requests.detach()
+        if prepared is not None:
+            keep = prepared.keep_for(req.target)
     except BaseException as exc:
         try:
             _log(f"warm child {os.getpid()} failed before its target: {exc}")
         finally:
             os._exit(EXIT_BAD_REQUEST)
-    child_main(req, in_session=True)
+    child_main(req, in_session=True, keep_fds=keep)
 
 
 class _Pool:
-    """Up to ``size`` warm children, ready to be handed a request, in fork order."""
+    """Up to ``size`` warm children announced to the daemon and not used yet."""
 
-    def __init__(self, daemon: socket.socket, size: int) -> None:
+    def __init__(self, daemon: socket.socket, size: int, warm_up: _WarmUp | None) -> None:
         self.daemon = daemon
         self.size = size
+        self.warm_up = warm_up
         self.ready: dict[int, _Warm] = {}  # by the zygote's socket fd
+        self.refill_at: float | None = None  # monotonic; None: at once when short
 
     def fill(self) -> None:
-        """Fork warm children until there are ``size``; stops at the first failure."""
+        """Fork warm children until there are ``size``; after a failure, retry later."""
+        self.refill_at = None
         while len(self.ready) < self.size:
             child = self._fork()
             if child is None:
+                self.refill_at = time.monotonic() + REFILL_RETRY
                 return
             self.ready[child.sock.fileno()] = child
-            _send(self.daemon, {"warm": child.pid})
+            try:
+                message = msgpack.packb({"warm": child.pid}, use_bin_type=True)
+                socket.send_fds(self.daemon, [message], [child.requests.fileno()])
+            finally:
+                child.requests.close()  # the daemon has its own copy now
 
-    def take(self) -> _Warm | None:
-        if not self.ready:
+    def wait_ms(self) -> float | None:
+        """How long ``serve`` may wait for a request before ``fill`` is due (None: no fill)."""
+        if len(self.ready) >= self.size:
             return None
-        return self.ready.pop(next(iter(self.ready)))
+        if self.refill_at is None:
+            return 0.0
+        return max(0.0, (self.refill_at - time.monotonic()) * 1000)
 
     def drop(self, fd: int) -> None:
-        """Forget a warm child whose socket had an event: it died (or misbehaved)."""
+        """Forget a warm child whose socket had an event: it took a request, or died."""
         child = self.ready.pop(fd, None)
         if child is not None:
-            child.sock.close()  # if it still lives, it exits on this EOF
+            child.sock.close()
+            self._refill_by(REFILL_DELAY if self.ready else 0.0)
+
+    def _refill_by(self, delay: float) -> None:
+        due = time.monotonic() + delay
+        self.refill_at = due if self.refill_at is None else min(self.refill_at, due)
 
     def _fork(self) -> _Warm | None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        daemons, childs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             pid = os.fork()
         except OSError as exc:
-            ours.close()
-            theirs.close()
+            for sock in (ours, theirs, daemons, childs):
+                sock.close()
             _log(f"fork of a warm child failed: {exc}")
             return None
         if pid == 0:  # A: fork B and exit, so B is re-parented to the daemon
             try:
                 if os.fork() == 0:
-                    _warm_main(theirs.detach())
+                    _warm_main(theirs.detach(), childs.detach(), self.warm_up)
             finally:
                 os._exit(0)
         theirs.close()
+        childs.close()
         os.waitpid(pid, 0)
         try:
             ours.settimeout(WARM_HELLO_TIMEOUT)
             hello = msgpack.unpackb(ours.recv(256), raw=False)
             ours.settimeout(None)
-            return _Warm(int(hello["pid"]), ours)
+            return _Warm(int(hello["pid"]), ours, daemons)
         except Exception as exc:
             ours.close()
+            daemons.close()
             _log(f"warm child did not start: {exc!r}")
             return None
 
@@ -220,26 +338,7 @@ def _middle(sock: socket.socket, req_id: int, msg: dict[str, Any], fds: list[int
         os._exit(0)
 
 
-def _hand_to_warm(
-    sock: socket.socket, pool: _Pool, req_id: int, data: bytes, fds: list[int]
-) -> bool:
-    """Forward the request to a warm child and report its pid; False if none took it."""
-    while (child := pool.take()) is not None:
-        try:
-            socket.send_fds(child.sock, [data], fds)
-        except OSError as exc:
-            child.sock.close()
-            if exc.errno in _PEER_GONE:
-                continue  # it died since the last poll: never handed a request
-            _log(f"could not hand a request to warm child {child.pid}: {exc}")
-            return False
-        child.sock.close()
-        _send(sock, {"id": req_id, "pid": child.pid, "warm": True})
-        return True
-    return False
-
-
-def _handle(sock: socket.socket, pool: _Pool, data: bytes, fds: list[int], flags: int) -> None:
+def _handle(sock: socket.socket, data: bytes, fds: list[int], flags: int) -> None:
     try:
         msg = msgpack.unpackb(data, raw=False)
     except Exception as exc:
@@ -256,8 +355,6 @@ def _handle(sock: socket.socket, pool: _Pool, data: bytes, fds: list[int], flags
         request_from_wire(msg, stdout=fds[0], stderr=fds[1])
     except ValueError as exc:
         _send(sock, {"id": req_id, "error": f"malformed spawn request: {exc}"})
-        return
-    if _hand_to_warm(sock, pool, req_id, data, fds):
         return
     sys.stdout.flush()
     sys.stderr.flush()
@@ -282,32 +379,34 @@ def serve(sock: socket.socket, pool: _Pool) -> None:
         for fd in pool.ready.keys() - polled:
             poller.register(fd, select.POLLIN)
         polled = set(pool.ready)
-        events = poller.poll()
+        events = poller.poll(pool.wait_ms())
         for fd, _ in events:
             if fd != sock.fileno():
-                pool.drop(fd)  # before any request of this round can be handed to it
+                pool.drop(fd)
         if any(fd == sock.fileno() for fd, _ in events):
             data, fds, flags, _ = socket.recv_fds(sock, MAX_MESSAGE, 2)
             try:
                 if not data and not fds:
                     return
-                _handle(sock, pool, data, fds, flags)
+                _handle(sock, data, fds, flags)
             finally:
                 for fd in fds:
                     os.close(fd)
         sys.stdout.flush()
         sys.stderr.flush()
-        pool.fill()
+        if pool.wait_ms() == 0:
+            pool.fill()
 
 
 def main(argv: list[str]) -> int:
     sock = socket.socket(fileno=SOCKET_FD)
     os.set_inheritable(SOCKET_FD, False)
-    warm, paths, modules = _parse_args(argv)
-    loaded, failed = _preload(paths, modules)
+    args = _parse_args(argv)
+    loaded, failed = _preload(args.paths, args.modules)
+    warm_up = _resolve_warm_up(args.warm_up)
     gc.collect()
     gc.freeze()  # keep preloaded objects out of later collections: fewer copy-on-write pages
-    pool = _Pool(sock, warm)
+    pool = _Pool(sock, args.warm, warm_up)
     pool.fill()
     _send(sock, {"ready": True, "pid": os.getpid(), "preloaded": loaded, "failed": failed})
     try:

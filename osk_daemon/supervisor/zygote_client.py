@@ -7,22 +7,24 @@ spawner's policy readable and the wire handling in one place.
 How: ``Zygote`` owns one zygote process's ``SOCK_SEQPACKET`` socket. ``send`` passes a
 request with the stdout/stderr fds as SCM_RIGHTS (waiting for the socket to drain when it
 is full); replies are read with ``loop.add_reader`` and decoded here: ``{"ready"}`` once the
-preloads are imported, ``{"warm": pid}`` for each pre-forked child, and ``{"id", "pid"}``
-or ``{"id", "error"}`` resolving the future in ``pending`` for that request id. A reply for
-a request nobody waits for any more gets its child killed. EOF or a socket error fails
-everything unanswered with ``ZygoteLost`` (the spawner may retry). ``WarmChildren`` tracks
-the announced warm pids by pidfd until they are handed out or exit.
+preloads are imported, ``{"warm": pid}`` with that pre-forked child's request socket
+attached, and ``{"id", "pid"}`` or ``{"id", "error"}`` resolving the future in ``pending``
+for that request id. A reply for a request nobody waits for any more gets its child killed.
+EOF or a socket error fails everything unanswered with ``ZygoteLost`` (the spawner may
+retry). ``WarmChildren`` holds each announced warm child (its pidfd and request socket)
+until ``hand`` gives it a request or it exits.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
 import socket
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 
@@ -34,49 +36,86 @@ __all__ = ["WarmChildren", "Zygote", "ZygoteLost"]
 log = logging.getLogger("osk.supervisor.spawner")
 
 _MAX_REPLY = 64 * 1024
+_PEER_GONE = (errno.EPIPE, errno.ECONNRESET, errno.ECONNREFUSED, errno.ENOTCONN)
 
 
 class ZygoteLost(Exception):
     """The zygote went away before answering; the request may be retried."""
 
 
+class _Child(NamedTuple):
+    pidfd: int
+    requests: socket.socket  # our end of its request socket
+    exited: asyncio.Future[None]  # done when it exits or is handed a request
+
+
 class WarmChildren:
     """Warm zygote children announced but not handed out, each held by a pidfd until it exits.
 
-    Not watched through the reaper: a warm child handed out may exit before its pid reply is
-    read, and its status must then stay in the reaper's stash for the spawn's caller. The
-    pidfd is opened when the announcement is read; the child is alive then unless it died
-    in that instant, and a pid is not reused before the reaper has reaped it.
+    Not watched through the reaper: a warm child handed out may exit before the spawn's
+    caller watches its pid, and its status must then stay in the reaper's stash for that
+    caller. The pidfd is opened when the announcement is read; the child is alive then
+    unless it died in that instant, and a pid is not reused before the reaper has reaped it.
     """
 
     def __init__(self) -> None:
-        self._live: dict[int, tuple[int, asyncio.Future[None]]] = {}  # pid -> (pidfd, exited)
+        self._live: dict[int, _Child] = {}  # in announcement order
+        self._announced = asyncio.Event()  # set and replaced on each announcement
 
     @property
     def pids(self) -> frozenset[int]:
         return frozenset(self._live)
 
-    def announced(self, loop: asyncio.AbstractEventLoop, pid: int) -> None:
+    def announced(self, loop: asyncio.AbstractEventLoop, pid: int, requests: int) -> None:
+        """Hold warm child ``pid`` and ``requests``, our end of its request socket (owned)."""
+        sock = socket.socket(fileno=requests)
         if pid in self._live:
+            sock.close()
             return
         try:
             pidfd = os.pidfd_open(pid)
         except ProcessLookupError:
+            sock.close()
             return
-        self._live[pid] = (pidfd, loop.create_future())
+        sock.setblocking(False)
+        self._live[pid] = _Child(pidfd, sock, loop.create_future())
         loop.add_reader(pidfd, self._forget, loop, pid)
+        self._announced.set()
+        self._announced = asyncio.Event()
 
-    def handed_out(self, loop: asyncio.AbstractEventLoop, pid: int) -> None:
-        self._forget(loop, pid)
+    async def wait_for(self, count: int) -> None:
+        """Return once at least ``count`` warm children are held."""
+        while len(self._live) < count:
+            await self._announced.wait()
+
+    def hand(self, loop: asyncio.AbstractEventLoop, data: bytes, fds: list[int]) -> int | None:
+        """Send a spawn request to the oldest warm child; its pid, or None if none took it.
+
+        Costs one ``sendmsg``: the child is already our child and leads its own session. A
+        child that died, or whose zygote did, refuses the send and is skipped.
+        """
+        while self._live:
+            pid = next(iter(self._live))
+            try:
+                socket.send_fds(self._live[pid].requests, [data], fds)
+            except OSError as exc:
+                self._forget(loop, pid)
+                if exc.errno in _PEER_GONE:
+                    continue
+                log.warning("could not hand a request to warm child %d: %s", pid, exc)
+                return None
+            self._forget(loop, pid)
+            return pid
+        return None
 
     def _forget(self, loop: asyncio.AbstractEventLoop, pid: int) -> None:
-        entry = self._live.pop(pid, None)
-        if entry is not None:
-            pidfd, exited = entry
-            loop.remove_reader(pidfd)
-            os.close(pidfd)
-            if not exited.done():
-                exited.set_result(None)
+        child = self._live.pop(pid, None)
+        if child is not None:
+            loop.remove_reader(child.pidfd)
+            os.close(child.pidfd)
+            child.requests.close()  # an idle child exits 0 on this EOF
+            if not child.exited.done():
+                child.exited.set_result(None)
 
     async def wait(self, reaper: ChildReaper, grace: float) -> None:
         """Wait up to ``grace`` s for every warm child to exit, SIGKILL and wait again, reap."""
@@ -84,14 +123,16 @@ class WarmChildren:
             live = dict(self._live)
             if not live:
                 break
+            for child in live.values():
+                child.requests.close()  # EOF: an idle warm child exits 0
             if kill:
                 log.warning("warm zygote children %s did not exit on EOF; killing", sorted(live))
-                for pidfd, _ in live.values():
+                for child in live.values():
                     with contextlib.suppress(ProcessLookupError):
-                        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                        signal.pidfd_send_signal(child.pidfd, signal.SIGKILL)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(grace):
-                    await asyncio.gather(*(asyncio.shield(fut) for _, fut in live.values()))
+                    await asyncio.gather(*(asyncio.shield(c.exited) for c in live.values()))
         if self._live:
             log.error("warm zygote children %s did not exit", sorted(self._live))
         reaper.reap()  # they are our children: none is left as a zombie once this returns
@@ -111,7 +152,6 @@ class Zygote:
         self.pid = pid
         self.sock = sock
         self.warm = warm
-        self.warm_spawns = 0
         self.cold_spawns = 0
         self.usable = True
         self.ready: asyncio.Future[dict[str, Any]] = loop.create_future()
@@ -169,43 +209,42 @@ class Zygote:
     def _on_readable(self) -> None:
         while self.sock.fileno() >= 0:
             try:
-                data = self.sock.recv(_MAX_REPLY)
+                data, fds, _, _ = socket.recv_fds(self.sock, _MAX_REPLY, 1)
             except BlockingIOError:
                 return
             except OSError as exc:
                 self.close(f"zygote socket failed: {exc}")
                 return
             if not data:
+                for fd in fds:
+                    os.close(fd)
                 self.close("zygote closed its socket (it died or was killed)")
                 return
-            self._dispatch(data)
+            self._dispatch(data, fds)
 
-    def _dispatch(self, data: bytes) -> None:
+    def _dispatch(self, data: bytes, fds: list[int]) -> None:
         try:
             msg = msgpack.unpackb(data, raw=False)
         except Exception:
-            log.error("zygote sent an undecodable message (%d bytes); ignored", len(data))
-            return
+            msg = None
         if not isinstance(msg, dict):
-            log.error("zygote sent a non-map message; ignored")
+            log.error("zygote sent an undecodable or non-map message; ignored")
+        elif "warm" in msg and "id" not in msg:
+            if isinstance(msg["warm"], int) and len(fds) == 1:
+                self.warm.announced(self.loop, msg["warm"], fds.pop())
         elif msg.get("ready"):
             if not self.ready.done():
                 self.ready.set_result(msg)
-        elif "warm" in msg and "id" not in msg:
-            if isinstance(msg["warm"], int):
-                self.warm.announced(self.loop, msg["warm"])
         else:
             self._reply(msg)
+        for fd in fds:  # none belongs to any other message
+            os.close(fd)
 
     def _reply(self, msg: dict[str, Any]) -> None:
         fut = self.pending.pop(msg.get("id", -1), None)
         pid = msg.get("pid")
         if isinstance(pid, int):
-            self.warm.handed_out(self.loop, pid)
-            if msg.get("warm"):
-                self.warm_spawns += 1
-            else:
-                self.cold_spawns += 1
+            self.cold_spawns += 1
         if fut is None or fut.done():
             if isinstance(pid, int):
                 # The caller gave up (cancelled or timed out): nobody would own this child.

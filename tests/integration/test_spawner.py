@@ -274,11 +274,15 @@ async def test_zygote_restarts_after_sigkill(zygote: ZygoteSpawner, reaper: Chil
         if wait_for_death:
             async with asyncio.timeout(DEADLINE):
                 assert (await died).signal == signal.SIGKILL
+        # Served by a warm child that took it before it saw its zygote die, or by a new
+        # zygote; once the death is known, the next spawn starts a new zygote first.
         run = await start(zygote, reaper, "exit_with", {"code": 5})
         assert (await run.finish())[0].code == 5
-        assert zygote.zygote_pid not in (None, old)
         async with asyncio.timeout(DEADLINE):
             await died
+        run = await start(zygote, reaper, "exit_with", {"code": 6})
+        assert (await run.finish())[0].code == 6
+        assert zygote.zygote_pid not in (None, old)
 
 
 @pytest.mark.anyio
@@ -419,7 +423,9 @@ async def test_dead_warm_child_is_replaced_and_never_handed_out(
     assert (await exited)[0] == ExitStatus(victim, None, signal.SIGKILL)
     assert victim not in zygote.warm_pids
     pids = []
-    for i in range(4):  # one at a time: the pool is full again before each request
+    for i in range(4):  # one at a time, each once the pool is full again
+        async with asyncio.timeout(DEADLINE):
+            await zygote.wait_warm(2)
         run = await start(zygote, reaper, "exit_with", {"code": i})
         pids.append(run.pid)
         assert (await run.finish())[0] == ExitStatus(run.pid, i, None)
@@ -463,7 +469,9 @@ async def test_aclose_leaves_no_warm_child(reaper: ChildReaper) -> None:
 
 
 @pytest.mark.anyio
-async def test_many_spawns_in_a_row_are_warm(zygote: ZygoteSpawner, reaper: ChildReaper) -> None:
+async def test_many_spawns_in_a_row(zygote: ZygoteSpawner, reaper: ChildReaper) -> None:
+    # faster than the pool refills: warm while a warm child is ready, cold through the
+    # zygote otherwise; every one is our child with its exact status either way
     pids = set()
     for i in range(40):
         run = await start(zygote, reaper, "exit_with", {"code": i % 7, "tag": i})
@@ -472,5 +480,6 @@ async def test_many_spawns_in_a_row_are_warm(zygote: ZygoteSpawner, reaper: Chil
         assert sorted(line.line for line in lines) == [f"err {i}", f"out {i}"]
         pids.add(run.pid)
     assert len(pids) == 40
-    assert zygote.spawn_counts == (40, 0)
+    warm, cold = zygote.spawn_counts
+    assert warm + cold == 40 and warm >= 2
     assert len(zygote.warm_pids) <= 2
