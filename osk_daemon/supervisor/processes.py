@@ -84,7 +84,19 @@ class InstanceProcesses:
             stderr=err_w,
             launch=inst.prepared.wire,
         )
-        self._tg.start_soon(self._do_spawn, inst, inst.generation, request)
+        spawner = self._spawner_for(inst)
+        try:  # a warm zygote child takes it now, without a task switch on the restart path
+            pid = spawner.spawn_now(request)
+        except OskError as exc:
+            self._spawn_ended(request)
+            log.error("%s: could not spawn: %s", inst.leaf, exc)
+            self._loop.call_soon(self._spawn_failed, inst, inst.generation, str(exc))
+            return
+        if pid is None:
+            self._tg.start_soon(self._do_spawn, inst, inst.generation, spawner, request)
+            return
+        self._spawn_ended(request)
+        self._loop.call_soon(self._spawned, inst, inst.generation, pid)  # not inside feed()
 
     def signal(self, inst: Instance, signum: int) -> None:
         if inst.life.pid is not None:
@@ -114,19 +126,30 @@ class InstanceProcesses:
         if generation == inst.generation:
             self._sup.feed(inst, lc.SpawnFailed(reason))
 
-    async def _do_spawn(self, inst: Instance, generation: int, request: SpawnRequest) -> None:
-        mode = inst.config.spawn
+    def _spawner_for(self, inst: Instance) -> Spawner:
         if inst.config.sandbox.level is SandboxLevel.PARANOID:
-            mode = SpawnMode.EXEC  # a fresh interpreter: nothing inherited from the zygote
+            return self._spawners[SpawnMode.EXEC]  # a fresh interpreter: nothing inherited
+        return self._spawners[inst.config.spawn]
+
+    @staticmethod
+    def _spawn_ended(request: SpawnRequest) -> None:
+        os.close(request.stdout)  # the child has its own copies
+        os.close(request.stderr)
+
+    async def _do_spawn(
+        self, inst: Instance, generation: int, spawner: Spawner, request: SpawnRequest
+    ) -> None:
         try:
-            pid = await self._spawners[mode].spawn(request)
+            pid = await spawner.spawn(request)
         except OskError as exc:
             log.error("%s: could not spawn: %s", inst.leaf, exc)
             self._spawn_failed(inst, generation, str(exc))
             return
         finally:
-            os.close(request.stdout)
-            os.close(request.stderr)
+            self._spawn_ended(request)
+        self._spawned(inst, generation, pid)
+
+    def _spawned(self, inst: Instance, generation: int, pid: int) -> None:
         if generation != inst.generation:  # pragma: no cover - a newer life began meanwhile
             killpg(pid, 9)
             return
