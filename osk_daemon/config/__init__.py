@@ -27,6 +27,8 @@ from osk_daemon.config.models import (
     SpawnMode,
     StateStrategy,
     Strategy,
+    UpdateConfig,
+    UpdateMode,
     config_json_schema,
 )
 from osk_daemon.config.sizes import format_size, parse_size
@@ -53,6 +55,8 @@ __all__ = [
     "SpawnMode",
     "StateStrategy",
     "Strategy",
+    "UpdateConfig",
+    "UpdateMode",
     "config_json_schema",
     "format_size",
     "load_config",

@@ -55,6 +55,8 @@ __all__ = [
     "SpawnMode",
     "StateStrategy",
     "Strategy",
+    "UpdateConfig",
+    "UpdateMode",
     "config_json_schema",
 ]
 
@@ -283,6 +285,34 @@ class RolloutConfig(BaseModel):
         return value
 
 
+class UpdateMode(StrEnum):
+    MANUAL = "manual"  # list newer versions in `oskctl updates`
+    AUTO = "auto"  # deploy them, inside the window
+
+
+class UpdateConfig(BaseModel):
+    """What to do when a newer installed version fits the plugin's range."""
+
+    model_config = _MODEL
+
+    mode: Annotated[UpdateMode, Strict(False)] = UpdateMode.MANUAL
+    window: str | None = Field(
+        default=None,
+        description="auto: when to deploy, local time, e.g. 'Sun 02:00-04:00', 'Mon-Fri "
+        "01:00-03:00' or '22:00-06:00' (daily); unset: any time",
+    )
+    strategy: Annotated[RolloutStrategy, Strict(False)] = RolloutStrategy.ROLLING
+
+    @field_validator("window")
+    @classmethod
+    def _check_window(cls, value: str | None) -> str | None:
+        if value is not None:
+            from osk_daemon.rollout.window import parse_window  # lazy: rollout imports config
+
+            parse_window(value)
+        return value
+
+
 class PluginConfig(BaseModel):
     """One plugin: where its code is, how many instances run, and how they are supervised."""
 
@@ -318,6 +348,7 @@ class PluginConfig(BaseModel):
     preserve_state: bool = Field(default=True, description="hand state to the next version")
     state_strategy: Annotated[StateStrategy, Strict(False)] = StateStrategy.MEMORY
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    update: UpdateConfig = Field(default_factory=UpdateConfig)
 
     @field_validator("entry")
     @classmethod

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -138,6 +139,10 @@ async def graph(sup: Supervisor, args: dict[str, Any]) -> Any:
     return sup.deps.graph()
 
 
+async def updates(sup: Supervisor, args: dict[str, Any]) -> Any:
+    return sup.updates.listing(datetime.datetime.now())
+
+
 async def reload(sup: Supervisor, args: dict[str, Any]) -> Any:
     return await reload_config(sup)
 
@@ -160,6 +165,7 @@ COMMANDS: dict[str, Command] = {
     "deploy": rollout_commands.deploy,
     "rollout": rollout_commands.rollout,
     "reload": reload,
+    "updates": updates,
     "load": load,
     "unload": unload,
     "status": status,

@@ -247,6 +247,12 @@ def _run(ns: argparse.Namespace, choice: SocketChoice, timeout: float) -> None:
             raise UsageError(f"rollout {ns.action} needs the plugin's name")
         show = render.format_json_line if as_json else _rollout_line
         _stream(choice, timeout, "rollout", args, follow=ns.action == "rollback", show=show)
+    elif cmd == "updates":
+        result = _request(choice, timeout, "updates", {})
+        if as_json or not isinstance(result, list):
+            _out(render.format_json(result))
+        else:
+            _out(render_rollout.format_updates(result))
     elif cmd in ("reload", "load", "unload"):
         args = {}
         if cmd == "load":
@@ -395,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("rollout", "show or steer a rollout")
     p.add_argument("action", choices=["status", "pause", "resume", "promote", "abort", "rollback"])
     p.add_argument("plugin", nargs="?", default=None, metavar="PLUGIN")
+    command("updates", "list newer installed versions that fit each plugin's range")
     command("reload", "apply the edited config file (like SIGHUP); a bad one changes nothing")
     p = command("load", "start a plugin from its folder (with osk-plugin.toml) at run time")
     p.add_argument("path", type=Path, metavar="PATH")

@@ -12,7 +12,7 @@ import datetime as _dt
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["format_rollout_progress", "format_rollout_status"]
+__all__ = ["format_rollout_progress", "format_rollout_status", "format_updates"]
 
 
 def _counts(observed: Any) -> str:
@@ -65,3 +65,20 @@ def format_rollout_progress(item: Any) -> str:
     status = item.get("status")
     tail = f"\n    {format_rollout_status(status)}" if isinstance(status, Mapping) else ""
     return f"{when} {kind}{': ' + detail if detail else ''}{tail}"
+
+
+def format_updates(rows: list[Any]) -> str:
+    """``oskctl updates``: one line per plugin with a newer fitting version."""
+    if not rows:
+        return "no updates: every plugin runs the newest installed version its range allows"
+    lines = []
+    for r in rows:
+        if not isinstance(r, Mapping):
+            continue
+        when = "any time" if r.get("window") is None else f"window {r['window']}"
+        state = f"{r.get('mode')}, {when}{' (open now)' if r.get('in_window') else ''}"
+        line = f"{r.get('plugin')}: {r.get('running')} -> {r.get('available')} ({state})"
+        if r.get("failed"):
+            line += f"\n  last try failed: {r['failed']}"
+        lines.append(line)
+    return "\n".join(lines)

@@ -60,7 +60,9 @@ async def watch_plugin(sup: Supervisor, plugin: str) -> None:
 
     log.info("%s: watching %s for %s", plugin, ", ".join(map(str, roots)), ", ".join(globs))
     debounce = int(cfg.watch_debounce * 1000)
-    async for changes in awatch(*roots, watch_filter=wanted, debounce=debounce, step=20):
+    async for changes in awatch(
+        *roots, watch_filter=wanted, debounce=debounce, step=20, stop_event=sup.stopping
+    ):
         names = sorted({Path(p).name for _, p in changes})
         log.info("%s: %s changed; swapping to the new code", plugin, ", ".join(names))
         sup.events.publish("plugin:code-changed", pluginName=plugin, files=names)

@@ -54,6 +54,7 @@ from osk_daemon.supervisor.tree import (
 )
 from osk_daemon.supervisor.tree_build import build_tree
 from osk_daemon.supervisor.tree_effects import TreeEffects
+from osk_daemon.supervisor.updates import Updates
 from osk_daemon.versioning.planning import StartPlan
 
 log = logging.getLogger("osk.supervisor")
@@ -99,6 +100,7 @@ class Supervisor:
         self._changed = asyncio.Event()
         self._sampler: asyncio.TimerHandle | None = None
         self._request_stop: Callable[[], None] | None = None
+        self.stopping = anyio.Event()
         d = config.daemon
         self.broker = Broker(
             endpoints.clients,
@@ -119,6 +121,7 @@ class Supervisor:
         self.deps = DependencyWatch(self, plan)
         self.rollouts = Rollouts(self)
         self.members = Membership(self)
+        self.updates = Updates(self)
         self._tree_effects = TreeEffects(self)
         self.processes = InstanceProcesses(
             self, tg, reaper, spawners, endpoints.workers, confinement
@@ -138,9 +141,11 @@ class Supervisor:
         for name, pcfg in self.config.plugins.items():
             if pcfg.watch:
                 self._tg.start_soon(watch_plugin, self, name)
+        self._tg.start_soon(self.updates.run)
 
     async def shutdown(self) -> None:
         """Stop every instance in reverse start order; SIGKILL what outlives the deadline."""
+        self.stopping.set()  # file watchers end at once (they block in a thread)
         if not self._shutting_down:
             self._shutting_down = True
             self.events.publish("kernel:shutdown", reason=self.deps.boot_failure or "requested")

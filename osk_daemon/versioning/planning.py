@@ -64,6 +64,7 @@ class StartPlan:
     installed: Mapping[str, Installed] = field(default_factory=dict)
     pulled_in: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
+    ranges: Mapping[str, str] = field(default_factory=dict)  # what the config asked for
 
     def wave_of(self, plugin: str) -> int:
         for index, wave in enumerate(self.waves):
@@ -132,6 +133,7 @@ def plan_start(config: Config) -> StartPlan:
         installed=chosen,
         pulled_in=pulled_in,
         warnings=tuple(warnings),
+        ranges={name: str(rng) for name, rng in roots.items()},
     )
 
 

@@ -211,3 +211,53 @@ def test_hot_reload_swaps_to_the_edited_code_and_keeps_state(tmp_path: Path) -> 
         assert rows[0]["pid"] != old_pid
         changed = [e for e in d.ctl("events", lines=1000) if e["type"] == "plugin:code-changed"]
         assert changed and changed[0]["files"] == ["live_plugin.py"]
+
+
+def test_newer_versions_are_listed_or_deployed_by_update_mode(installed: Path) -> None:
+    body = daemon_config(
+        """
+        [plugins.counter]
+        version = "^1"
+        [plugins.counter.update]
+        mode = "manual"
+        [plugins.auto]
+        version = "^1"
+        [plugins.auto.update]
+        mode = "auto"
+        window = "00:00-23:59"
+        [plugins.auto.rollout]
+        drain_timeout = 2.0
+        """,
+        plugins_dir=str(installed),
+    )
+    auto = installed / "auto" / "1.0.0"
+    auto.mkdir(parents=True)
+    for name in ("counter_plugin.py",):
+        (auto / name).write_text((installed / "counter" / "1.0.0" / name).read_text())
+    (auto / "osk-plugin.toml").write_text(
+        'name = "auto"\nversion = "1.0.0"\nentry = "counter_plugin:Counter"\n'
+    )
+    with running_daemon(body) as d:
+        assert d.ctl("updates") == []
+        install_counter(installed, "1.1.0")  # arrives while the daemon runs
+        newer = installed / "auto" / "1.1.0"
+        newer.mkdir()
+        (newer / "counter_plugin.py").write_text(
+            (installed / "counter" / "1.1.0" / "counter_plugin.py").read_text()
+        )
+        (newer / "osk-plugin.toml").write_text(
+            'name = "auto"\nversion = "1.1.0"\nentry = "counter_plugin:Counter"\n'
+        )
+        d.wait_until(
+            lambda: (
+                {r["plugin"]: r["version"] for r in d.status()}.get("auto") == "1.1.0"
+                and len(d.status("auto")) == 1
+            ),
+            timeout=60,
+            what="auto updated to 1.1.0",
+        )
+        listed = {r["plugin"]: r for r in d.ctl("updates")}
+        assert listed["counter"]["available"] == "1.1.0"
+        assert listed["counter"]["mode"] == "manual"
+        assert "auto" not in listed  # it runs the newest already
+        assert {r["version"] for r in d.status("counter")} == {"1.0.0"}  # manual: untouched
