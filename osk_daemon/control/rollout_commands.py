@@ -14,7 +14,7 @@ the previous version the same way (a new rollout, back).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from osk_daemon.errors import ControlError
@@ -32,8 +32,24 @@ def _str(args: dict[str, Any], key: str) -> str:
     return value
 
 
-async def _follow(sup: Supervisor, run: RolloutRun) -> AsyncIterator[Any]:
+def _started(
+    sup: Supervisor, start: Callable[[], RolloutRun], follow: bool
+) -> RolloutRun | AsyncIterator[Any]:
+    """Start a rollout; with ``follow``, its events from the very first one on."""
+    if not follow:
+        return start()
     queue: asyncio.Queue[dict[str, Any]] = sup.events.follow()
+    try:
+        run = start()
+    except BaseException:
+        sup.events.unfollow(queue)
+        raise
+    return _follow(sup, run, queue)
+
+
+async def _follow(
+    sup: Supervisor, run: RolloutRun, queue: asyncio.Queue[dict[str, Any]]
+) -> AsyncIterator[Any]:
     try:
         yield run.status()
         while not run.finished.is_set() or not queue.empty():
@@ -50,11 +66,11 @@ async def _follow(sup: Supervisor, run: RolloutRun) -> AsyncIterator[Any]:
 
 
 async def deploy(sup: Supervisor, args: dict[str, Any]) -> Any:
-    plugin = _str(args, "plugin")
-    run = start_deploy(sup, plugin, _str(args, "version"), args)
-    if args.get("follow"):
-        return _follow(sup, run)
-    return run.status()
+    plugin, version = _str(args, "plugin"), _str(args, "version")
+    started = _started(
+        sup, lambda: start_deploy(sup, plugin, version, args), bool(args.get("follow"))
+    )
+    return started.status() if isinstance(started, RolloutRun) else started
 
 
 async def rollout(sup: Supervisor, args: dict[str, Any]) -> Any:
@@ -72,6 +88,8 @@ async def rollout(sup: Supervisor, args: dict[str, Any]) -> Any:
         back = run.spec.stable if run.engine.state == "succeeded" else None
         if back is None:
             raise ControlError(f"the rollout of '{plugin}' was rolled back already")
-        new = start_deploy(sup, plugin, back, args)
-        return _follow(sup, new) if args.get("follow") else new.status()
+        started = _started(
+            sup, lambda: start_deploy(sup, plugin, back, args), bool(args.get("follow"))
+        )
+        return started.status() if isinstance(started, RolloutRun) else started
     return run.command(action)
