@@ -3,9 +3,10 @@
 ``Client`` is a blocking DEALER connected to the daemon's broker socket. Each call sends a
 REQUEST with an absolute deadline; the broker answers every request (with the reply, or
 with a ``timeout``/``unavailable`` error), so a call never waits past its deadline plus a
-small grace. ``call_many`` pipelines a batch: it sends everything first, as batches of up
-to ``SEND_BATCH`` requests per ZeroMQ message (see ``codec``), then collects the answers
-in any order. A malformed answer is dropped (logged); its call ends at the deadline.
+small grace. ``call_many`` pipelines a batch: it sends everything first, in messages of
+up to ``SEND_BATCH`` requests (see ``codec``), each as soon as it is packed so the daemon
+works on the first while the next is packed, then collects the answers in any order. A
+malformed answer is dropped (logged); its call ends at the deadline.
 
     with Client("ipc:///run/osk/broker.sock") as client:
         client.call("echo", "echo", {"text": "hi"})
@@ -42,6 +43,7 @@ _GRACE = 0.5
 _NOBLOCK = int(zmq.NOBLOCK)
 _SNDMORE = int(zmq.SNDMORE)
 _send_frame = zmq.backend.Socket.send  # the Cython send, without pyzmq's Python wrapper
+_BATCH_FRAMES = 2 * SEND_BATCH
 
 
 class Client:
@@ -103,7 +105,11 @@ class Client:
             order[rid] = slot
             frames.append(request(rid, plugin, method, deadline, meta))
             frames.append(body(args))
-        self._send_batches(frames)
+            if len(frames) == _BATCH_FRAMES:
+                self._send_batch(frames)
+                frames = []
+        if frames:
+            self._send_batch(frames)
         results: list[Any] = [None] * len(order)
         while order:
             try:
@@ -135,15 +141,13 @@ class Client:
             return exc
         return error_from_wire(value) if kind is Kind.ERROR else value
 
-    def _send_batches(self, frames: list[bytes]) -> None:
-        """Send ``[header, body, ...]`` as messages of up to ``SEND_BATCH`` pairs."""
+    def _send_batch(self, frames: list[bytes]) -> None:
+        """Send ``[header, body, ...]`` as one message."""
         sock, send = self._sock, _send_frame
-        step = 2 * SEND_BATCH
-        for start in range(0, len(frames), step):
-            end = min(start + step, len(frames)) - 1
-            for i in range(start, end):
-                send(sock, frames[i], _SNDMORE)
-            send(sock, frames[end], 0)
+        last = frames.pop()
+        for frame in frames:
+            send(sock, frame, _SNDMORE)
+        send(sock, last, 0)
 
     def _recv(self) -> list[bytes]:
         """One message without blocking (zmq.Again if none waits)."""

@@ -42,7 +42,7 @@ from osk_daemon.errors import FrameError
 PROTO = 2  # 2: batches and the reply form
 MAX_HEADER_SIZE = 4096
 MAX_BATCH = 1024  # pairs in one ZeroMQ message that a receiver accepts
-SEND_BATCH = 256  # pairs a sender puts in one message at most
+SEND_BATCH = 64  # pairs a sender puts in one message at most (more: the stages overlap less)
 DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
 
 

@@ -1,15 +1,16 @@
 """ZeroMQ sockets read from the asyncio loop, without pyzmq's asyncio layer.
 
 Receiving: ZMQ_FD is edge-triggered: it signals "something changed", not "a message
-waits". So a wake-up drains until EAGAIN (at most ``_DRAIN_FRAMES`` frames per pass,
-yielding to other callbacks between passes), and after every send ZMQ_EVENTS is read
-and a drain scheduled if a message waits, because a send can consume the edge of a
-pending read. Each message is handed over whole (``on_frames(socket, frames)``); it may
-be a batch of pairs (see ``codec``).
+waits". So a wake-up drains while ZMQ_EVENTS says a message waits (at most
+``_DRAIN_FRAMES`` frames per pass, yielding to other callbacks between passes; asking
+ZMQ_EVENTS costs a quarter of the EAGAIN exception a blind ``recv`` would raise), and
+after every send ZMQ_EVENTS is read again and a drain scheduled if a message waits,
+because a send can consume the edge of a pending read. Each message is handed over whole
+(``on_frames(socket, frames)``); it may be a batch of pairs (see ``codec``).
 
 Sending: ``post`` queues one ``(header, body)`` pair for a peer; everything posted during
-one loop pass leaves as one ZeroMQ message per peer (a batch of up to ``SEND_BATCH``
-pairs) when the pass ends. That is where the throughput comes from: ZeroMQ flushes a
+one loop pass leaves as one ZeroMQ message per peer when the pass ends (a peer's batch
+leaves as soon as it holds ``SEND_BATCH`` pairs, so the next stage starts early). That is where the throughput comes from: ZeroMQ flushes a
 pipe, and wakes its I/O thread with a syscall, once per message, whatever the number of
 frames. The pass ends when a drain of any socket of the same ``FlushGroup`` returns (the
 broker's two sockets share one, so requests read from callers are on their way to the
@@ -39,7 +40,7 @@ from osk_daemon.ipc.codec import SEND_BATCH
 
 log = logging.getLogger("osk.ipc")
 
-_DRAIN_FRAMES = 512
+_DRAIN_FRAMES = 4 * SEND_BATCH  # about two full batches per pass
 _BATCH_FRAMES = 2 * SEND_BATCH
 _NOBLOCK = int(zmq.NOBLOCK)
 _MORE_NOBLOCK = int(zmq.SNDMORE) | _NOBLOCK
@@ -206,6 +207,7 @@ class LoopSocket:
         self._scheduled = False
         sock = self.sock
         recv = sock.recv
+        events = sock.get
         group = self._group
         outer = group._draining
         group._draining = self._draining = True
@@ -215,6 +217,8 @@ class LoopSocket:
                 if sock.closed:
                     return
                 try:
+                    if not cast(int, events(_EVENTS)) & _POLLIN:
+                        break
                     frame = recv(_NOBLOCK, copy=False)
                     parts = [frame.bytes]
                     while frame.more:
