@@ -54,21 +54,12 @@ class Instance:
 
     @classmethod
     def create(cls, plugin: str, index: int, cfg: PluginConfig) -> Instance:
-        hc = cfg.health_check
-        policy = HealthPolicy(
-            enabled=hc.enabled,
-            interval=hc.interval,
-            timeout=hc.timeout,
-            failure_threshold=hc.failure_threshold,
-            success_threshold=hc.success_threshold,
-            auto_restart=hc.auto_restart,
-        )
         inst = cls(
             plugin,
             index,
             cfg,
             Lifecycle(cfg.start_timeout, cfg.shutdown_timeout),
-            HealthTracker(policy),
+            HealthTracker(health_policy(cfg)),
         )
         inst.exited.set()
         return inst
@@ -147,6 +138,19 @@ class Instance:
             "sandbox_degraded": list(self.sandbox_degraded),
             **(self.usage if self.live else {}),
         }
+
+
+def health_policy(cfg: PluginConfig) -> HealthPolicy:
+    """The health core's thresholds from a plugin's ``health_check`` table."""
+    hc = cfg.health_check
+    return HealthPolicy(
+        enabled=hc.enabled,
+        interval=hc.interval,
+        timeout=hc.timeout,
+        failure_threshold=hc.failure_threshold,
+        success_threshold=hc.success_threshold,
+        auto_restart=hc.auto_restart,
+    )
 
 
 def leaf_id(plugin: str, index: int) -> str:

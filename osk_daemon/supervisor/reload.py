@@ -34,7 +34,7 @@ from osk_daemon.config import GroupConfig, PluginConfig, load_config
 from osk_daemon.config.diff import ConfigDiff, diff_configs
 from osk_daemon.errors import ConfigError, ControlError
 from osk_daemon.rollout.plan import RolloutSpec, Strategy
-from osk_daemon.supervisor.health import HealthPolicy
+from osk_daemon.supervisor.instance import health_policy
 from osk_daemon.supervisor.tree_build import leaf_spec
 from osk_daemon.versioning.planning import plan_start
 
@@ -160,15 +160,7 @@ async def _scale(sup: Supervisor, name: str, cfg: PluginConfig) -> None:
 
 
 def _retune(sup: Supervisor, name: str, cfg: PluginConfig) -> PluginConfig:
-    hc = cfg.health_check
-    policy = HealthPolicy(
-        enabled=hc.enabled,
-        interval=hc.interval,
-        timeout=hc.timeout,
-        failure_threshold=hc.failure_threshold,
-        success_threshold=hc.success_threshold,
-        auto_restart=hc.auto_restart,
-    )
+    policy = health_policy(cfg)
     for inst in sup.members.of_plugin(name):
         inst.config = cfg
         inst.health.policy = policy
