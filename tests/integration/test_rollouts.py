@@ -124,16 +124,29 @@ def config(installed: Path, instances: int = 1, rollout: str = "") -> str:
     return daemon_config(body, plugins_dir=str(installed))
 
 
+QUICK_ANALYSIS = "analysis_window = 0.3\nmin_requests = 5\nsteps = [25, 50, 100]"
+
+
 @pytest.mark.parametrize(
-    ("strategy", "instances"), [("rolling", 1), ("rolling", 3), ("blue-green", 2)]
+    ("strategy", "instances"),
+    [("rolling", 1), ("rolling", 3), ("blue-green", 2), ("canary", 2), ("ab", 2)],
 )
 def test_a_swap_under_load_fails_no_call_and_carries_state(
     installed: Path, strategy: str, instances: int
 ) -> None:
-    with running_daemon(config(installed, instances)) as d, Load(d) as load:
+    with running_daemon(config(installed, instances, QUICK_ANALYSIS)) as d, Load(d) as load:
         d.wait_until(lambda: load.ok >= 300, what="load flowing")
         before_deploy = load.ok
         d.ctl("deploy", plugin="counter", version="^2", strategy=strategy)
+        if strategy == "ab":  # both versions serve until the operator promotes
+            d.wait_until(
+                lambda: d.ctl("rollout", action="status", plugin="counter")["state"] == "serving",
+                what="A/B serving",
+            )
+            mark = load.ok
+            d.wait_until(lambda: load.ok >= mark + 100, what="calls to both versions")
+            assert {"1.0.0", "2.0.0"} <= load.versions
+            d.ctl("rollout", action="promote", plugin="counter")
         done = d.wait_until(lambda: rollout_ended(d), timeout=60, what="rollout ended")
         assert done["state"] == "succeeded", done
         before = load.ok
@@ -156,6 +169,21 @@ def test_a_swap_under_load_fails_no_call_and_carries_state(
         )
     assert load.failed == []
     assert {"1.0.0", "2.0.0"} <= load.versions
+
+
+def test_disk_state_survives_a_restart(installed: Path) -> None:
+    body = config(installed).replace(
+        "[plugins.counter.health_check]", 'state_strategy = "disk"\n[plugins.counter.health_check]'
+    )
+    with running_daemon(body) as d:
+        for _ in range(7):
+            d.call("counter", "incr")
+        pid = d.row("counter")["pid"]
+        d.ctl("restart", name="counter")  # a graceful stop saves, the next start loads
+        assert d.row("counter")["pid"] != pid
+        assert d.call("counter", "get")["count"] == 7
+        saved = list((d.workdir / "state" / "counter").glob("state-*.msgpack"))
+        assert [p.name for p in saved] == ["state-0.msgpack"]
 
 
 def test_a_bad_canary_is_rolled_back_by_itself(installed: Path) -> None:
