@@ -21,7 +21,7 @@ import logging
 import time
 from collections.abc import Iterable, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import zmq
 import zmq.backend
@@ -42,6 +42,8 @@ log = logging.getLogger("osk.client")
 _GRACE = 0.5
 _NOBLOCK = int(zmq.NOBLOCK)
 _SNDMORE = int(zmq.SNDMORE)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
 _send_frame = zmq.backend.Socket.send  # the Cython send, without pyzmq's Python wrapper
 _BATCH_FRAMES = 2 * SEND_BATCH
 
@@ -111,17 +113,20 @@ class Client:
         if frames:
             self._send_batch(frames)
         results: list[Any] = [None] * len(order)
+        sock = self._sock
         while order:
-            try:
-                frames = self._recv()
-            except zmq.Again:
+            if not cast(int, sock.get(_EVENTS)) & _POLLIN:
                 remaining = deadline + _GRACE - time.monotonic()
-                if remaining > 0 and self._sock.poll(int(remaining * 1000) + 1, zmq.POLLIN):
+                if remaining > 0 and zmq.zmq_poll([(sock, _POLLIN)], int(remaining * 1000) + 1):
                     continue
                 error = DeadlineExceeded("no answer from the daemon before the deadline")
                 for slot in order.values():
                     results[slot] = error
                 break
+            try:
+                frames = self._recv()
+            except zmq.Again:
+                continue
             try:
                 check_batch(frames, 0)
                 for i in range(0, len(frames), 2):
@@ -150,7 +155,8 @@ class Client:
         send(sock, last, 0)
 
     def _recv(self) -> list[bytes]:
-        """One message without blocking (zmq.Again if none waits)."""
+        """One message without blocking (zmq.Again if none waits; ask ZMQ_EVENTS first,
+        which is cheaper than that exception)."""
         recv = self._sock.recv
         frame = recv(_NOBLOCK, copy=False)
         parts = [frame.bytes]

@@ -10,15 +10,16 @@ because a send can consume the edge of a pending read. Each message is handed ov
 
 Sending: ``post`` queues one ``(header, body)`` pair for a peer; everything posted during
 one loop pass leaves as one ZeroMQ message per peer when the pass ends (a peer's batch
-leaves as soon as it holds ``SEND_BATCH`` pairs, so the next stage starts early). That is where the throughput comes from: ZeroMQ flushes a
-pipe, and wakes its I/O thread with a syscall, once per message, whatever the number of
-frames. The pass ends when a drain of any socket of the same ``FlushGroup`` returns (the
-broker's two sockets share one, so requests read from callers are on their way to the
-workers as soon as the read is done), or, for posts made outside a drain (timers, tasks),
-in a callback scheduled with ``call_soon``. ``send`` sends one message at once (control
-frames), after what was posted before it. Sending never blocks: a full queue or a
-vanished peer (ROUTER_MANDATORY) is reported as ``False`` by ``send``, and for a posted
-batch to ``on_undeliverable(peer, tags)`` with the tags given to ``post``.
+leaves as soon as it holds ``SEND_BATCH`` pairs, so the next stage starts early). That
+is where the throughput comes from: ZeroMQ flushes a pipe, and wakes its I/O thread with
+a syscall, once per message, whatever the number of frames. The pass ends when a drain
+of any socket of the same ``FlushGroup`` returns (the broker's two sockets share one, so
+requests read from callers are on their way to the workers as soon as the read is done),
+or, for posts made outside a drain (timers, tasks), in a callback scheduled with
+``call_soon``. ``send`` sends one message at once (control frames), after what was posted
+before it. Sending never blocks: a full queue or a vanished peer (ROUTER_MANDATORY) is
+reported as ``False`` by ``send``, and for a posted batch to ``on_undeliverable(peer,
+tags)`` with the tags given to ``post``.
 
 This is the hot path of every call, so it avoids pyzmq's conveniences that cost
 microseconds per frame: flags are plain ints (enum arithmetic is slow), frames are sent
