@@ -27,6 +27,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGETS = "tests.integration.spawn_targets"
+HOOKS = "tests.integration.warm_hooks"
 DEADLINE = 10.0
 
 
@@ -106,7 +107,7 @@ async def start(
     ring = LogRing(100)
     pipes = OutputPipes(loop, "test", 0, ring)
     req = SpawnRequest(
-        target=f"{TARGETS}:{func}",
+        target=func if ":" in func else f"{TARGETS}:{func}",
         spec=spec,
         sys_path=kw.pop("sys_path", (str(ROOT),)),
         stdout=pipes.stdout_w,
@@ -450,6 +451,36 @@ async def test_zygote_death_ends_warm_children_and_restart_refills(
     assert zygote.zygote_pid not in (None, old)
     assert zygote.spawn_counts == (1, 0)
     assert len(zygote.warm_pids) >= 1 and not zygote.warm_pids & warm
+
+
+@pytest.mark.anyio
+async def test_warm_up_hook_prepares_for_its_own_module_only(
+    reaper: ChildReaper, tmp_path: Path
+) -> None:
+    (tmp_path / "helper_module_for_sys_path.py").write_text("VALUE = 'x'\n")
+    z = await ZygoteSpawner.open(
+        reaper, (TARGETS, HOOKS), sys_path=[str(ROOT)], warm_up=f"{HOOKS}:warm_up"
+    )
+    try:
+        async with asyncio.timeout(DEADLINE):
+            await z.wait_warm(2)
+        run = await start(z, reaper, f"{HOOKS}:show_warm_up", {})
+        status, lines = await run.finish()
+        out = dict(line.line.split(" ", 1) for line in lines if line.stream == "stdout")
+        assert status.code == 0 and out["pipe"] == "b'x'"  # made in this process, still open
+        kept = [int(fd) for fd in out["kept"].strip("[]").split(",")]
+        fds = [int(fd) for fd in out["fds"].strip("[]").split(",")]
+        assert len(fds) == 6 and set(kept) < set(fds)  # 0-2, the pipe, the listing's own fd
+        async with asyncio.timeout(DEADLINE):
+            await z.wait_warm(1)
+        run = await start(
+            z, reaper, "show_environment", {"var": "PATH"}, sys_path=(str(tmp_path), str(ROOT))
+        )
+        status, lines = await run.finish()
+        assert status.code == 0, [line.line for line in lines]
+        assert "fds [0, 1, 2, 3]" in [line.line for line in lines]  # released for it
+    finally:
+        await z.aclose()
 
 
 @pytest.mark.anyio
