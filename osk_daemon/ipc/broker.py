@@ -293,7 +293,7 @@ class Broker:
         except FrameError as exc:
             self._malformed(exc)
             return
-        rid = frames[0]
+        caller = (ep, frames[0])
         limit = self._max
         for i in range(1, len(frames), 2):
             body = frames[i + 1]
@@ -311,7 +311,7 @@ class Broker:
                     header.kind.name,
                 )
                 continue
-            self._request(ep, rid, header, body)
+            self._request(caller, header, body)
 
     def _on_worker(self, ep: LoopSocket, frames: list[bytes]) -> None:
         """``[routing id, (header, body)...]`` from a worker; only HELLO before it is bound.
@@ -348,7 +348,7 @@ class Broker:
             elif route is None:
                 self._unauthenticated(kind)
             elif kind is Kind.REQUEST:
-                self._request(ep, rid, header, body)
+                self._request((ep, rid), header, body)
             elif kind is Kind.REPLY or kind is Kind.ERROR:
                 self._reply(route, kind, header.id, body)
             elif kind in _WORKER_KINDS:
@@ -361,10 +361,10 @@ class Broker:
         self.stats.dropped_unauthenticated += 1
         log.warning("dropped %s from a peer that never said HELLO", kind.name)
 
-    def _request(self, ep: LoopSocket, rid: bytes, header: Header, body: bytes) -> None:
+    def _request(self, caller: tuple[LoopSocket, bytes], header: Header, body: bytes) -> None:
         deadline = header.deadline or time.monotonic() + self._default_timeout
         self._accept_request(
-            (ep, rid), header.id, header.target, header.method, deadline, header.meta, body, None
+            caller, header.id, header.target, header.method, deadline, header.meta, body, None
         )
 
     def _hello(self, ep: LoopSocket, rid: bytes, header: Header, body: bytes) -> None:
