@@ -23,7 +23,7 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the daemon in the foreground")
     run.add_argument("--config", "-c", required=True, help="the daemon's TOML config file")
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    run.add_argument("--log-format", choices=["text", "json"])
+    run.add_argument("--log-format", choices=["text", "json", "logfmt"])
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("file")
     sub.add_parser("schema", help="print the JSON Schema of the config file")

@@ -95,6 +95,7 @@ class SpawnMode(StrEnum):
 class LogFormat(StrEnum):
     TEXT = "text"
     JSON = "json"
+    LOGFMT = "logfmt"
 
 
 class LogLevel(StrEnum):

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger("osk.events")
@@ -21,12 +22,15 @@ class EventStream:
     def __init__(self, capacity: int = 1000) -> None:
         self._recent: deque[dict[str, Any]] = deque(maxlen=capacity)
         self._followers: set[asyncio.Queue[dict[str, Any]]] = set()
+        self.sinks: list[Callable[[dict[str, Any]], None]] = []  # e.g. the PUB socket
         self.dropped = 0
 
     def publish(self, type_: str, **fields: Any) -> dict[str, Any]:
         event = {"type": type_, "timestamp": int(time.time() * 1000), **fields}
         self._recent.append(event)
         log.debug("event %s", event)
+        for sink in self.sinks:
+            sink(event)
         for queue in self._followers:
             try:
                 queue.put_nowait(event)

@@ -29,12 +29,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
+import zmq
 from anyio.abc import TaskGroup
 
 from osk_daemon.config import SpawnMode
 from osk_daemon.errors import ControlError, OskError
 from osk_daemon.ipc.broker import Broker, InstanceKey
 from osk_daemon.ipc.codec import Header, Kind, unpack
+from osk_daemon.observability.event_pub import EventPublisher
 from osk_daemon.supervisor import lifecycle as lc
 from osk_daemon.supervisor.confinement import Confinement
 from osk_daemon.supervisor.dependency_watch import DependencyWatch
@@ -101,6 +103,7 @@ class Supervisor:
         self._sampler: asyncio.TimerHandle | None = None
         self._request_stop: Callable[[], None] | None = None
         self.stopping = anyio.Event()
+        self.event_pub: EventPublisher | None = None
         d = config.daemon
         self.broker = Broker(
             endpoints.clients,
@@ -134,6 +137,10 @@ class Supervisor:
         daemon should stop (``deps.boot_failure`` says why)."""
         self._request_stop = request_stop
         self.broker.start()
+        self.event_pub = EventPublisher(
+            zmq.Context.instance(), self.config.daemon.runtime_dir / "events.sock"
+        )
+        self.events.sinks.append(self.event_pub)
         self.checks.start()
         self._sampler = self._loop.call_later(_SAMPLE_EVERY, self._sample_tick)
         self.events.publish("kernel:before-init", pluginCount=len(self.config.plugins))
@@ -163,6 +170,9 @@ class Supervisor:
         if self._sampler is not None:
             self._sampler.cancel()
         self.broker.close()
+        if self.event_pub is not None:
+            self.events.sinks.remove(self.event_pub)
+            self.event_pub.close()
 
     @property
     def shutting_down(self) -> bool:

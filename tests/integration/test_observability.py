@@ -1,0 +1,63 @@
+"""Events on the ZeroMQ PUB socket and logfmt logs, from a real daemon."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+import zmq
+
+from tests.integration.harness import daemon_config, plugin_block, running_daemon
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+
+
+def test_events_are_published_by_topic_on_the_pub_socket() -> None:
+    with running_daemon(daemon_config(plugin_block("echo"))) as d:
+        sock = zmq.Context.instance().socket(zmq.SUB)
+        try:
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SUBSCRIBE, b"plugin:")
+            path = d.runtime / "events.sock"
+            assert oct(path.stat().st_mode & 0o777) == "0o600"
+            sock.connect(f"ipc://{path}")
+            # a PUB socket drops what it sends before the subscription has arrived:
+            # restart the plugin until one of its events gets through
+            deadline = time.monotonic() + 20
+            while not sock.poll(200):
+                assert time.monotonic() < deadline, "no event arrived on the PUB socket"
+                d.ctl("restart", name="echo")
+            while sock.poll(200):  # what that restart still sends
+                sock.recv_multipart()
+            pid = d.row("echo")["pid"]
+            os.kill(pid, signal.SIGKILL)
+            seen: list[tuple[str, dict]] = []
+            while time.monotonic() < deadline:
+                assert sock.poll(int((deadline - time.monotonic()) * 1000) + 1)
+                topic, body = sock.recv_multipart()
+                seen.append((topic.decode(), json.loads(body)))
+                if seen[-1][0] == "plugin:started" and seen[-1][1]["pid"] != pid:
+                    break
+            topics = {t for t, _ in seen}
+            assert "plugin:destroyed" in topics and "plugin:started" in topics
+            destroyed = next(e for t, e in seen if t == "plugin:destroyed")
+            assert (destroyed["pid"], destroyed["detail"]) == (pid, "SIGKILL")
+            assert all(t.startswith("plugin:") for t in topics)  # the subscription filters
+            assert all(e["type"] == t for t, e in seen)
+        finally:
+            sock.close()
+
+
+def test_logfmt_logs_carry_plugin_and_instance() -> None:
+    config = daemon_config(plugin_block("echo"), log_format="logfmt")
+    with running_daemon(config) as d:
+        d.call("echo", "say", {"text": "hello there"})
+        d.wait_until(lambda: "hello there" in d.log.read_text(), what="the plugin line")
+        lines = [ln for ln in d.log.read_text().splitlines() if "hello there" in ln]
+        assert lines[0].startswith("ts=")
+        assert 'msg="[echo/0] hello there"' in lines[0]
+        assert "plugin=echo" in lines[0] and "instance=0" in lines[0]
+        assert "level=info" in lines[0]
