@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from osk_daemon.control import render, render_rollout
+from osk_daemon.control import render, render_rollout, top
 from osk_daemon.control.protocol import (
     MAX_REPLY_LINE,
     BadReply,
@@ -247,6 +247,13 @@ def _run(ns: argparse.Namespace, choice: SocketChoice, timeout: float) -> None:
             raise UsageError(f"rollout {ns.action} needs the plugin's name")
         show = render.format_json_line if as_json else _rollout_line
         _stream(choice, timeout, "rollout", args, follow=ns.action == "rollback", show=show)
+    elif cmd == "top":
+
+        def fetch() -> list[Any]:
+            rows = _request(choice, timeout, "status", {})
+            return rows if isinstance(rows, list) else []
+
+        top.run_top(fetch, ns.interval, ns.iterations, lambda text: _out(text, flush=True))
     elif cmd == "updates":
         result = _request(choice, timeout, "updates", {})
         if as_json or not isinstance(result, list):
@@ -401,6 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("rollout", "show or steer a rollout")
     p.add_argument("action", choices=["status", "pause", "resume", "promote", "abort", "rollback"])
     p.add_argument("plugin", nargs="?", default=None, metavar="PLUGIN")
+    p = command("top", "a live view of instances: cpu, memory, calls/s, errors, health")
+    p.add_argument("--interval", type=_positive, default=1.0, metavar="SECONDS")
+    p.add_argument("-n", dest="iterations", type=int, default=None, help="stop after N screens")
     command("updates", "list newer installed versions that fit each plugin's range")
     command("reload", "apply the edited config file (like SIGHUP); a bad one changes nothing")
     p = command("load", "start a plugin from its folder (with osk-plugin.toml) at run time")

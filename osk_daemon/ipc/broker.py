@@ -219,6 +219,11 @@ class Broker:
         route.drained = future
         return future
 
+    def counts(self, key: InstanceKey) -> tuple[int, int]:
+        """(answered calls, errors) of instance ``key`` in its current life."""
+        route = self._route_of(key)
+        return (route.calls, route.errors) if route is not None else (0, 0)
+
     def forget(self, key: InstanceKey) -> None:
         """The instance is gone for good (not restarting): drop its route and version."""
         self.detach(key, "was removed")
@@ -478,6 +483,9 @@ class Broker:
     def _landed(self, route: Route, pending: _Pending, ok: bool) -> None:
         """A request ``route`` had in flight is over: account for it."""
         route.in_flight -= 1
+        route.calls += 1
+        if not ok:
+            route.errors += 1
         entry = self._plugins.get(route.key[0])
         if entry is not None and entry.recorder is not None:
             now = time.monotonic()

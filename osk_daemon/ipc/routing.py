@@ -40,6 +40,8 @@ class Route:
     ready: bool = False
     in_flight: int = 0
     version: str = ""
+    calls: int = 0  # answered requests, this life of the instance (for oskctl top)
+    errors: int = 0
     draining: bool = False
     drained: asyncio.Future[None] | None = None  # set when a draining route's in_flight is 0
 

@@ -195,7 +195,9 @@ class Supervisor:
 
     def status_of(self, inst: Instance) -> dict[str, Any]:
         """An instance's row for ``oskctl status``, with what its dependencies do to it."""
-        return self.deps.overlay(inst, inst.status(self.tree.restarts(inst.leaf)))
+        row = self.deps.overlay(inst, inst.status(self.tree.restarts(inst.leaf)))
+        row["calls"], row["errors"] = self.broker.counts(inst.key)
+        return row
 
     async def changed(self) -> None:
         """Wait until some instance changes state."""

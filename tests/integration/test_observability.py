@@ -61,3 +61,25 @@ def test_logfmt_logs_carry_plugin_and_instance() -> None:
         assert 'msg="[echo/0] hello there"' in lines[0]
         assert "plugin=echo" in lines[0] and "instance=0" in lines[0]
         assert "level=info" in lines[0]
+
+
+def test_oskctl_top_shows_calls_per_second() -> None:
+    import subprocess
+    import sys
+
+    with running_daemon(daemon_config(plugin_block("echo"))) as d:
+        for _ in range(20):
+            d.call("echo", "echo", {"text": "x"})
+        assert d.row("echo")["calls"] >= 20
+        oskctl = [sys.executable, "-m", "osk_daemon.control.oskctl", "--socket", str(d.socket)]
+        out = subprocess.run(
+            [*oskctl, "top", "-n", "2", "--interval", "0.2"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+        screens = out.split("osk-daemon top")
+        assert len(screens) == 3  # two screens
+        last = [ln for ln in screens[2].splitlines() if ln.startswith("echo")]
+        assert last and last[0].split()[4] == "ready"
