@@ -65,6 +65,7 @@ def load_config(path: str | Path) -> Config:
     _check_plugins(tables, origins)
     return Config(
         daemon=tables.daemon,
+        metrics=tables.metrics,
         plugins=tables.plugins,
         groups=_with_root(tables),
         source=main.absolute(),

@@ -453,10 +453,30 @@ class DaemonConfig(BaseModel):
         return value
 
 
+class MetricsConfig(BaseModel):
+    """Prometheus metrics over HTTP; off unless ``listen`` is set."""
+
+    model_config = _MODEL
+
+    listen: str | None = Field(
+        default=None, description="host:port, e.g. '127.0.0.1:9184' (unset: no metrics)"
+    )
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str | None) -> str | None:
+        if value is not None:
+            from osk_daemon.observability.metrics import parse_listen  # lazy: it is heavy
+
+            parse_listen(value)
+        return value
+
+
 class _Tables(BaseModel):
     model_config = _MODEL
 
     daemon: DaemonConfig = Field(default_factory=DaemonConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     plugins: dict[Name, PluginConfig] = Field(default_factory=dict)
     groups: dict[Name, GroupConfig] = Field(default_factory=dict)
 

@@ -26,8 +26,9 @@ answered with an error at once.
 
 Both sockets are read from the asyncio loop (``endpoint.RouterEndpoint``) and share one
 ``FlushGroup``: what a pass over one socket routes is posted, and leaves as one batch per
-peer when the pass ends (see ``endpoint``). A batch a worker can no longer be sent (its
-socket is gone) fails the requests in it at once, like a lost instance's.
+peer when the pass ends (see ``endpoint``). Requests in a batch that could not be sent
+(the worker's socket is gone) never left: they are queued again, like requests that
+found no instance ready.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -218,6 +219,13 @@ class Broker:
         route.draining, route.ready = True, False
         route.drained = future
         return future
+
+    def plugin_metrics(
+        self,
+    ) -> Iterator[tuple[str, dict[str, int], list[tuple[str, float]], float]]:
+        """Per plugin: calls by outcome, latency buckets (cumulative) and latency sum."""
+        for plugin, entry in sorted(self._plugins.items()):
+            yield plugin, dict(entry.outcomes), entry.latency.cumulative(), entry.latency.sum
 
     def counts(self, key: InstanceKey) -> tuple[int, int]:
         """(answered calls, errors) of instance ``key`` in its current life."""
@@ -470,15 +478,41 @@ class Broker:
         self.stats.replies += 1
         self._answer(pending, kind, body)
 
-    def _undeliverable(self, rid: bytes, bids: list[int]) -> None:
-        """A batch of requests could not be sent to ``rid`` (its socket is gone): fail
-        them now rather than at their deadline."""
-        for bid in bids:
-            pending = self._pending.get(bid)
+    def _undeliverable(self, rid: bytes, bids: list[int], frames: list[bytes], err: int) -> None:
+        """A batch could not be sent to ``rid``: its requests never left, so they go back
+        to the front of their plugin's queue, as if no instance had been ready. A peer
+        that is gone (EHOSTUNREACH: the process died, the supervisor does not know yet)
+        takes no more requests, and the queue is offered to the other instances; a full
+        one (EAGAIN) keeps its place and the requests wait for the next ready instance."""
+        gone = err == zmq.EHOSTUNREACH
+        back: dict[str, list[int]] = {}
+        for i, bid in enumerate(bids):
+            pending = self._pending.get(bid) if bid else None
             route = pending.route if pending is not None else None
-            if route is not None and route.rid == rid:
-                where = f"{route.key[0]}/{route.key[1]}"
-                self._fail(bid, PluginError(f"{where} could not be reached for the request"))
+            if pending is None or route is None or route.rid != rid:
+                continue
+            if gone:
+                route.ready = False
+            pending.route, pending.body = None, frames[2 * i + 1]
+            self._unsent(route)
+            back.setdefault(pending.target, []).append(bid)
+        for plugin, requeued in back.items():
+            entry = self._plugins[plugin]
+            if not entry.accepting:
+                for bid in requeued:
+                    self._fail(bid, Unavailable(f"plugin '{plugin}' is stopped"))
+                continue
+            entry.queue.extendleft(reversed(requeued))
+            if gone:
+                self._flush_queue(plugin)
+
+    def _unsent(self, route: Route) -> None:
+        """A request ``route`` was given did not leave: it is not in flight there."""
+        route.in_flight -= 1
+        if route.drained is not None and route.in_flight <= 0:
+            if not route.drained.done():
+                route.drained.set_result(None)
+            route.drained = None
 
     def _landed(self, route: Route, pending: _Pending, ok: bool) -> None:
         """A request ``route`` had in flight is over: account for it."""
@@ -487,9 +521,12 @@ class Broker:
         if not ok:
             route.errors += 1
         entry = self._plugins.get(route.key[0])
-        if entry is not None and entry.recorder is not None:
+        if entry is not None:
             now = time.monotonic()
-            entry.recorder.record(route.version, now, now - pending.started, ok)
+            entry.latency.observe(now - pending.started)
+            entry.outcomes["ok" if ok else "error"] += 1
+            if entry.recorder is not None:
+                entry.recorder.record(route.version, now, now - pending.started, ok)
         if route.drained is not None and route.in_flight <= 0:
             if not route.drained.done():
                 route.drained.set_result(None)
@@ -511,6 +548,16 @@ class Broker:
             self.stats.unavailable += 1
         if pending.route is not None:
             self._landed(pending.route, pending, ok=False)
+        entry = self._plugins.get(pending.target)
+        if entry is not None:
+            if pending.route is not None:  # _landed counted it as an error: say which
+                entry.outcomes["error"] -= 1
+            if isinstance(error, Unavailable):
+                entry.outcomes["unavailable"] += 1
+            elif isinstance(error, DeadlineExceeded):
+                entry.outcomes["timeout"] += 1
+            else:
+                entry.outcomes["error"] += 1
         self._answer(pending, Kind.ERROR, pack(error.to_wire()))
 
     # ---- deadlines --------------------------------------------------------------------

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from osk_daemon.ipc.endpoint import LoopSocket
+from osk_daemon.observability.buckets import Buckets
 from osk_daemon.rollout.analysis import Recorder
 from osk_daemon.rollout.traffic import TrafficSplit
 
@@ -55,6 +56,11 @@ class PluginRoutes:
     versions: dict[int, str] = field(default_factory=dict)  # instance index -> its version
     split: TrafficSplit | None = None
     recorder: Recorder | None = None
+    # for metrics: calls answered by outcome, and their latency, over the daemon's life
+    outcomes: dict[str, int] = field(
+        default_factory=lambda: {"ok": 0, "error": 0, "timeout": 0, "unavailable": 0}
+    )
+    latency: Buckets = field(default_factory=Buckets)
 
 
 def pick(entry: PluginRoutes, meta: dict[str, Any] | None) -> Route | None:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from osk_daemon.errors import OskError
 from osk_daemon.ipc.codec import Header, Kind, unpack
+from osk_daemon.observability.buckets import Buckets
 from osk_daemon.supervisor import lifecycle as lc
 from osk_daemon.worker.sdk import HealthStatus
 
@@ -38,6 +39,7 @@ class HealthChecks:
         self._hb_timeout = d.heartbeat_timeout
         self._tick = max(0.02, min(d.heartbeat_interval, d.heartbeat_timeout / 4))
         self._watchdog: asyncio.TimerHandle | None = None
+        self._durations: dict[str, Buckets] = {}  # per plugin, for metrics
 
     def start(self) -> None:
         self._watchdog = self._loop.call_later(self._tick, self._watch)
@@ -48,6 +50,10 @@ class HealthChecks:
             self._watchdog = None
         for inst in self._sup.instances.values():
             inst.cancel_health()
+
+    def duration_metrics(self) -> list[tuple[str, list[tuple[str, float]], float]]:
+        """Per plugin: health check durations as cumulative buckets, and their sum."""
+        return [(p, b.cumulative(), b.sum) for p, b in sorted(self._durations.items())]
 
     def schedule(self, inst: Instance) -> None:
         """The instance became ready: start probing it."""
@@ -60,6 +66,9 @@ class HealthChecks:
             return  # late or unasked-for
         inst.health_timeout.cancel()
         inst.health_timeout = None
+        self._durations.setdefault(inst.plugin, Buckets()).observe(
+            time.monotonic() - inst.health_sent_at
+        )
         try:
             data = unpack(body, 65536)
             status = HealthStatus(data["status"])
@@ -78,6 +87,7 @@ class HealthChecks:
         if inst.health_timeout is not None:
             return  # the previous probe is still waiting
         inst.health_id = next(self._ids)
+        inst.health_sent_at = time.monotonic()
         self._sup.broker.send_to(inst.key, Header(Kind.HEALTH, inst.health_id))
         inst.health_timeout = self._loop.call_later(
             policy.timeout, self._no_answer, inst, generation, inst.health_id

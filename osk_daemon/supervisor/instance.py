@@ -42,6 +42,7 @@ class Instance:
     health_handle: asyncio.TimerHandle | None = None
     health_timeout: asyncio.TimerHandle | None = None
     health_id: int = 0
+    health_sent_at: float = 0.0  # monotonic, the last probe
     close_output: Callable[[], None] | None = None
     prepared: Prepared | None = None  # its cgroup and launch plan, while it lives
     usage: dict[str, Any] = field(default_factory=dict)  # last cgroup sample
@@ -51,6 +52,7 @@ class Instance:
     handover: Any = NO_STATE
     retiring: bool = False  # being drained and stopped by a rollout or reload
     gentle_start: bool = False  # start at a low CPU priority (added while others serve)
+    exits_by_reason: dict[str, int] = field(default_factory=dict)  # unrequested ends
 
     @classmethod
     def create(cls, plugin: str, index: int, cfg: PluginConfig) -> Instance:

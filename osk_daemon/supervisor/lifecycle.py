@@ -337,6 +337,27 @@ class Lifecycle:
         return []
 
 
+def exit_reason(life: Lifecycle) -> str:
+    """Why a life ended on its own, as a metrics label: hung, unhealthy, start_failed,
+    spawn_failed, start_timeout, oom, signal, crash (non-zero exit) or exit (zero)."""
+    failure = life.failure or ""
+    for prefix, reason in (
+        ("hung", "hung"),
+        ("unhealthy", "unhealthy"),
+        ("start failed", "start_failed"),
+        ("spawn failed", "spawn_failed"),
+        ("did not become ready", "start_timeout"),
+    ):
+        if failure.startswith(prefix):
+            return reason
+    ex = life.last_exit
+    if ex is not None and ex.oom:
+        return "oom"
+    if ex is not None and ex.signal is not None:
+        return "signal"
+    return "crash" if ex is not None and ex.code else "exit"
+
+
 def describe_exit(ex: Exited | None) -> str:
     """'exit 0', 'exit 3', 'SIGKILL', 'oom' or '-' — how status tables show an exit."""
     if ex is None:

@@ -37,6 +37,7 @@ from osk_daemon.errors import ControlError, OskError
 from osk_daemon.ipc.broker import Broker, InstanceKey
 from osk_daemon.ipc.codec import Header, Kind, unpack
 from osk_daemon.observability.event_pub import EventPublisher
+from osk_daemon.observability.metrics import serve_metrics
 from osk_daemon.supervisor import lifecycle as lc
 from osk_daemon.supervisor.confinement import Confinement
 from osk_daemon.supervisor.dependency_watch import DependencyWatch
@@ -149,6 +150,8 @@ class Supervisor:
             if pcfg.watch:
                 self._tg.start_soon(watch_plugin, self, name)
         self._tg.start_soon(self.updates.run)
+        if self.config.metrics.listen:
+            self._tg.start_soon(serve_metrics, self, self.config.metrics.listen)
 
     async def shutdown(self) -> None:
         """Stop every instance in reverse start order; SIGKILL what outlives the deadline."""
@@ -277,6 +280,9 @@ class Supervisor:
         if life.pid is not None and life.last_exit is not None:
             killpg_only(life.pid, 9)  # whatever the plugin forked dies with it
         inst.exited.set()
+        if not life.stop_requested:
+            reason = lc.exit_reason(life)
+            inst.exits_by_reason[reason] = inst.exits_by_reason.get(reason, 0) + 1
         self.deps.life_ended(inst)
         self.instance_changed(inst)  # now, before a restart below makes it "starting"
         log_fn = log.warning if life.abnormal_exit and not life.stop_requested else log.info

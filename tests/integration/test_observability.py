@@ -83,3 +83,56 @@ def test_oskctl_top_shows_calls_per_second() -> None:
         assert len(screens) == 3  # two screens
         last = [ln for ln in screens[2].splitlines() if ln.startswith("echo")]
         assert last and last[0].split()[4] == "ready"
+
+
+def test_prometheus_scrape_parses_and_counts() -> None:
+    import re
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    body = plugin_block("echo") + '\n[metrics]\nlisten = "127.0.0.1:0"\n'
+    with running_daemon(daemon_config(body)) as d:
+        found = d.wait_until(
+            lambda: re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", d.log.read_text()),
+            what="the metrics listener",
+        )
+        url = f"http://127.0.0.1:{found.group(1)}/metrics"
+        for _ in range(5):
+            d.call("echo", "echo", {"text": "x"})
+        with pytest.raises(Exception, match="no method"):
+            d.call("echo", "nope")
+        old_pid = d.row("echo")["pid"]
+        os.kill(old_pid, signal.SIGKILL)
+
+        def replaced() -> bool:
+            row = d.row("echo")
+            return row["state"] == "ready" and row["pid"] != old_pid and row["restarts"] == 1
+
+        d.wait_until(replaced, what="echo restarted")
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            assert reply.headers["Content-Type"].startswith("text/plain")
+            text = reply.read().decode()
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        up = families["osk_plugin_up"].samples
+        assert [(s.labels["plugin"], s.value) for s in up] == [("echo", 1.0)]
+        requests = {
+            s.labels["outcome"]: s.value
+            for s in families["osk_rpc_requests"].samples
+            if s.labels["plugin"] == "echo" and s.name.endswith("_total")
+        }
+        assert requests["ok"] >= 5 and requests["error"] >= 1
+        restarts = [s for s in families["osk_plugin_restarts"].samples if s.name.endswith("_total")]
+        assert [(s.labels["reason"], s.value) for s in restarts] == [("signal", 1.0)]
+        count = next(
+            s.value
+            for s in families["osk_rpc_duration_seconds"].samples
+            if s.name.endswith("_count") and s.labels["plugin"] == "echo"
+        )
+        assert count >= 6
+        health = {s.labels["health"]: s.value for s in families["osk_plugin_health"].samples}
+        assert sum(health.values()) == 1.0
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(url.replace("/metrics", "/other"), timeout=10)
+        assert info.value.code == 404
+        info.value.close()
