@@ -495,7 +495,7 @@ class Broker:
                 route.ready = False
             pending.route, pending.body = None, frames[2 * i + 1]
             self._unsent(route)
-            back.setdefault(pending.target, []).append(bid)
+            back.setdefault(route.key[0], []).append(bid)
         for plugin, requeued in back.items():
             entry = self._plugins[plugin]
             if not entry.accepting:

@@ -19,7 +19,8 @@ or, for posts made outside a drain (timers, tasks), in a callback scheduled with
 ``call_soon``. ``send`` sends one message at once (control frames), after what was posted
 before it. Sending never blocks: a full queue or a vanished peer (ROUTER_MANDATORY) is
 reported as ``False`` by ``send``, and for a posted batch to ``on_undeliverable(peer,
-tags)`` with the tags given to ``post``.
+tags, frames, errno)``: the tag given to ``post`` for each pair (0 for none) and the
+batch's frames, so that what did not leave can be sent again.
 
 This is the hot path of every call, so it avoids pyzmq's conveniences that cost
 microseconds per frame: flags are plain ints (enum arithmetic is slow), frames are sent
@@ -30,6 +31,7 @@ and received as zero-copy frames whose ``more`` flag replaces a ``getsockopt(RCV
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any, cast
@@ -49,7 +51,7 @@ _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 _send_frame: Callable[[zmq.Socket[bytes], bytes, int], Any] = zmq.backend.Socket.send
 
-Undeliverable = Callable[[bytes, list[int]], None]
+Undeliverable = Callable[[bytes, list[int], list[bytes], int], None]
 
 
 class FlushGroup:
@@ -121,9 +123,10 @@ class LoopSocket:
 
     # ---- sending -----------------------------------------------------------------------
 
-    def post(self, peer: bytes, header: bytes, body: bytes, tag: int | None = None) -> None:
+    def post(self, peer: bytes, header: bytes, body: bytes, tag: int = 0) -> None:
         """Queue one pair for ``peer`` (its routing id on a ROUTER, b"" on a DEALER) to
-        leave at the end of this loop pass. Cost: two list appends."""
+        leave at the end of this loop pass; ``tag`` comes back to ``on_undeliverable`` if
+        it cannot. Cost: two list appends (three with ``on_undeliverable``)."""
         frames = self._out.get(peer)
         if frames is None:
             frames = self._out[peer] = []
@@ -132,7 +135,7 @@ class LoopSocket:
                 self._group._mark(self)
         frames.append(header)
         frames.append(body)
-        if tag is not None:
+        if self._on_undeliverable is not None:
             tags = self._tags.get(peer)
             if tags is None:
                 self._tags[peer] = [tag]
@@ -182,14 +185,13 @@ class LoopSocket:
             # only; once that is accepted, ZeroMQ takes the rest of the message
             if self._routed:
                 send(sock, peer, _MORE_NOBLOCK)
-            last = frames.pop()
-            for frame in frames:
+            for frame in itertools.islice(frames, len(frames) - 1):
                 send(sock, frame, _MORE_NOBLOCK)
-            send(sock, last, _NOBLOCK)
+            send(sock, frames[-1], _NOBLOCK)
         except zmq.ZMQError as exc:
             log.debug("%s: a batch of %d could not be sent: %s", self.name, len(frames), exc)
             if self._on_undeliverable is not None and tags:
-                self._on_undeliverable(peer, tags)
+                self._on_undeliverable(peer, tags, frames, exc.errno or 0)
 
     # ---- receiving ---------------------------------------------------------------------
 
