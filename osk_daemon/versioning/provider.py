@@ -1,4 +1,4 @@
-"""What the search asks of a catalogue: candidates best first, their dependencies, dead ends.
+"""What the search asks of a catalogue: candidates best first, what they need, as bit sets.
 
 An *identifier* is a plugin name, or ``service:NAME`` for a requirement on a service. A
 *candidate* is one way to satisfy an identifier: a plugin version, or "plugin P at version v
@@ -9,13 +9,14 @@ is cheap.
 A catalogue holds far more than one resolution reads (200 plugins x 20 versions, of which a
 search touches a few hundred), so everything here is lazy and cached:
 
-- ``matches(need)``: what a requirement accepts, best first, computed once per (identifier,
-  range); the same range on the same plugin recurs across versions of its dependents.
-- ``dead(candidate)``: the hard requirement that keeps a candidate from ever being used,
-  whatever else is chosen (none of its matches can be used), found depth-first and
-  memoised. This prunes in one walk the long chains a search would otherwise backtrack
-  through one combination at a time. Cycles and very deep chains count as usable: pruning
-  only has to be right when it says "dead".
+- ``mask(need)``: what a requirement accepts, as a bit set over the candidates of its
+  identifier (see ``incompatibility``), computed once per (identifier, range) by bisection
+  (``matching``); the same range on the same plugin recurs across versions of dependents.
+- ``covering(ident, need)``: which releases of a plugin need at least what one of them
+  does, so that one incompatibility speaks for all of them; read from the declarations,
+  once per plugin, without building requirements for releases the search never pins.
+- ``layering(roots)``: dependents before their dependencies, from the same tables; the
+  search breaks ties with it.
 
 Candidates come highest version first; prereleases only when a range opts in (npm rule).
 """
@@ -27,9 +28,8 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Protocol
 
+from osk_daemon.versioning.matching import Ordered, indices
 from osk_daemon.versioning.semver import Comparator, Range, Version
-
-_MAX_DEPTH = 200  # deeper than this, ``dead`` assumes usable rather than recurse further
 
 
 class Needs(Protocol):
@@ -62,6 +62,7 @@ class Candidate:
     ident: str
     plugin: str
     version: Version
+    index: int  # position in ``Provider.candidates(ident)``: bit ``index + 1`` of a term
     provided: Version | None = None  # for service candidates: the service's version
 
     def __str__(self) -> str:
@@ -82,7 +83,12 @@ class Need:
         return (self.ident, self.text, self.range.include_prerelease)
 
 
-Cause = tuple[Candidate | None, Need]  # who (None: the config) asks for what
+@dataclass(slots=True)
+class _Asked:
+    """Releases of one plugin (``bits``) that ask the same ``range`` of one identifier."""
+
+    bits: int
+    range: Range
 
 
 def ident_of(need: Needs) -> str:
@@ -111,11 +117,11 @@ class Provider:
         self._plugins: dict[str, list[Candidate]] = {}
         self._services: dict[str, list[Candidate]] | None = None
         self._deps: dict[Candidate, list[Need]] = {}
-        self._matches: dict[tuple[str, str, bool], tuple[list[Candidate], frozenset[Candidate]]]
-        self._matches = {}
-        self._dead: dict[Candidate, Need | None] = {}
-        self._signatures: dict[Candidate, int] = {}
-        self._interned: dict[tuple[tuple[str, str, bool, bool], ...], int] = {}
+        self._universes: dict[str, int] = {}
+        self._covering: dict[tuple[str, str, str, bool, bool], int] = {}
+        self._tables: dict[str, dict[str, dict[tuple[str, bool, bool], _Asked]]] = {}
+        self._ordered: dict[str, Ordered] = {}
+        self._masks: dict[tuple[str, str, bool], int] = {}
 
     def candidates(self, ident: str) -> list[Candidate]:
         """Every candidate for ``ident``, best first (highest service, then plugin version)."""
@@ -124,15 +130,14 @@ class Provider:
         found = self._plugins.get(ident)
         if found is None:
             versions = sorted(self.catalogue.get(ident, {}), reverse=True)
-            found = self._plugins[ident] = [Candidate(ident, ident, v) for v in versions]
+            found = self._plugins[ident] = [
+                Candidate(ident, ident, v, i) for i, v in enumerate(versions)
+            ]
         return found
 
     def matches(self, need: Need) -> list[Candidate]:
-        """Every candidate ``need`` accepts (usable or dead), best first."""
-        return self._match(need)[0]
-
-    def accepts(self, need: Need) -> frozenset[Candidate]:
-        return self._match(need)[1]
+        """Every candidate ``need`` accepts, best first."""
+        return [self.candidates(need.ident)[i] for i in indices(self.mask(need))]
 
     def dependencies(self, candidate: Candidate) -> list[Need]:
         """What choosing ``candidate`` asks for; optional service edges only once promoted."""
@@ -141,41 +146,82 @@ class Provider:
             deps = self._deps[candidate] = self._compute_deps(candidate)
         return deps
 
-    def same_requirements(self, one: Candidate, other: Candidate) -> bool:
-        """Whether two candidates ask for exactly the same (same identifiers and ranges)."""
-        return self._signature(one) == self._signature(other)
-
-    def _signature(self, candidate: Candidate) -> int:
-        found = self._signatures.get(candidate)
+    def universe(self, ident: str) -> int:
+        """The term that always holds for ``ident``: "not chosen" and every candidate."""
+        found = self._universes.get(ident)
         if found is None:
-            key = tuple((*n.key, n.optional) for n in self.dependencies(candidate))
-            found = self._signatures[candidate] = self._interned.setdefault(
-                key, len(self._interned)
-            )
+            found = self._universes[ident] = (2 << len(self.candidates(ident))) - 1
         return found
 
-    def dead(self, candidate: Candidate, _depth: int = 0) -> Need | None:
-        """The hard requirement that rules ``candidate`` out for good, or None if it may work."""
-        if candidate in self._dead:
-            return self._dead[candidate]
-        if _depth > _MAX_DEPTH:
-            return None
-        self._dead[candidate] = None  # optimistic while on the path (cycles)
-        for need in self.dependencies(candidate):
-            if need.optional:
-                continue
-            if all(self.dead(m, _depth + 1) is not None for m in self.matches(need)):
-                self._dead[candidate] = need
-                return need
-        return None
+    def mask(self, need: Need) -> int:
+        """The candidates ``need`` accepts, as a term (bit ``index + 1`` per candidate)."""
+        return self._range_mask(need.ident, need.range)
+
+    def covering(self, ident: str, need: Need) -> int:
+        """The candidates of ``ident`` that need at least what ``need`` asks, as a term.
+
+        That is, those with a requirement on ``need.ident`` whose range accepts no more
+        than ``need``'s does (a hard one, if ``need`` is hard): one incompatibility then
+        covers a run of releases, however their ranges drifted. Cost: one pass over the
+        plugin's declarations, then one match per distinct range on that identifier.
+        """
+        key = (ident, *need.key, need.optional)
+        found = self._covering.get(key)
+        if found is None:
+            wanted, found = self.mask(need), 0
+            for (text, pre, soft), group in self._asked(ident, need.ident).items():
+                if (need.optional or not soft) and (
+                    (text == need.text and pre == need.range.include_prerelease)
+                    or not self._range_mask(need.ident, group.range) & ~wanted
+                ):
+                    found |= group.bits
+            self._covering[key] = found
+        return found
+
+    def _asked(self, ident: str, target: str) -> dict[tuple[str, bool, bool], _Asked]:
+        """What the releases of ``ident`` ask of ``target``, by (range, prerelease, optional)."""
+        table = self._tables.get(ident)
+        return (self._table(ident) if table is None else table).get(target, {})
+
+    def _table(self, ident: str) -> dict[str, dict[tuple[str, bool, bool], _Asked]]:
+        """Per identifier asked for, the releases of ``ident`` grouped by what they ask."""
+        table: dict[str, dict[tuple[str, bool, bool], _Asked]] = {}
+        self._tables[ident] = table
+        if ident.startswith("service:"):
+            for candidate in self.candidates(ident):
+                (exact,) = self.dependencies(candidate)
+                key = (exact.text, True, False)
+                table.setdefault(exact.ident, {})[key] = _Asked(2 << candidate.index, exact.range)
+            return table
+        declared = self.catalogue.get(ident, {})
+        promoted = self._promoted
+        for candidate in self.candidates(ident):
+            bit = 2 << candidate.index
+            for asked in declared[candidate.version].requires:
+                on = f"service:{asked.name}" if asked.service else asked.name
+                soft = asked.optional and (ident, on) not in promoted
+                if soft and asked.service:
+                    continue  # enforced after the search, by promotion (see resolver)
+                rng = asked.range
+                key = (rng.text or "*", rng.include_prerelease, soft)
+                groups = table.get(on)
+                if groups is None:
+                    groups = table[on] = {}
+                group = groups.get(key)
+                if group is None:
+                    groups[key] = _Asked(bit, rng)
+                else:
+                    group.bits |= bit
+        return table
 
     def layering(self, roots: Sequence[str]) -> dict[str, int]:
         """Rank every identifier reachable from ``roots``: those that may need it rank lower.
 
-        Counts an edge when any version asks for the identifier (hard or optional), so it
-        is an over-approximation, read from the declarations without matching ranges.
-        Dependents come before their dependencies (cycles in some fixed order).
-        Cost: one pass over the declarations of every reachable plugin version.
+        Counts an edge when any version asks for the identifier (hard or optional; an
+        optional service once promoted), so it is an over-approximation, read from the
+        declarations without matching ranges. Dependents come before their dependencies
+        (cycles in some fixed order). Cost: one pass over the declarations of every
+        reachable plugin version, shared with ``covering``.
         """
         finished: list[str] = []
         seen = set(roots)
@@ -193,27 +239,22 @@ class Provider:
         return {ident: rank for rank, ident in enumerate(reversed(finished))}
 
     def _may_need(self, ident: str) -> list[str]:
-        if ident.startswith("service:"):
-            return sorted({c.plugin for c in self.candidates(ident)})
-        return sorted(
-            {
-                ident_of(need)
-                for declared in self.catalogue.get(ident, {}).values()
-                for need in declared.requires
-            }
-        )
+        table = self._tables.get(ident)
+        return sorted(self._table(ident) if table is None else table)
 
-    def _match(self, need: Need) -> tuple[list[Candidate], frozenset[Candidate]]:
-        key = need.key
-        found = self._matches.get(key)
+    def _range_mask(self, ident: str, rng: Range) -> int:
+        key = (ident, rng.text or "*", rng.include_prerelease)
+        found = self._masks.get(key)
         if found is None:
-            contains = need.range.contains
-            fitting = [
-                c
-                for c in self.candidates(need.ident)
-                if contains(c.version if c.provided is None else c.provided)
-            ]
-            found = self._matches[key] = (fitting, frozenset(fitting))
+            ordered = self._ordered.get(ident)
+            if ordered is None:
+                ordered = self._ordered[ident] = Ordered(
+                    [
+                        c.version if c.provided is None else c.provided
+                        for c in self.candidates(ident)
+                    ]
+                )
+            found = self._masks[key] = ordered.mask(rng)
         return found
 
     def _compute_deps(self, candidate: Candidate) -> list[Need]:
@@ -231,14 +272,19 @@ class Provider:
 
     def _service_index(self) -> dict[str, list[Candidate]]:
         if self._services is None:
-            services: dict[str, list[Candidate]] = {}
+            offers: dict[str, list[tuple[Version, Version, str]]] = {}
             for plugin, versions in self.catalogue.items():
                 for version, declared in versions.items():
                     for service, provided in declared.provides.items():
-                        ident = f"service:{service}"
-                        candidate = Candidate(ident, plugin, version, provided)
-                        services.setdefault(ident, []).append(candidate)
-            for found in services.values():
-                found.sort(key=lambda c: (c.provided or c.version, c.version), reverse=True)
+                        offers.setdefault(f"service:{service}", []).append(
+                            (provided, version, plugin)
+                        )
+            services: dict[str, list[Candidate]] = {}
+            for ident, found in offers.items():
+                found.sort(key=lambda o: (o[0], o[1]), reverse=True)
+                services[ident] = [
+                    Candidate(ident, plugin, version, i, provided)
+                    for i, (provided, version, plugin) in enumerate(found)
+                ]
             self._services = services
         return self._services

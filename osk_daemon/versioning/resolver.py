@@ -136,7 +136,7 @@ def _search(
     try:
         pins = search(provider, wanted, max_rounds)
     except NoSolution as exc:
-        raise ResolutionFailed(explain(provider, exc.ident, exc.causes)) from exc
+        raise ResolutionFailed(explain(provider, exc.incompatibility)) from exc
     except TooDeep as exc:
         raise ResolutionFailed(too_deep(exc.rounds)) from exc
     return {c.plugin: c.version for ident, c in pins.items() if ident == c.plugin}

@@ -1,348 +1,338 @@
-"""The search: depth-first pinning with forward checking and conflict-directed backjumping.
+"""The search: PubGrub, conflict-driven learning over sets of candidates.
 
-Why not resolvelib: it was the first version of this module. Each of its rounds rechecks
-every criterion, it backtracks one pin at a time, and its provider cannot see the other
-requirements on an identifier until it pins it, so a 200-plugin catalogue took seconds.
-This is the textbook CSP algorithm (FC-CBJ, Prosser 1993) over the same provider seam.
+Why this one. The first version used resolvelib: each round rechecks every criterion and it
+backtracks one pin at a time, so a 200-plugin catalogue took seconds. The second was
+textbook CSP search (forward checking, conflict-directed backjumping, nogoods on exact
+pins): fast when a solution exists, but to prove there is none it had to meet the same
+clash once per combination of releases whose ranges had drifted apart, and realistic
+catalogues with a real conflict ran out of 100,000 rounds. PubGrub (Weizenbaum 2018, the
+solver of Dart's pub, uv and Poetry; ``dart-lang/pub`` ``doc/solver.md``) learns *sets* of
+versions that cannot go together, so one lesson covers every release it applies to, and
+the lessons it ends with are the proof that ``explain`` turns into words.
 
-Theory of operation. Each identifier something asks for has a *slot*: the requirements on
-it so far (a stack, pushed as their owners are pinned, popped as they are unpinned) and,
-after each push, its *domain*: the candidates every requirement so far accepts, best first.
-A slot is *open* while some hard requirement holds it and nothing is pinned in it.
+Theory of operation, over the terms and incompatibilities of ``incompatibility``:
 
-1. Choose an open slot with a single candidate left if there is one (unit propagation),
-   else the open slot that comes first in ``Provider.layering``: dependents before their
-   dependencies. In a layered catalogue every requirement on a slot is then known when it
-   is pinned, so a low-level plugin is not pinned to its newest version only for a plugin
-   found later to need an older one (the thrashing that makes resolvers slow). Where the
-   layering says little (dependencies that change from version to version), fewest
-   candidates first works better: the search restarts, keeping what it learned (5.),
-   alternating the two orders with a budget that doubles every two attempts.
-2. Try its candidates best first, skipping dead ones (``Provider.dead``). Pinning one pushes
-   its requirements onto their slots. That fails when a held slot's domain becomes empty (a
-   *wipe-out*: those requirements cannot hold together, whatever is pinned) or a pinned
-   slot's pin is no longer accepted.
-3. Every failure names the pins to blame. When a slot runs out of candidates, the blame is
-   its failures' blame plus the owners of the requirements that narrowed it, and the search
-   jumps straight back to the latest pin to blame, unpinning those in between without
-   retrying them: they had nothing to do with it.
-4. No open slot left: every requirement of every pin holds. Nothing left to jump back to:
-   there is no solution, and the last wipe-out (or slot whose every candidate was dead) is
-   the conflict to explain.
+- The *partial solution* is a trail of assignments, each a term for one identifier: a
+  *decision* pins one candidate and opens a new decision level; a *derivation* is a term
+  an incompatibility implies, at the current level. What is known of an identifier is the
+  intersection of its assignments (one ``&`` each, kept on the assignment).
+- Unit propagation: when the partial solution implies every term of an incompatibility
+  but one, and does not contradict that one, its negation is derived. When it implies
+  every term, that is a conflict.
+- Conflict resolution: find the assignment that made the conflicting incompatibility's
+  last term hold (its *satisfier*). If that is a decision, or the only assignment of its
+  level involved, the incompatibility is learned and the search jumps back to the level of
+  the one before, where the learned incompatibility is unit and propagation rules out at
+  once everything it forbids. Otherwise resolve it with the satisfier's cause (the new one
+  holds whenever both premises would) and repeat. Deriving the empty incompatibility
+  proves that nothing works; its derivation graph is the explanation.
+- Decision: among identifiers that must be chosen (a positive term) and are not pinned,
+  the one with the fewest candidates left, then the one that comes first in
+  ``Provider.layering`` (dependents first); pin its best candidate left. Its requirements
+  are added first as incompatibilities, each covering every release of the plugin that
+  needs at least as much (``Provider.covering``); if one of them already rules the
+  candidate out, propagation does that instead of the pin.
 
-5. When a slot runs out, the search learns a rule: while the pins to blame (other than the
-   one that brought the slot in) hold, nothing may bring it in; the next pin that would is
-   refused at once. A pin blamed only for what it requires stands for every version of its
-   plugin that requires the same, so one lesson covers a run of releases - a restricted
-   form of PubGrub's learned incompatibilities. To learn "whatever excluded it" as little
-   as possible, the candidates other pins had ruled out are tried too before blaming them.
+Optional requirements become "chosen outside the range" terms: they forbid a version that
+does not fit but never make anything be chosen.
 
-Optional requirements sit on their slot like the others but do not hold it open: they only
-narrow it if something else brings the identifier in.
-
-Cost: one cached ``Provider`` lookup per requirement pushed plus a scan of the open slots
-per pin; a realistic catalogue resolves with few backjumps. ``max_rounds`` bounds the
-number of candidates tried over all attempts.
+Cost: per decision, its requirements (cached matching) and a propagation over the
+incompatibilities that mention what changed; a realistic catalogue resolves with a few
+conflicts and proves a real clash in a few dozen. ``max_rounds`` bounds decisions plus
+conflicts.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from heapq import heappop, heappush
 
-from osk_daemon.versioning.provider import Candidate, Cause, Need, Provider
+from osk_daemon.versioning.incompatibility import (
+    Derived,
+    FromConfig,
+    FromDependency,
+    Incompatibility,
+)
+from osk_daemon.versioning.matching import NOT_CHOSEN, lowest
+from osk_daemon.versioning.provider import Candidate, Need, Provider
 
 
 class NoSolution(Exception):
-    """Nothing satisfies everything; ``causes`` are the requirements on ``ident`` that clash."""
+    """Nothing satisfies everything; ``incompatibility`` is empty and derived: the proof."""
 
-    def __init__(self, ident: str, causes: list[Cause]) -> None:
-        super().__init__(ident)
-        self.ident = ident
-        self.causes = causes
+    def __init__(self, incompatibility: Incompatibility) -> None:
+        super().__init__("no solution")
+        self.incompatibility = incompatibility
 
 
 class TooDeep(Exception):
-    """The search tried more than ``max_rounds`` candidates."""
+    """The search made more than ``max_rounds`` decisions and conflicts."""
 
     def __init__(self, rounds: int) -> None:
         super().__init__(rounds)
         self.rounds = rounds
 
 
-Blame = dict[str, bool]  # pinned identifier -> whether its exact version matters
-Rule = tuple[tuple[str, Candidate, bool], ...]  # (identifier, pin, exact) that must all hold
-
-
-@dataclass(slots=True)
-class _Slot:
-    domains: list[list[Candidate]]  # domains[-1] is the current domain
-    causes: list[Cause] = field(default_factory=list)
-    hard: int = 0
-    pin: Candidate | None = None
-
-
-@dataclass(slots=True)
-class _Frame:
-    ident: str
-    options: list[Candidate]
-    activator: str | None  # the earliest pin that holds the slot open (None: the config)
-    blame: Blame = field(default_factory=dict)  # what ruled options out (not the activator)
-    tried: int = 0
-    usable: bool = False  # some option was not dead
-    ruled: bool = False  # a learned rule ruled the slot out before any option was tried
-
-
-_FIRST_BUDGET = 1_000  # candidates tried before the first restart; doubles every two
-
-
-class _OutOfBudget(Exception):
-    pass
-
-
 def search(provider: Provider, roots: Sequence[Need], max_rounds: int) -> dict[str, Candidate]:
     """Pin one candidate per identifier the ``roots`` need, transitively.
 
-    Returns identifier -> candidate. Raises ``NoSolution`` or ``TooDeep`` (more than
-    ``max_rounds`` candidates tried in all).
+    Returns identifier -> candidate. Raises ``NoSolution`` or ``TooDeep``.
     """
-    rules: dict[str, list[Rule]] = {}
-    spent, attempt = 0, 0
-    while True:
-        budget = min(_FIRST_BUDGET << (attempt // 2), max_rounds - spent)
-        run = _Search(provider, budget, rules, layered=attempt % 2 == 0)
-        try:
-            return run.run(roots)
-        except _OutOfBudget:
-            spent += run.rounds
-            if spent >= max_rounds:
-                raise TooDeep(spent) from None
-        attempt += 1
+    return _Solver(provider, max_rounds, [need.ident for need in roots]).solve(roots)
 
 
-def _merge(into: Blame, other: Blame, drop: str | None = None) -> Blame:
-    for ident, exact in other.items():
-        if ident != drop:
-            into[ident] = into.get(ident, False) or exact
-    return into
+@dataclass(slots=True, eq=False)
+class _Assignment:
+    ident: str
+    term: int
+    level: int
+    cause: Incompatibility | None  # None: a decision
+    index: int  # position on the trail
+    known: int  # what the identifier's assignments so far allow, this one included
 
 
-class _Search:
-    def __init__(
-        self, provider: Provider, budget: int, rules: dict[str, list[Rule]], *, layered: bool
-    ) -> None:
+_CHRONOLOGICAL = 5  # a backjump over more levels than this goes back one level only
+_CONFLICT = "\0conflict"  # not an identifier
+
+
+class _Solver:
+    def __init__(self, provider: Provider, max_rounds: int, roots: list[str]) -> None:
         self._provider = provider
-        self._budget = budget
-        self._rules = rules
-        self._layered = layered
-        self._slots: dict[str, _Slot] = {}
-        self._open: set[str] = set()
+        self._max_rounds = max_rounds
+        self._universe = provider.universe
+        self._watch: dict[str, list[Incompatibility]] = {}  # identifier -> those naming it
+        self._dependencies: dict[tuple[str, str, str, bool, bool], Incompatibility | None] = {}
+        self._known: dict[str, int] = {}
+        self._history: dict[str, list[_Assignment]] = {}
+        self._trail: list[_Assignment] = []
+        self._pinned: dict[str, Candidate] = {}
+        self._open: set[str] = set()  # must be chosen, not pinned yet
+        self._level = 0
+        self._recheck: list[Incompatibility] = []  # causes of undone derivations, latest first
+        self._learned: set[frozenset[tuple[str, int]]] = set()
+        self._queue: list[tuple[int, str]] = []  # (candidates left, identifier), lazily pruned
         self.rounds = 0
-        self._failure: tuple[str, list[Cause]] | None = None
-        self._rank: dict[str, int] = {}
 
-    def run(self, roots: Sequence[Need]) -> dict[str, Candidate]:
-        if self._layered:
-            self._rank = self._provider.layering([need.ident for need in roots])
+    def solve(self, roots: Sequence[Need]) -> dict[str, Candidate]:
         for need in roots:
-            if self._push(None, need) is not None:
-                raise self._no_solution(need.ident)
-        stack: list[_Frame] = []
-        while True:
-            ident = self._choose()
-            if ident is None:
-                return {i: s.pin for i, s in self._slots.items() if s.pin is not None}
-            slot = self._slots[ident]
-            frame = _Frame(ident, slot.domains[-1], self._activator(slot))
-            stack.append(frame)
-            ruled = self._rule_holding(ident)
-            if ruled is not None:
-                frame.blame, frame.options, frame.ruled = ruled, [], True
-            while not self._advance(stack[-1]):
-                frame = stack.pop()
-                if not frame.usable and not frame.ruled:
-                    self._failure = (frame.ident, list(self._slots[frame.ident].causes))
-                blame = _merge({}, frame.blame, drop=frame.ident)
-                if not frame.ruled:
-                    _merge(blame, self._why_excluded(frame.ident))
-                    self._learn(frame.ident, blame)
-                if frame.activator is not None:
-                    _merge(blame, {frame.activator: False})
-                while stack and stack[-1].ident not in blame:
-                    self._unpin(stack.pop().ident)
-                if not stack:
-                    raise self._no_solution(frame.ident)
-                self._unpin(stack[-1].ident)
-                _merge(stack[-1].blame, blame, drop=stack[-1].ident)
-
-    def _choose(self) -> str | None:
-        if not self._open:
-            return None
-        slots, rank, last = self._slots, self._rank, len(self._rank)
-        if self._layered:
-            return min(
-                self._open, key=lambda i: (len(slots[i].domains[-1]) > 1, rank.get(i, last), i)
+            universe = self._universe(need.ident)
+            term = universe & ~self._provider.mask(need)
+            found = Incompatibility(
+                {} if term == universe else {need.ident: term}, FromConfig(need)
             )
-        return min(self._open, key=lambda i: (len(slots[i].domains[-1]), i))
+            if not found.terms:
+                raise NoSolution(found)
+            self._add(found)
+        changed = {need.ident for need in roots}
+        while True:
+            self._propagate(changed)
+            ident = self._decide()
+            if ident is None:
+                return dict(self._pinned)
+            changed = {ident}
 
-    def _advance(self, frame: _Frame) -> bool:
-        """Pin the next workable option of ``frame``; False when none is left."""
-        while frame.tried < len(frame.options):
-            candidate = frame.options[frame.tried]
-            frame.tried += 1
-            self.rounds += 1
-            if self.rounds > self._budget:
-                raise _OutOfBudget
-            if self._provider.dead(candidate) is not None:
-                continue
-            frame.usable = True
-            blame = self._pin(frame.ident, candidate)
-            if blame is None:
-                return True
-            _merge(frame.blame, blame, drop=frame.ident)
-        return False
+    # -- the partial solution -----------------------------------------------------------------
 
-    def _pin(self, ident: str, candidate: Candidate) -> Blame | None:
-        slot = self._slots[ident]
-        slot.pin = candidate
-        self._open.discard(ident)
-        deps = self._provider.dependencies(candidate)
-        for done, need in enumerate(deps):
-            blame = self._push(candidate, need)
-            if blame is not None:
-                for pushed in reversed(deps[: done + 1]):
-                    self._pop(pushed)
-                slot.pin = None
-                if slot.hard:
-                    self._open.add(ident)
-                return blame
-        return None
+    def _add(self, incompatibility: Incompatibility) -> None:
+        for ident in incompatibility.terms:
+            self._watch.setdefault(ident, []).append(incompatibility)
+            if ident not in self._known:
+                self._known[ident] = self._universe(ident)
+                self._history[ident] = []
 
-    def _unpin(self, ident: str) -> None:
-        slot = self._slots[ident]
-        assert slot.pin is not None
-        for need in reversed(self._provider.dependencies(slot.pin)):
-            self._pop(need)
-        slot.pin = None
-        if slot.hard:
+    def _assign(self, ident: str, term: int, cause: Incompatibility | None) -> None:
+        known = self._known[ident] & term
+        self._known[ident] = known
+        made = _Assignment(ident, term, self._level, cause, len(self._trail), known)
+        self._trail.append(made)
+        self._history[ident].append(made)
+        if not known & NOT_CHOSEN and ident not in self._pinned:
             self._open.add(ident)
+            self._enqueue(ident)
 
-    def _push(self, parent: Candidate | None, need: Need) -> Blame | None:
-        """Add ``need`` to its slot; returns the pins to blame if that breaks something."""
-        slot = self._slots.get(need.ident)
-        if slot is None:
-            slot = self._slots[need.ident] = _Slot([self._provider.candidates(need.ident)])
-        accepted = self._provider.accepts(need)
-        domain = [c for c in slot.domains[-1] if c in accepted]
-        slot.domains.append(domain)
-        slot.causes.append((parent, need))
-        by: Blame = {} if parent is None else {parent.ident: False}
-        if not need.optional:
-            slot.hard += 1
-            if slot.hard == 1 and slot.pin is None:
-                self._open.add(need.ident)
-                ruled = self._rule_holding(need.ident)
-                if ruled is not None:
-                    return _merge(ruled, by)
-        if not slot.hard:
+    def _backtrack(self, level: int) -> None:
+        """Undo the levels above ``level``; what undone derivations relied on is rechecked."""
+        touched = set()
+        causes = []
+        trail = self._trail
+        while trail and trail[-1].level > level:
+            undone = trail.pop()
+            self._history[undone.ident].pop()
+            touched.add(undone.ident)
+            if undone.cause is None:
+                del self._pinned[undone.ident]
+            else:
+                causes.append(undone.cause)
+        for ident in touched:
+            history = self._history[ident]
+            known = history[-1].known if history else self._universe(ident)
+            self._known[ident] = known
+            if not known & NOT_CHOSEN and ident not in self._pinned:
+                self._open.add(ident)
+                self._enqueue(ident)
+            else:
+                self._open.discard(ident)
+        self._level = level
+        self._recheck[:] = causes
+
+    def _satisfier(self, ident: str, term: int) -> _Assignment:
+        for made in self._history[ident]:
+            if not made.known & ~term:
+                return made
+        raise AssertionError(f"nothing implies the term on {ident}")
+
+    # -- propagation and conflicts ------------------------------------------------------------
+
+    def _propagate(self, changed: set[str]) -> None:
+        recheck = self._recheck
+        while changed or recheck:
+            if recheck:
+                incompatibility = recheck.pop()
+                derived = self._unit(incompatibility)
+                if derived == _CONFLICT:
+                    self._learn(incompatibility, changed)
+                elif derived is not None:
+                    changed.add(derived)
+                continue
+            ident = changed.pop()
+            for incompatibility in reversed(self._watch.get(ident, ())):
+                derived = self._unit(incompatibility)
+                if derived == _CONFLICT:
+                    self._learn(incompatibility, changed)
+                    break
+                if derived is not None:
+                    changed.add(derived)
+
+    def _learn(self, conflict: Incompatibility, changed: set[str]) -> None:
+        learned = self._resolve(conflict)
+        changed.clear()
+        derived = self._unit(learned)
+        assert derived is not None
+        assert derived != _CONFLICT
+        changed.add(derived)
+
+    def _unit(self, incompatibility: Incompatibility) -> str | None:
+        """Derive the negation of the one term left open, if so; ``_CONFLICT`` if none is."""
+        known = self._known
+        left: str | None = None
+        for ident, term in incompatibility.terms.items():
+            have = known[ident]
+            if not have & ~term:
+                continue
+            if not have & term or left is not None:
+                return None
+            left = ident
+        if left is None:
+            return _CONFLICT
+        self._assign(left, self._universe(left) ^ incompatibility.terms[left], incompatibility)
+        return left
+
+    def _resolve(self, incompatibility: Incompatibility) -> Incompatibility:
+        """Learn from a conflict and jump back to where what is learned is unit."""
+        learned = False
+        while True:
+            self._count()
+            if not incompatibility.terms:
+                raise NoSolution(incompatibility)
+            recent: _Assignment | None = None
+            recent_ident, difference, previous = "", 0, 0
+            for ident, term in incompatibility.terms.items():
+                satisfier = self._satisfier(ident, term)
+                if recent is None or recent.index < satisfier.index:
+                    if recent is not None:
+                        previous = max(previous, recent.level)
+                    recent, recent_ident = satisfier, ident
+                else:
+                    previous = max(previous, satisfier.level)
+                if recent_ident == ident:
+                    difference = recent.term & ~term
+                    if difference:
+                        universe = self._universe(ident)
+                        earlier = self._satisfier(ident, universe ^ difference)
+                        previous = max(previous, earlier.level)
+            assert recent is not None
+            if previous < recent.level or recent.cause is None:
+                seen = frozenset(incompatibility.terms.items())
+                if recent.level - previous > _CHRONOLOGICAL and seen not in self._learned:
+                    previous = recent.level - 1
+                self._learned.add(seen)
+                self._backtrack(previous)
+                if learned:
+                    self._add(incompatibility)
+                return incompatibility
+            terms = {i: t for i, t in incompatibility.terms.items() if i != recent_ident}
+            for ident, term in recent.cause.terms.items():
+                if ident != recent_ident:
+                    terms[ident] = terms.get(ident, -1) & term
+            if difference:
+                terms[recent_ident] = self._universe(recent_ident) ^ difference
+            terms = {i: t for i, t in terms.items() if t != self._universe(i)}
+            incompatibility = Incompatibility(terms, Derived(incompatibility, recent.cause))
+            learned = True
+
+    # -- decisions ----------------------------------------------------------------------------
+
+    def _decide(self) -> str | None:
+        """Pin the next identifier, or add what rules its best candidate out; None: done."""
+        ident = self._next()
+        if ident is None:
             return None
-        if not domain:
-            self._failure = (need.ident, list(slot.causes))
-            blame = self._excluders(slot)
-            self._learn(need.ident, blame)
-            activator = self._activator(slot)
-            return blame if activator is None else _merge(blame, {activator: False})
-        if slot.pin is not None and slot.pin not in accepted:
-            return _merge({need.ident: True}, by)
+        known = self._known
+        candidate = self._provider.candidates(ident)[lowest(known[ident])]
+        self._count()
+        ruled_out = False
+        for need in self._provider.dependencies(candidate):
+            found = self._dependency(candidate, need)
+            if found is not None and all(
+                not known[i] & ~t for i, t in found.terms.items() if i != ident
+            ):
+                ruled_out = True
+        if not ruled_out:
+            self._level += 1
+            self._pinned[ident] = candidate
+            self._open.discard(ident)
+            self._assign(ident, 2 << candidate.index, None)
+        return ident
+
+    def _next(self) -> str | None:
+        """The open identifier with the fewest candidates left (then by name), if any."""
+        queue, known, open_ = self._queue, self._known, self._open
+        while queue:
+            left, ident = queue[0]
+            if ident in open_ and known[ident].bit_count() == left:
+                return ident
+            heappop(queue)
         return None
 
-    def _pop(self, need: Need) -> None:
-        slot = self._slots[need.ident]
-        slot.domains.pop()
-        slot.causes.pop()
-        if not need.optional:
-            slot.hard -= 1
-            if not slot.hard:
-                self._open.discard(need.ident)
+    def _enqueue(self, ident: str) -> None:
+        heappush(self._queue, (self._known[ident].bit_count(), ident))
 
-    def _excluders(self, slot: _Slot) -> Blame:
-        """For each candidate the slot's requirements rule out, the first pin that does."""
-        domain = slot.domains[-1]
-        if len(domain) == len(slot.domains[0]):
-            return {}
-        kept = set(domain)
-        blame: Blame = {}
-        for candidate in slot.domains[0]:
-            if candidate in kept:
-                continue
-            for parent, need in slot.causes:
-                if candidate not in self._provider.accepts(need):
-                    if parent is not None:
-                        blame[parent.ident] = blame.get(parent.ident, False)
-                    break
-        return blame
+    def _dependency(self, candidate: Candidate, need: Need) -> Incompatibility | None:
+        """The incompatibility saying that ``candidate`` (and its like) need ``need``."""
+        ident = candidate.ident
+        key = (ident, *need.key, need.optional)
+        if key in self._dependencies:
+            return self._dependencies[key]
+        versions = self._provider.covering(ident, need)
+        universe = self._universe(need.ident)
+        term = universe & ~self._provider.mask(need)
+        if need.optional:
+            term &= ~NOT_CHOSEN
+        found: Incompatibility | None = None
+        if need.ident == ident:
+            terms = {ident: versions & term}
+        elif term == universe:
+            terms = {ident: versions}
+        else:
+            terms = {ident: versions, need.ident: term}
+        if all(terms.values()):
+            found = Incompatibility(terms, FromDependency(ident, versions, need))
+            self._add(found)
+        self._dependencies[key] = found
+        return found
 
-    def _why_excluded(self, ident: str) -> Blame:
-        """Blame for the candidates the slot's requirements ruled out, found by trying them.
-
-        Blaming whoever excluded a candidate ties what is learned to that pin; a candidate
-        that fails anyway is blamed on what it fails against instead.
-        """
-        slot = self._slots[ident]
-        kept = set(slot.domains[-1])
-        blame: Blame = {}
-        for candidate in slot.domains[0]:
-            if candidate in kept or self._provider.dead(candidate) is not None:
-                continue
-            excluders = [p for p, n in slot.causes if candidate not in self._provider.accepts(n)]
-            if None in excluders:
-                continue  # the config rules it out
-            self.rounds += 1
-            failed = self._pin(ident, candidate)
-            if failed is None:
-                self._unpin(ident)
-                first = excluders[0]
-                assert first is not None
-                _merge(blame, {first.ident: False})
-            else:
-                _merge(blame, failed, drop=ident)
-        return blame
-
-    @staticmethod
-    def _activator(slot: _Slot) -> str | None:
-        for parent, need in slot.causes:
-            if not need.optional:
-                return None if parent is None else parent.ident
-        return None
-
-    def _learn(self, ident: str, blame: Blame) -> None:
-        """Remember: while the pins in ``blame`` hold, nothing may bring ``ident`` in.
-
-        A pin blamed only for what it requires stands for every version of its plugin that
-        requires the same (versions often carry their ranges over unchanged).
-        """
-        rule = []
-        for blamed, exact in sorted(blame.items()):
-            pin = self._slots[blamed].pin
-            if pin is None:
-                return
-            rule.append((blamed, pin, exact))
-        self._rules.setdefault(ident, []).append(tuple(rule))
-
-    def _rule_holding(self, ident: str) -> Blame | None:
-        """The blame of a learned rule that keeps ``ident`` out and holds now, if any."""
-        same = self._provider.same_requirements
-        for rule in self._rules.get(ident, ()):
-            for blamed, pin, exact in rule:
-                slot = self._slots.get(blamed)
-                now = None if slot is None else slot.pin
-                if now is None or not (now is pin or (not exact and same(now, pin))):
-                    break
-            else:
-                return {blamed: exact for blamed, _, exact in rule}
-        return None
-
-    def _no_solution(self, ident: str) -> NoSolution:
-        if self._failure is None:
-            return NoSolution(ident, list(self._slots[ident].causes))
-        return NoSolution(*self._failure)
+    def _count(self) -> None:
+        self.rounds += 1
+        if self.rounds > self._max_rounds:
+            raise TooDeep(self.rounds)

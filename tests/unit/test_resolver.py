@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from osk_daemon.versioning import Range, Version
 from osk_daemon.versioning.manifest import Manifest
+from osk_daemon.versioning.matching import Ordered
 from osk_daemon.versioning.provider import Provider
 from osk_daemon.versioning.resolver import (
     ConflictType,
@@ -347,3 +351,154 @@ def test_layering_puts_dependents_before_their_dependencies() -> None:
     assert rank["app"] < rank["left"] < rank["base"]
     assert rank["right"] < rank["service:auth.tokens"] < rank["auth"]
     assert rank["right"] < rank["base"]
+
+
+def test_a_clash_behind_a_chain_names_every_link() -> None:
+    catalogue = cat(
+        {
+            "app": {"1.0.0": ["mid ^1", "core ^3"]},
+            "mid": {f"1.{i}.0": ["lib ^1"] for i in range(4)},
+            "lib": {f"1.0.{i}": ["core ^2"] for i in range(4)},
+            "core": {"2.0.0": [], "3.0.0": []},
+        }
+    )
+    with pytest.raises(ResolutionFailed) as info:
+        resolve(catalogue, roots(app="*"))
+    conflict = info.value.conflict
+    assert conflict.type is ConflictType.INCOMPATIBLE_VERSIONS
+    text = conflict.description
+    assert "app 1.0.0 needs core ^3" in text
+    assert "every version of lib needs core ^2" in text
+    assert "every version of mid needs lib ^1" in text
+    assert "the config needs app *" in text
+    assert {p.plugin for p in conflict.plugins} == {"app", "lib"}
+
+
+def test_a_run_of_releases_is_named_as_a_run() -> None:
+    catalogue = cat(
+        {
+            "app": {"1.0.0": ["lib ^1", "core ^3"]},
+            "lib": {
+                **{f"1.0.{i}": ["core ^2"] for i in range(3, 9)},
+                **{f"1.0.{i}": ["core ^1"] for i in range(3)},
+            },
+            "core": {"1.0.0": [], "2.0.0": [], "3.0.0": []},
+        }
+    )
+    with pytest.raises(ResolutionFailed) as info:
+        resolve(catalogue, roots(app="*"))
+    text = info.value.conflict.description
+    assert "lib 1.0.3 to 1.0.8 need core ^2" in text
+    assert "lib 1.0.0 to 1.0.2 need core ^1" in text
+
+
+# -- properties: the search agrees with brute force on small catalogues ----------------------
+
+_RANGES = ("*", "^1", "^1.1", "~1.0.0", ">=1.1.0", "<1.2.0", "2.x", "^2.1", "1.0.0 - 1.1.0")
+_VERSIONS = ("1.0.0", "1.1.0", "1.2.0", "2.0.0", "2.1.0")
+
+
+@st.composite
+def _catalogues(draw: st.DrawFn) -> tuple[dict[str, dict[Version, Declares]], dict[str, Range]]:
+    names = [f"p{i}" for i in range(draw(st.integers(2, 5)))]
+    spec: dict[str, dict[str, list[str]]] = {}
+    for i, name in enumerate(names):
+        versions = draw(st.lists(st.sampled_from(_VERSIONS), min_size=1, max_size=3, unique=True))
+        spec[name] = {}
+        for version in versions:
+            needs = []
+            for dep in names[i + 1 :]:  # only on later plugins: no cycles
+                if draw(st.integers(0, 2)) == 0:
+                    optional = "?" if draw(st.booleans()) and draw(st.booleans()) else ""
+                    needs.append(f"{optional}{dep} {draw(st.sampled_from(_RANGES))}")
+            spec[name][version] = needs
+    wanted = draw(st.lists(st.sampled_from(names), min_size=1, max_size=2, unique=True))
+    return cat(spec), {n: Range.parse(draw(st.sampled_from(_RANGES))) for n in wanted}
+
+
+def _valid(
+    catalogue: Mapping[str, Mapping[Version, Declares]],
+    wanted: Mapping[str, Range],
+    picked: Mapping[str, Version],
+) -> bool:
+    if any(n not in picked or not r.contains(picked[n]) for n, r in wanted.items()):
+        return False
+    for plugin, version in picked.items():
+        for need in catalogue[plugin][version].requires:
+            if need.name in picked:
+                if not need.range.contains(picked[need.name]):
+                    return False
+            elif not need.optional:
+                return False
+    return True
+
+
+def _brute_force(
+    catalogue: Mapping[str, Mapping[Version, Declares]], wanted: Mapping[str, Range]
+) -> bool:
+    names = sorted(catalogue)
+    choices = [[None, *catalogue[n]] for n in names]
+    return any(
+        _valid(catalogue, wanted, {n: v for n, v in zip(names, combo, strict=True) if v})
+        for combo in itertools.product(*choices)
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(_catalogues())
+def test_finds_a_solution_exactly_when_one_exists(
+    case: tuple[dict[str, dict[Version, Declares]], dict[str, Range]],
+) -> None:
+    catalogue, wanted = case
+    try:
+        result = resolve(catalogue, wanted)
+    except ResolutionFailed as exc:
+        assert not _brute_force(catalogue, wanted), exc.conflict.description
+        assert exc.conflict.type is not ConflictType.CIRCULAR_DEPENDENCY
+        assert "gave up" not in exc.conflict.description
+    else:
+        assert _valid(catalogue, wanted, result.versions)
+
+
+_SOME_RANGES = (
+    "*",
+    "^1.2",
+    "^0.2.3",
+    "~1.2.3",
+    ">=1.2.0 <2.0.0",
+    "1.x",
+    "1.2.3 - 2.1",
+    "<=1.2.3",
+    ">1.2.3",
+    "=1.2.3",
+    "1.2.3-rc.1",
+    "^1.2.3-beta.2",
+    "<1.0.0 || >=2.0.0",
+    ">=1.2.3-rc.1 <1.3",
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.builds(
+            Version,
+            st.integers(0, 2),
+            st.integers(0, 3),
+            st.integers(0, 4),
+            st.sampled_from(((), ("rc", 1), ("beta", 2), (0,))),
+        ),
+        min_size=1,
+        max_size=12,
+        unique=True,
+    ),
+    st.sampled_from(_SOME_RANGES),
+    st.booleans(),
+)
+def test_bisected_matching_agrees_with_range_contains(
+    versions: list[Version], text: str, prerelease: bool
+) -> None:
+    ordered = sorted(versions, reverse=True)
+    rng = Range.parse(text, include_prerelease=prerelease)
+    expected = sum(2 << i for i, v in enumerate(ordered) if rng.contains(v))
+    assert Ordered(ordered).mask(rng) == expected
