@@ -66,6 +66,7 @@ def load_config(path: str | Path) -> Config:
     return Config(
         daemon=tables.daemon,
         metrics=tables.metrics,
+        tracing=tables.tracing,
         plugins=tables.plugins,
         groups=_with_root(tables),
         source=main.absolute(),
@@ -155,6 +156,9 @@ def _absolutize(raw: dict[str, Any], base: Path) -> None:
         for key in ("runtime_dir", "control_socket", "state_dir", "plugins_dir"):
             if key in daemon:
                 daemon[key] = resolve(daemon[key])
+    tracing = raw.get("tracing")
+    if isinstance(tracing, dict) and "file" in tracing:
+        tracing["file"] = resolve(tracing["file"])
     plugins = raw.get("plugins")
     if isinstance(plugins, dict):
         for plugin in plugins.values():

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -472,11 +472,24 @@ class MetricsConfig(BaseModel):
         return value
 
 
+class TracingConfig(BaseModel):
+    """OpenTelemetry spans for calls, restarts and rollouts; off unless an exporter is set."""
+
+    model_config = _MODEL
+
+    exporter: Literal["none", "console", "file", "otlp"] = "none"
+    file: LaxPath | None = Field(
+        default=None, description="file exporter: JSON lines (default runtime_dir/traces.jsonl)"
+    )
+    sample_ratio: float = Field(default=1.0, ge=0, le=1)
+
+
 class _Tables(BaseModel):
     model_config = _MODEL
 
     daemon: DaemonConfig = Field(default_factory=DaemonConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    tracing: TracingConfig = Field(default_factory=TracingConfig)
     plugins: dict[Name, PluginConfig] = Field(default_factory=dict)
     groups: dict[Name, GroupConfig] = Field(default_factory=dict)
 

@@ -39,7 +39,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
@@ -67,6 +67,9 @@ from osk_daemon.ipc.routing import InstanceKey, PluginRoutes, Route, has_version
 from osk_daemon.rollout.analysis import Recorder
 from osk_daemon.rollout.traffic import TrafficSplit
 
+if TYPE_CHECKING:  # opentelemetry is imported only when tracing is on
+    from osk_daemon.observability.tracing import RpcTracer
+
 __all__ = ["Broker", "BrokerStats", "InstanceKey", "WorkerListener"]
 
 log = logging.getLogger("osk.broker")
@@ -90,6 +93,7 @@ class _Pending:
     future: asyncio.Future[tuple[Kind, bytes]] | None = None
     route: Route | None = None
     started: float = 0.0  # monotonic, when it arrived (latency for rollout analysis)
+    span: Any = None  # its tracing span, when tracing is on
 
 
 @dataclass
@@ -117,6 +121,7 @@ class Broker:
         ctx: zmq.Context[Any] | None = None,
     ) -> None:
         self.stats = BrokerStats()
+        self.tracer: RpcTracer | None = None  # set by the supervisor when tracing is on
         self._listener = listener
         self._max = max_message_size
         self._default_timeout = default_timeout
@@ -425,6 +430,9 @@ class Broker:
             future,
             started=time.monotonic(),
         )
+        if self.tracer is not None:
+            pending = self._pending[bid]
+            pending.span, pending.meta = self.tracer.begin_call(target, method, meta)
         entry = self._plugins.get(target)
         if entry is None:
             self._fail(bid, Unavailable(f"no plugin named '{target}'"))
@@ -533,6 +541,11 @@ class Broker:
             route.drained = None
 
     def _answer(self, pending: _Pending, kind: Kind, body: bytes) -> None:
+        if pending.span is not None:
+            where = f"{pending.route.key[0]}/{pending.route.key[1]}" if pending.route else ""
+            pending.span, span = None, pending.span
+            assert self.tracer is not None
+            self.tracer.end_call(span, kind is Kind.REPLY, where)
         if pending.future is not None:
             if not pending.future.done():
                 pending.future.set_result((kind, body))

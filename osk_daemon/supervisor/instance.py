@@ -43,6 +43,7 @@ class Instance:
     health_timeout: asyncio.TimerHandle | None = None
     health_id: int = 0
     health_sent_at: float = 0.0  # monotonic, the last probe
+    restart_span: Any = None  # tracing: from a crash to the replacement's readiness
     close_output: Callable[[], None] | None = None
     prepared: Prepared | None = None  # its cgroup and launch plan, while it lives
     usage: dict[str, Any] = field(default_factory=dict)  # last cgroup sample
@@ -98,6 +99,14 @@ class Instance:
             extra["state"], self.handover = self.handover, NO_STATE
         if self.config.preserve_state and self.config.state_strategy is StateStrategy.DISK:
             extra["state_file"] = f"state-{self.index}.msgpack"  # in its state dir (cwd)
+        t = config.tracing
+        if t.exporter != "none":
+            traces = t.file or d.runtime_dir / "traces.jsonl"
+            extra["tracing"] = {
+                "exporter": t.exporter,
+                "file": str(traces),
+                "sample_ratio": t.sample_ratio,
+            }
         return {
             **extra,
             "plugin": self.plugin,

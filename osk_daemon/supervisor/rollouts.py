@@ -90,6 +90,7 @@ class RolloutRun:
         self._loop_timer: Any = None
         self._retiring: set[str] = set()
         self._held_end: Publish | None = None  # the end, once the retiring are gone
+        self._span: Any = None  # tracing: the whole rollout
         self.finished = anyio.Event()
 
     # ---- what the supervisor tells us ---------------------------------------------------
@@ -142,6 +143,15 @@ class RolloutRun:
     # ---- effects --------------------------------------------------------------------------
 
     def begin(self) -> None:
+        if self._sup.tracer is not None:
+            self._span = self._sup.tracer.begin(
+                f"osk.rollout {self.spec.plugin}",
+                **{
+                    "osk.stable": self.spec.stable,
+                    "osk.canary": self.spec.canary,
+                    "osk.strategy": str(self.spec.strategy),
+                },
+            )
         self._sup.broker.set_recorder(self.spec.plugin, self.recorder)
         self.perform(self.engine.begin())
         self.perform(self.engine.observe(self.observed()))
@@ -221,6 +231,9 @@ class RolloutRun:
             self._sup.broker.set_split(plugin, None)
             log.warning("%s: rolled back to %s: %s", plugin, self.spec.stable, self.engine.reason)
         self._sup.broker.set_recorder(plugin, None)
+        if self._span is not None:
+            self._span.set_attribute("osk.outcome", "succeeded" if succeeded else "rolled-back")
+            self._span.end()
         self.finished.set()
 
     # ---- instances ------------------------------------------------------------------------

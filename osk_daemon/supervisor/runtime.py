@@ -26,7 +26,7 @@ import random
 import time
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import zmq
@@ -59,6 +59,9 @@ from osk_daemon.supervisor.tree_build import build_tree
 from osk_daemon.supervisor.tree_effects import TreeEffects
 from osk_daemon.supervisor.updates import Updates
 from osk_daemon.versioning.planning import StartPlan
+
+if TYPE_CHECKING:  # opentelemetry is imported only when tracing is on
+    from osk_daemon.observability.tracing import RpcTracer
 
 log = logging.getLogger("osk.supervisor")
 
@@ -122,6 +125,14 @@ class Supervisor:
                 self.broker.set_version(inst.key, str(pcfg.version))
         self.tree: Tree = build_tree(config)
         self.checks = HealthChecks(self)
+        self.tracer: RpcTracer | None = None
+        t = config.tracing
+        if t.exporter != "none":
+            from osk_daemon.observability.tracing import RpcTracer, make_provider
+
+            traces = str(t.file or d.runtime_dir / "traces.jsonl")
+            provider = make_provider(t.exporter, "osk-daemon", traces, t.sample_ratio)
+            self.tracer = self.broker.tracer = RpcTracer(provider) if provider else None
         self.deps = DependencyWatch(self, plan)
         self.rollouts = Rollouts(self)
         self.members = Membership(self)
@@ -176,6 +187,8 @@ class Supervisor:
         if self.event_pub is not None:
             self.events.sinks.remove(self.event_pub)
             self.event_pub.close()
+        if self.tracer is not None:
+            self.tracer.shutdown()  # flushes what is buffered
 
     @property
     def shutting_down(self) -> bool:
@@ -258,6 +271,9 @@ class Supervisor:
         now = time.monotonic()
         inst.ready_at = now
         inst.health.ready(restarted=inst.life.retry_count > 0)
+        if inst.restart_span is not None:
+            inst.restart_span.end()  # from the crash to the replacement's readiness
+            inst.restart_span = None
         if inst.gentle_start and inst.life.pid is not None:
             _renice(inst.life.pid, 0)  # serving now: full share of the CPU
             inst.gentle_start = False
@@ -283,6 +299,10 @@ class Supervisor:
         if not life.stop_requested:
             reason = lc.exit_reason(life)
             inst.exits_by_reason[reason] = inst.exits_by_reason.get(reason, 0) + 1
+            if self.tracer is not None and inst.restart_span is None:
+                inst.restart_span = self.tracer.begin(
+                    f"osk.restart {inst.leaf}", **{"osk.reason": reason}
+                )
         self.deps.life_ended(inst)
         self.instance_changed(inst)  # now, before a restart below makes it "starting"
         log_fn = log.warning if life.abnormal_exit and not life.stop_requested else log.info

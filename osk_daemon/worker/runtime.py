@@ -222,6 +222,16 @@ class _Worker:
         self.ids = itertools.count(1)
         self.stopping = asyncio.Event()
         self.broken = False
+        self.tracer: Any = None  # an OpenTelemetry tracer when [tracing] is on
+        self.spans: dict[int, Any] = {}  # request id -> its handler's span
+        tracing = spec.get("tracing")
+        if tracing:
+            from osk_daemon.observability.tracing import make_provider
+
+            provider = make_provider(
+                tracing["exporter"], self.name, tracing.get("file"), tracing["sample_ratio"]
+            )
+            self.tracer = provider.get_tracer("osk_daemon.worker") if provider else None
 
     def send(self, kind: Kind, body: bytes = b"", id: int = 0, **header: Any) -> None:
         """Queue a frame; never blocks (the socket's send queue is unbounded)."""
@@ -427,6 +437,10 @@ class _Worker:
         if handler is None:
             self.answer(Kind.ERROR, header.id, pack(self.not_found(header.method).to_wire()))
             return
+        if self.tracer is not None and header.meta and "traceparent" in header.meta:
+            from osk_daemon.observability.tracing import handle_span
+
+            self.spans[header.id] = handle_span(self.tracer, header.method, header.meta)
         pos, kw = split_args(args)
         try:  # a sync handler runs right here; an async one only builds its coroutine
             result = handler(*pos, **kw)
@@ -481,6 +495,14 @@ class _Worker:
         this loop pass, in one message (see ``endpoint``)."""
         assert self.sock is not None
         self.sock.post(b"", encode_reply_header(kind, id), body)
+        if self.spans:
+            span = self.spans.pop(id, None)
+            if span is not None:
+                if kind is Kind.ERROR:
+                    from opentelemetry.trace import Status, StatusCode
+
+                    span.set_status(Status(StatusCode.ERROR))
+                span.end()
 
     def pack_limited(self, value: Any, what: str) -> bytes:
         body = pack(value)

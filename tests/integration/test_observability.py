@@ -136,3 +136,40 @@ def test_prometheus_scrape_parses_and_counts() -> None:
             urllib.request.urlopen(url.replace("/metrics", "/other"), timeout=10)
         assert info.value.code == 404
         info.value.close()
+
+
+def test_one_call_is_one_trace_from_the_broker_into_the_plugin() -> None:
+    body = plugin_block("echo") + '\n[tracing]\nexporter = "file"\nfile = "traces.jsonl"\n'
+    with running_daemon(daemon_config(body)) as d:
+        from osk_daemon.ipc.client import Client
+
+        with Client(f"ipc://{d.runtime / 'broker.sock'}") as client:
+            assert client.call("echo", "echo", {"text": "traced"})["text"] == "traced"
+        traces = d.workdir / "traces.jsonl"
+
+        def spans() -> list[dict]:
+            if not traces.exists():
+                return []
+            return [json.loads(line) for line in traces.read_text().splitlines() if line]
+
+        d.wait_until(
+            lambda: {s["name"] for s in spans()} >= {"osk.rpc echo.echo", "osk.handle echo"},
+            what="both spans written",
+        )
+        by_name = {s["name"]: s for s in spans()}
+        daemon_span, plugin_span = by_name["osk.rpc echo.echo"], by_name["osk.handle echo"]
+        assert plugin_span["trace_id"] == daemon_span["trace_id"]
+        assert plugin_span["parent_id"] == daemon_span["span_id"]
+        assert plugin_span["service"] == "echo" and daemon_span["service"] == "osk-daemon"
+        assert daemon_span["attributes"]["osk.instance"] == "echo/0"
+        assert plugin_span["pid"] == d.row("echo")["pid"]
+        # a crash and its replacement: one restart span
+        old = d.row("echo")["pid"]
+        os.kill(old, signal.SIGKILL)
+        d.wait_until(
+            lambda: any(s["name"] == "osk.restart echo/0" for s in spans()),
+            what="the restart span",
+        )
+        restart = next(s for s in spans() if s["name"] == "osk.restart echo/0")
+        assert restart["attributes"]["osk.reason"] == "signal"
+        assert restart["end_ns"] > restart["start_ns"]
