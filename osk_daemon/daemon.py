@@ -4,8 +4,10 @@ Order matters at start-up. The daemon becomes a child subreaper and installs its
 SIGCHLD reaper before anything can fork; the zygote is started before any ZeroMQ
 context exists in a child; the broker binds before the first plugin spawns (workers
 would reconnect anyway); the control socket opens last, once there is something to ask
-about. Shutdown runs the other way: the tree stops every plugin in reverse start order,
-then the zygote, the broker and the control socket close, and nothing is left behind.
+about; systemd hears READY=1 once the critical plugins are up, and WATCHDOG=1 from this
+loop all along (``observability.notify``). Shutdown runs the other way: the tree stops
+every plugin in reverse start order, then the zygote, the broker and the control socket
+close, and nothing is left behind.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from osk_daemon.config import Config, SpawnMode
 from osk_daemon.control.commands import DaemonCommands
 from osk_daemon.control.server import serve_control
 from osk_daemon.errors import BootFailed, OskError
+from osk_daemon.observability.notify import Watchdog, announce, service_notifier
 from osk_daemon.supervisor.confinement import Confinement
 from osk_daemon.supervisor.reaper import ChildReaper, become_subreaper
 from osk_daemon.supervisor.reload import reload_config
@@ -45,7 +48,8 @@ async def _reload_on_signal(sup: Supervisor) -> None:
     """SIGHUP: reload the config file; a refused reload is logged and changes nothing."""
     log.info("SIGHUP: reloading %s", sup.config.source)
     try:
-        await reload_config(sup)
+        with service_notifier().reload_cycle():  # RELOADING=1 ... READY=1 for systemd
+            await reload_config(sup)
     except OskError as exc:
         log.error("%s", exc)
 
@@ -87,9 +91,12 @@ async def run_daemon(
     loop = asyncio.get_running_loop()
     reaper = ChildReaper()
     reaper.install(loop)
+    notifier = service_notifier()  # sd_notify; a no-op outside systemd
+    watchdog = Watchdog(notifier, loop)  # WATCHDOG=1 from this loop: a stall stops it
     zygote: ZygoteSpawner | None = None
     supervisor: Supervisor | None = None
     try:
+        watchdog.start()
         zygote = await ZygoteSpawner.open(
             reaper, preload=("osk_daemon.worker.runtime", "osk_daemon.isolation.sequence")
         )
@@ -110,6 +117,7 @@ async def run_daemon(
                 partial(serve_control, allowed_group=d.control_group), d.control_socket, commands
             )
             supervisor.start(request_stop=stop.set)
+            tg.start_soon(announce, notifier, sup)  # READY=1 once critical plugins are up
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, stop.set)
             loop.add_signal_handler(signal.SIGHUP, tg.start_soon, _reload_on_signal, sup)
@@ -123,6 +131,7 @@ async def run_daemon(
                 on_ready(supervisor)
             await stop.wait()
             log.info("shutting down")
+            notifier.stopping(sup.deps.boot_failure or "")
             await supervisor.shutdown()
             tg.cancel_scope.cancel()
     except BaseException:
@@ -131,6 +140,7 @@ async def run_daemon(
             supervisor.kill_all()
         raise
     finally:
+        watchdog.cancel()
         previous = {}
         loop.remove_signal_handler(signal.SIGHUP)
         for signum in (signal.SIGTERM, signal.SIGINT):

@@ -19,6 +19,7 @@ from osk_daemon.control import rollout_commands
 from osk_daemon.control.peercred import PeerCred
 from osk_daemon.errors import ControlError
 from osk_daemon.ipc.codec import pack, unpack
+from osk_daemon.observability.notify import service_notifier
 from osk_daemon.supervisor.dynamic_load import load_plugin, unload_plugin
 from osk_daemon.supervisor.instance import Instance
 from osk_daemon.supervisor.lifecycle import State
@@ -144,7 +145,8 @@ async def updates(sup: Supervisor, args: dict[str, Any]) -> Any:
 
 
 async def reload(sup: Supervisor, args: dict[str, Any]) -> Any:
-    return await reload_config(sup)
+    with service_notifier().reload_cycle():  # RELOADING=1 ... READY=1 for systemd
+        return await reload_config(sup)
 
 
 async def load(sup: Supervisor, args: dict[str, Any]) -> Any:

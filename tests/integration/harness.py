@@ -37,8 +37,9 @@ class ControlError(Exception):
 
 
 class Daemon:
-    def __init__(self, workdir: Path, config_text: str) -> None:
+    def __init__(self, workdir: Path, config_text: str, env: dict[str, str] | None = None) -> None:
         self.workdir = workdir
+        self.env = env  # added to the daemon's environment (the test's own is inherited)
         self.config = workdir / "osk.toml"
         self.runtime = workdir / "run"
         self.socket = self.runtime / "control.sock"
@@ -61,6 +62,7 @@ class Daemon:
                 [sys.executable, "-m", "osk_daemon.cli", "run", "--config", str(self.config)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                env=None if self.env is None else {**os.environ, **self.env},
             )
             pidfd = os.pidfd_open(self.proc.pid)
             try:
@@ -253,10 +255,12 @@ def daemon_config(body: str, **daemon: Any) -> str:
 
 
 @contextlib.contextmanager
-def running_daemon(config_text: str, wait_ready: bool = True) -> Iterator[Daemon]:
+def running_daemon(
+    config_text: str, wait_ready: bool = True, env: dict[str, str] | None = None
+) -> Iterator[Daemon]:
     workdir = Path(tempfile.mkdtemp(prefix="osk-t-"))
     workdir.chmod(0o711)  # sandboxed plugins (another uid) must reach run/workers.sock
-    daemon = Daemon(workdir, config_text)
+    daemon = Daemon(workdir, config_text, env)
     try:
         daemon.start()
         if wait_ready:
