@@ -276,16 +276,46 @@ def _context(provider: Provider, asks: Sequence[_Ask]) -> str:
         wanted = [f"{noun(a.need.ident)} {a.need.text}" for a in config]
         tail = f"{', '.join(wanted[:-1])} and {wanted[-1]}" if len(wanted) > 1 else wanted[0]
         said.append(f"the config needs {tail}")
+    runs: dict[tuple[str, str, bool], list[_Ask]] = {}
     for ask in rest:
-        note = ""
+        assert ask.who is not None
         if provider.universe(ask.need.ident) == NOT_CHOSEN:
-            note = ", which is not installed"
+            said.append(f"{_say(provider, ask)}, which is not installed")
         elif not provider.mask(ask.need):
-            note = f", but the installed versions are {_installed(provider, ask)}"
-        said.append(_say(provider, ask) + note)
+            said.append(
+                f"{_say(provider, ask)}, but the installed versions are {_installed(provider, ask)}"
+            )
+        elif ask.who[0].startswith("service:"):
+            said.append(_say(provider, ask))
+        else:
+            key = (ask.who[0], ask.need.ident, ask.need.optional)
+            if key not in runs:
+                said.append("")  # filled in below, keeping the order
+                runs[key] = []
+            runs[key].append(ask)
+    merged = iter([_say_runs(provider, r) for r in runs.values()])
+    said = [text or next(merged) for text in said]
     if len(said) > _CONTEXT:
         said[_CONTEXT:] = [f"and {len(said) - _CONTEXT} more requirements"]
     return f" ({'; '.join(said)})"
+
+
+def _say_runs(provider: Provider, asks: list[_Ask]) -> str:
+    """Releases of one plugin asking one identifier, run by run, as one sentence."""
+    if len(asks) == 1:
+        return _say(provider, asks[0])
+    asks = sorted(asks, key=lambda a: -indices(a.who[1] if a.who else 0)[-1])
+    ident = asks[0].who[0] if asks[0].who else ""
+    versions = 0
+    for ask in asks:
+        versions |= ask.who[1] if ask.who else 0
+    who, many = _versions(provider, ident, versions)
+    texts = list(dict.fromkeys(a.need.text for a in asks))
+    need = asks[0].need
+    ranges = f"{', '.join(texts[:-1])} or {texts[-1]}" if len(texts) > 1 else texts[0]
+    optional = " (optional)" if need.optional else ""
+    verb = "need" if many else "needs"
+    return f"{who} {verb} {noun(need.ident)} {ranges}{optional}, depending on the release"
 
 
 def _party(provider: Provider, ask: _Ask) -> ConflictParty:

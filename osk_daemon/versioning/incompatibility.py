@@ -16,9 +16,9 @@ others by resolution; the derived ones form a graph whose leaves are external, a
 graph behind the empty incompatibility is the proof ``explain`` turns into words:
 
 - ``FromConfig``: the config needs ``need``: {ident: not in range};
-- ``FromDependency``: the candidates ``versions`` of ``ident`` all need ``need`` (each
-  one's requirement on it is at least as narrow): {ident: versions, need.ident: not in
-  range}, or for an optional need {ident: versions, need.ident: chosen outside range};
+- ``FromDependency``: the candidates ``versions`` of ``ident`` all need ``need``:
+  {ident: versions, need.ident: not in range}, or for an optional need {ident: versions,
+  need.ident: chosen outside range};
 - ``Derived``: follows from ``left`` and ``right``.
 """
 

@@ -12,11 +12,9 @@ search touches a few hundred), so everything here is lazy and cached:
 - ``mask(need)``: what a requirement accepts, as a bit set over the candidates of its
   identifier (see ``incompatibility``), computed once per (identifier, range) by bisection
   (``matching``); the same range on the same plugin recurs across versions of dependents.
-- ``covering(ident, need)``: which releases of a plugin need at least what one of them
-  does, so that one incompatibility speaks for all of them; read from the declarations,
-  once per plugin, without building requirements for releases the search never pins.
-- ``layering(roots)``: dependents before their dependencies, from the same tables; the
-  search breaks ties with it.
+- ``run(candidate, need)``: the neighbouring releases that ask the same, so that one
+  incompatibility speaks for all of them;
+- ``layering(roots)``: dependents before their dependencies, to order explanations.
 
 Candidates come highest version first; prereleases only when a range opts in (npm rule).
 """
@@ -25,7 +23,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Protocol
 
 from osk_daemon.versioning.matching import Ordered, indices
@@ -57,7 +56,7 @@ class Declares(Protocol):
 Catalogue = Mapping[str, Mapping[Version, Declares]]
 
 
-@dataclass(frozen=True, slots=True, eq=False)
+@dataclass(slots=True, eq=False)  # not frozen: made by the thousand, and never changed
 class Candidate:
     ident: str
     plugin: str
@@ -69,26 +68,21 @@ class Candidate:
         return f"{self.plugin} {self.version}"
 
 
-@dataclass(frozen=True, slots=True, eq=False)
+@dataclass(slots=True, eq=False)  # not frozen, like Candidate
 class Need:
-    """A requirement on ``ident``; ``optional`` ones bind only if the target is chosen anyway."""
+    """A requirement on ``ident``; ``optional`` ones bind only if the target is chosen anyway.
+
+    ``key`` (identifier, range text, prerelease opt-in) is what makes two alike.
+    """
 
     ident: str
     range: Range
     text: str
     optional: bool = False
+    key: tuple[str, str, bool] = field(init=False, repr=False)
 
-    @property
-    def key(self) -> tuple[str, str, bool]:
-        return (self.ident, self.text, self.range.include_prerelease)
-
-
-@dataclass(slots=True)
-class _Asked:
-    """Releases of one plugin (``bits``) that ask the same ``range`` of one identifier."""
-
-    bits: int
-    range: Range
+    def __post_init__(self) -> None:
+        self.key = (self.ident, self.text, self.range.include_prerelease)
 
 
 def ident_of(need: Needs) -> str:
@@ -118,8 +112,7 @@ class Provider:
         self._services: dict[str, list[Candidate]] | None = None
         self._deps: dict[Candidate, list[Need]] = {}
         self._universes: dict[str, int] = {}
-        self._covering: dict[tuple[str, str, str, bool, bool], int] = {}
-        self._tables: dict[str, dict[str, dict[tuple[str, bool, bool], _Asked]]] = {}
+        self._asks: dict[str, list[dict[tuple[str, str, bool], bool] | None]] = {}
         self._ordered: dict[str, Ordered] = {}
         self._masks: dict[tuple[str, str, bool], int] = {}
 
@@ -129,7 +122,11 @@ class Provider:
             return self._service_index().get(ident, [])
         found = self._plugins.get(ident)
         if found is None:
-            versions = sorted(self.catalogue.get(ident, {}), reverse=True)
+            versions = list(self.catalogue.get(ident, {}))
+            if any(v.prerelease for v in versions):
+                versions.sort(reverse=True)
+            else:  # precedence is the release triple (build metadata aside): sort natively
+                versions.sort(key=attrgetter("major", "minor", "patch"), reverse=True)
             found = self._plugins[ident] = [
                 Candidate(ident, ident, v, i) for i, v in enumerate(versions)
             ]
@@ -157,71 +154,58 @@ class Provider:
         """The candidates ``need`` accepts, as a term (bit ``index + 1`` per candidate)."""
         return self._range_mask(need.ident, need.range)
 
-    def covering(self, ident: str, need: Need) -> int:
-        """The candidates of ``ident`` that need at least what ``need`` asks, as a term.
+    def run(self, candidate: Candidate, need: Need) -> int:
+        """The releases next to ``candidate`` that ask exactly ``need`` too, as a term.
 
-        That is, those with a requirement on ``need.ident`` whose range accepts no more
-        than ``need``'s does (a hard one, if ``need`` is hard): one incompatibility then
-        covers a run of releases, however their ranges drifted. Cost: one pass over the
-        plugin's declarations, then one match per distinct range on that identifier.
+        Plugins carry a range over from release to release until they refresh it, so one
+        incompatibility then speaks for a run of releases, and one conflict rules them all
+        out. Cost: a look at the requirements of each release in the run and of the two
+        that end it (only pinned candidates are asked, not the whole history).
         """
-        key = (ident, *need.key, need.optional)
-        found = self._covering.get(key)
-        if found is None:
-            wanted, found = self.mask(need), 0
-            for (text, pre, soft), group in self._asked(ident, need.ident).items():
-                if (need.optional or not soft) and (
-                    (text == need.text and pre == need.range.include_prerelease)
-                    or not self._range_mask(need.ident, group.range) & ~wanted
-                ):
-                    found |= group.bits
-            self._covering[key] = found
+        ident = candidate.ident
+        found = 2 << candidate.index
+        if ident.startswith("service:"):
+            return found
+        count = len(self.candidates(ident))
+        key = need.key
+
+        def asks(index: int) -> bool:
+            soft = self._asked(ident, index).get(key)
+            return soft is not None and (need.optional or not soft)
+
+        index = candidate.index - 1
+        while index >= 0 and asks(index):
+            found |= 2 << index
+            index -= 1
+        index = candidate.index + 1
+        while index < count and asks(index):
+            found |= 2 << index
+            index += 1
         return found
 
-    def _asked(self, ident: str, target: str) -> dict[tuple[str, bool, bool], _Asked]:
-        """What the releases of ``ident`` ask of ``target``, by (range, prerelease, optional)."""
-        table = self._tables.get(ident)
-        return (self._table(ident) if table is None else table).get(target, {})
-
-    def _table(self, ident: str) -> dict[str, dict[tuple[str, bool, bool], _Asked]]:
-        """Per identifier asked for, the releases of ``ident`` grouped by what they ask."""
-        table: dict[str, dict[tuple[str, bool, bool], _Asked]] = {}
-        self._tables[ident] = table
-        if ident.startswith("service:"):
-            for candidate in self.candidates(ident):
-                (exact,) = self.dependencies(candidate)
-                key = (exact.text, True, False)
-                table.setdefault(exact.ident, {})[key] = _Asked(2 << candidate.index, exact.range)
-            return table
-        declared = self.catalogue.get(ident, {})
-        promoted = self._promoted
-        for candidate in self.candidates(ident):
-            bit = 2 << candidate.index
-            for asked in declared[candidate.version].requires:
-                on = f"service:{asked.name}" if asked.service else asked.name
-                soft = asked.optional and (ident, on) not in promoted
-                if soft and asked.service:
-                    continue  # enforced after the search, by promotion (see resolver)
-                rng = asked.range
-                key = (rng.text or "*", rng.include_prerelease, soft)
-                groups = table.get(on)
-                if groups is None:
-                    groups = table[on] = {}
-                group = groups.get(key)
-                if group is None:
-                    groups[key] = _Asked(bit, rng)
-                else:
-                    group.bits |= bit
-        return table
+    def _asked(self, ident: str, index: int) -> dict[tuple[str, str, bool], bool]:
+        """What release ``index`` of plugin ``ident`` asks: need key -> optional."""
+        releases = self._asks.get(ident)
+        if releases is None:
+            releases = self._asks[ident] = [None] * len(self.candidates(ident))
+        found = releases[index]
+        if found is None:
+            found = releases[index] = {}
+            version = self.candidates(ident)[index].version
+            for need in self.catalogue[ident][version].requires:
+                target, rng = ident_of(need), need.range
+                soft = need.optional and (ident, target) not in self._promoted
+                found[(target, rng.text or "*", rng.include_prerelease)] = soft
+        return found
 
     def layering(self, roots: Sequence[str]) -> dict[str, int]:
         """Rank every identifier reachable from ``roots``: those that may need it rank lower.
 
-        Counts an edge when any version asks for the identifier (hard or optional; an
-        optional service once promoted), so it is an over-approximation, read from the
-        declarations without matching ranges. Dependents come before their dependencies
-        (cycles in some fixed order). Cost: one pass over the declarations of every
-        reachable plugin version, shared with ``covering``.
+        Counts an edge when any version asks for the identifier (hard or optional), so it
+        is an over-approximation, read from the declarations without matching ranges.
+        Dependents come before their dependencies (cycles in some fixed order). ``explain``
+        orders what it says with it. Cost: one pass over the declarations of every
+        reachable plugin version.
         """
         finished: list[str] = []
         seen = set(roots)
@@ -239,8 +223,15 @@ class Provider:
         return {ident: rank for rank, ident in enumerate(reversed(finished))}
 
     def _may_need(self, ident: str) -> list[str]:
-        table = self._tables.get(ident)
-        return sorted(self._table(ident) if table is None else table)
+        if ident.startswith("service:"):
+            return sorted({c.plugin for c in self.candidates(ident)})
+        return sorted(
+            {
+                ident_of(need)
+                for declared in self.catalogue.get(ident, {}).values()
+                for need in declared.requires
+            }
+        )
 
     def _range_mask(self, ident: str, rng: Range) -> int:
         key = (ident, rng.text or "*", rng.include_prerelease)

@@ -3,12 +3,13 @@
 Why this one. The first version used resolvelib: each round rechecks every criterion and it
 backtracks one pin at a time, so a 200-plugin catalogue took seconds. The second was
 textbook CSP search (forward checking, conflict-directed backjumping, nogoods on exact
-pins): fast when a solution exists, but to prove there is none it had to meet the same
-clash once per combination of releases whose ranges had drifted apart, and realistic
-catalogues with a real conflict ran out of 100,000 rounds. PubGrub (Weizenbaum 2018, the
-solver of Dart's pub, uv and Poetry; ``dart-lang/pub`` ``doc/solver.md``) learns *sets* of
-versions that cannot go together, so one lesson covers every release it applies to, and
-the lessons it ends with are the proof that ``explain`` turns into words.
+pins): its nogoods only covered releases with identical requirements, so where ranges
+drift from release to release it met the same clash once per combination, and two of ten
+realistic catalogues ran out of 100,000 rounds (15 s) although they have a solution.
+PubGrub (Weizenbaum 2018, the solver of Dart's pub, uv and Poetry; ``dart-lang/pub``
+``doc/solver.md``) learns *sets* of versions that cannot go together, so one lesson covers
+every release it applies to, and the lessons it ends with are the proof that ``explain``
+turns into words.
 
 Theory of operation, over the terms and incompatibilities of ``incompatibility``:
 
@@ -18,7 +19,9 @@ Theory of operation, over the terms and incompatibilities of ``incompatibility``
   intersection of its assignments (one ``&`` each, kept on the assignment).
 - Unit propagation: when the partial solution implies every term of an incompatibility
   but one, and does not contradict that one, its negation is derived. When it implies
-  every term, that is a conflict.
+  every term, that is a conflict. When an identifier changes, only the incompatibilities
+  whose term on it now holds can have become unit (one ``&`` to skip the others); new
+  ones are checked once when added.
 - Conflict resolution: find the assignment that made the conflicting incompatibility's
   last term hold (its *satisfier*). If that is a decision, or the only assignment of its
   level involved, the incompatibility is learned and the search jumps back to the level of
@@ -26,20 +29,27 @@ Theory of operation, over the terms and incompatibilities of ``incompatibility``
   once everything it forbids. Otherwise resolve it with the satisfier's cause (the new one
   holds whenever both premises would) and repeat. Deriving the empty incompatibility
   proves that nothing works; its derivation graph is the explanation.
+- Short jumps: a jump over more than ``_CHRONOLOGICAL`` levels would throw away (and
+  then redo) many pins that had nothing to do with the conflict, so the search goes back
+  one level only (chronological backtracking, Nadel and Ryvchin 2018); the learned
+  incompatibility is unit there too. The derivation then sits at a higher level than it
+  needs, so when a later jump undoes it, its cause is checked again (re-implication,
+  Moehle and Biere 2019). Should the same incompatibility be learned twice, the search
+  takes the full jump.
 - Decision: among identifiers that must be chosen (a positive term) and are not pinned,
-  the one with the fewest candidates left, then the one that comes first in
-  ``Provider.layering`` (dependents first); pin its best candidate left. Its requirements
-  are added first as incompatibilities, each covering every release of the plugin that
-  needs at least as much (``Provider.covering``); if one of them already rules the
-  candidate out, propagation does that instead of the pin.
+  the one with the fewest candidates left (then by name, so the result does not depend
+  on hashing); pin its best candidate left. Its requirements are added first as
+  incompatibilities, each covering the run of neighbouring releases that ask the same
+  (``Provider.run``); if one of them already rules the candidate out, propagation does
+  that instead of the pin.
 
 Optional requirements become "chosen outside the range" terms: they forbid a version that
 does not fit but never make anything be chosen.
 
 Cost: per decision, its requirements (cached matching) and a propagation over the
-incompatibilities that mention what changed; a realistic catalogue resolves with a few
-conflicts and proves a real clash in a few dozen. ``max_rounds`` bounds decisions plus
-conflicts.
+incompatibilities that mention what changed; a realistic catalogue (200 plugins x 20
+versions) resolves in a few hundred rounds, and proves a real clash in a few dozen.
+``max_rounds`` bounds decisions plus conflict-resolution steps.
 """
 
 from __future__ import annotations
@@ -79,7 +89,7 @@ def search(provider: Provider, roots: Sequence[Need], max_rounds: int) -> dict[s
 
     Returns identifier -> candidate. Raises ``NoSolution`` or ``TooDeep``.
     """
-    return _Solver(provider, max_rounds, [need.ident for need in roots]).solve(roots)
+    return _Solver(provider, max_rounds).solve(roots)
 
 
 @dataclass(slots=True, eq=False)
@@ -92,24 +102,25 @@ class _Assignment:
     known: int  # what the identifier's assignments so far allow, this one included
 
 
-_CHRONOLOGICAL = 5  # a backjump over more levels than this goes back one level only
+_CHRONOLOGICAL = 20  # a backjump over more levels than this goes back one level only
 _CONFLICT = "\0conflict"  # not an identifier
 
 
 class _Solver:
-    def __init__(self, provider: Provider, max_rounds: int, roots: list[str]) -> None:
+    def __init__(self, provider: Provider, max_rounds: int) -> None:
         self._provider = provider
         self._max_rounds = max_rounds
         self._universe = provider.universe
-        self._watch: dict[str, list[Incompatibility]] = {}  # identifier -> those naming it
-        self._dependencies: dict[tuple[str, str, str, bool, bool], Incompatibility | None] = {}
+        self._watch: dict[str, list[tuple[int, Incompatibility]]] = {}  # ident -> (term, those)
+        self._dependencies: dict[tuple[str, str, str, bool, bool, int], Incompatibility | None] = {}
+        self._needs: dict[Candidate, list[Incompatibility]] = {}  # per candidate pinned
         self._known: dict[str, int] = {}
         self._history: dict[str, list[_Assignment]] = {}
         self._trail: list[_Assignment] = []
         self._pinned: dict[str, Candidate] = {}
         self._open: set[str] = set()  # must be chosen, not pinned yet
         self._level = 0
-        self._recheck: list[Incompatibility] = []  # causes of undone derivations, latest first
+        self._recheck: list[Incompatibility] = []  # new ones, and causes of undone derivations
         self._learned: set[frozenset[tuple[str, int]]] = set()
         self._queue: list[tuple[int, str]] = []  # (candidates left, identifier), lazily pruned
         self.rounds = 0
@@ -124,6 +135,7 @@ class _Solver:
             if not found.terms:
                 raise NoSolution(found)
             self._add(found)
+            self._recheck.append(found)
         changed = {need.ident for need in roots}
         while True:
             self._propagate(changed)
@@ -135,8 +147,8 @@ class _Solver:
     # -- the partial solution -----------------------------------------------------------------
 
     def _add(self, incompatibility: Incompatibility) -> None:
-        for ident in incompatibility.terms:
-            self._watch.setdefault(ident, []).append(incompatibility)
+        for ident, term in incompatibility.terms.items():
+            self._watch.setdefault(ident, []).append((term, incompatibility))
             if ident not in self._known:
                 self._known[ident] = self._universe(ident)
                 self._history[ident] = []
@@ -174,7 +186,7 @@ class _Solver:
             else:
                 self._open.discard(ident)
         self._level = level
-        self._recheck[:] = causes
+        self._recheck += causes
 
     def _satisfier(self, ident: str, term: int) -> _Assignment:
         for made in self._history[ident]:
@@ -196,7 +208,10 @@ class _Solver:
                     changed.add(derived)
                 continue
             ident = changed.pop()
-            for incompatibility in reversed(self._watch.get(ident, ())):
+            known = self._known[ident]
+            for term, incompatibility in reversed(self._watch.get(ident, ())):
+                if known & ~term:
+                    continue  # what changed does not make this one hold any more than before
                 derived = self._unit(incompatibility)
                 if derived == _CONFLICT:
                     self._learn(incompatibility, changed)
@@ -281,13 +296,18 @@ class _Solver:
         known = self._known
         candidate = self._provider.candidates(ident)[lowest(known[ident])]
         self._count()
+        needs = self._needs.get(candidate)
+        if needs is None:
+            each = (self._dependency(candidate, n) for n in self._provider.dependencies(candidate))
+            needs = self._needs[candidate] = [f for f in each if f is not None]
         ruled_out = False
-        for need in self._provider.dependencies(candidate):
-            found = self._dependency(candidate, need)
-            if found is not None and all(
-                not known[i] & ~t for i, t in found.terms.items() if i != ident
-            ):
+        for found in needs:
+            for i, t in found.terms.items():
+                if i != ident and known[i] & ~t:
+                    break
+            else:
                 ruled_out = True
+                self._recheck.append(found)
         if not ruled_out:
             self._level += 1
             self._pinned[ident] = candidate
@@ -311,10 +331,10 @@ class _Solver:
     def _dependency(self, candidate: Candidate, need: Need) -> Incompatibility | None:
         """The incompatibility saying that ``candidate`` (and its like) need ``need``."""
         ident = candidate.ident
-        key = (ident, *need.key, need.optional)
+        versions = self._provider.run(candidate, need)
+        key = (ident, *need.key, need.optional, versions)
         if key in self._dependencies:
             return self._dependencies[key]
-        versions = self._provider.covering(ident, need)
         universe = self._universe(need.ident)
         term = universe & ~self._provider.mask(need)
         if need.optional:
@@ -329,6 +349,7 @@ class _Solver:
         if all(terms.values()):
             found = Incompatibility(terms, FromDependency(ident, versions, need))
             self._add(found)
+            self._recheck.append(found)
         self._dependencies[key] = found
         return found
 

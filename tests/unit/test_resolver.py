@@ -5,12 +5,13 @@ from __future__ import annotations
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from unittest.mock import patch
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from osk_daemon.versioning import Range, Version
+from osk_daemon.versioning import Range, Version, search
 from osk_daemon.versioning.manifest import Manifest
 from osk_daemon.versioning.matching import Ordered
 from osk_daemon.versioning.provider import Provider
@@ -502,3 +503,13 @@ def test_bisected_matching_agrees_with_range_contains(
     rng = Range.parse(text, include_prerelease=prerelease)
     expected = sum(2 << i for i, v in enumerate(ordered) if rng.contains(v))
     assert Ordered(ordered).mask(rng) == expected
+
+
+@settings(max_examples=150, deadline=None)
+@given(_catalogues())
+def test_short_jumps_agree_with_brute_force_too(
+    case: tuple[dict[str, dict[Version, Declares]], dict[str, Range]],
+) -> None:
+    # Small catalogues never jump far; with no allowance every backjump is one level.
+    with patch.object(search, "_CHRONOLOGICAL", 0):
+        test_finds_a_solution_exactly_when_one_exists.hypothesis.inner_test(case)  # type: ignore[attr-defined]
