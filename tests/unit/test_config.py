@@ -359,7 +359,11 @@ def test_semver_with_prerelease_and_build(tmp_path: Path, version: str) -> None:
 
 DAEMON_ERRORS = [
     ("log_buffer_lines = 0", "daemon.log_buffer_lines", "must be > 0, got 0"),
-    ("log_format = 'xml'", "daemon.log_format", "must be one of 'text', 'json' or 'logfmt', got 'xml'"),
+    (
+        "log_format = 'xml'",
+        "daemon.log_format",
+        "must be one of 'text', 'json' or 'logfmt', got 'xml'",
+    ),
     ("log_level = 'loud'", "daemon.log_level", "must be one of 'debug', "),
     ("heartbeat_interval = -1", "daemon.heartbeat_interval", "must be > 0, got -1"),
     (
