@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 from pathlib import Path
 
@@ -113,8 +112,10 @@ def test_an_invalid_config_is_refused_and_the_running_one_stays(installed: Path)
         with pytest.raises(ControlError, match="version-mismatch"):
             d.ctl("reload")
         d.config.write_text(good.replace('runtime_dir = "run"', 'runtime_dir = "other"'))
-        with pytest.raises(ControlError, match=re.escape("daemon.runtime_dir cannot change")):
+        with pytest.raises(ControlError) as info:
             d.ctl("reload")
+        assert "daemon.runtime_dir" in str(info.value)
+        assert "cannot change while the daemon runs" in str(info.value)
         assert pids(d) == old
         assert d.call("keep", "echo", {"text": "still"})["text"] == "still"
 
