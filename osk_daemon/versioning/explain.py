@@ -119,6 +119,8 @@ def explain(provider: Provider, proof: Incompatibility) -> Conflict:
             f"{said[0]}, but the installed versions of {what} are {_installed(provider, clash[0])}"
         )
         text += others
+    elif len(said) == 1:
+        text = f"{said[0]}{others}, and no set of installed versions satisfies all of that"
     else:
         head, *rest = said
         text = (
@@ -177,7 +179,7 @@ def _clash(provider: Provider, asks: list[_Ask]) -> tuple[ConflictType, list[_As
             return ConflictType.INCOMPATIBLE_VERSIONS, found
         if fallback is None:
             for ask in on:
-                if ask.need.optional or (ask.who is not None and ask.who[0] == target):
+                if ask.need.optional:
                     continue
                 if provider.universe(target) == NOT_CHOSEN:
                     fallback = ConflictType.MISSING_DEPENDENCY, [ask]
@@ -185,7 +187,7 @@ def _clash(provider: Provider, asks: list[_Ask]) -> tuple[ConflictType, list[_As
                     fallback = ConflictType.VERSION_MISMATCH, [ask]
     if fallback is not None:
         return fallback
-    return ConflictType.INCOMPATIBLE_VERSIONS, asks[:1]  # not reached by a sound proof
+    return ConflictType.INCOMPATIBLE_VERSIONS, asks[:1]  # no clash on one identifier
 
 
 def _incompatible(provider: Provider, on: Sequence[_Ask]) -> list[_Ask]:
@@ -196,7 +198,6 @@ def _incompatible(provider: Provider, on: Sequence[_Ask]) -> list[_Ask]:
     those the clash does not need.
     """
     unique = list({(a.who, a.need.text, a.need.optional): a for a in on}.values())
-    unique = [a for a in unique if a.who is None or a.who[0] != a.need.ident]
     for i, one in enumerate(unique):
         for other in unique[i + 1 :]:
             if (

@@ -14,6 +14,8 @@ search touches a few hundred), so everything here is lazy and cached:
   (``matching``); the same range on the same plugin recurs across versions of dependents.
 - ``run(candidate, need)``: the neighbouring releases that ask the same, so that one
   incompatibility speaks for all of them;
+- ``dead(candidate)``: whether a hard requirement of a candidate has no usable match, down
+  the chain, memoised: the search tries such candidates last;
 - ``layering(roots)``: dependents before their dependencies, to order explanations.
 
 Candidates come highest version first; prereleases only when a range opts in (npm rule).
@@ -29,6 +31,8 @@ from typing import Protocol
 
 from osk_daemon.versioning.matching import Ordered, indices
 from osk_daemon.versioning.semver import Comparator, Range, Version
+
+_MAX_DEPTH = 200  # deeper than this, ``dead`` assumes usable rather than recurse further
 
 
 class Needs(Protocol):
@@ -112,6 +116,7 @@ class Provider:
         self._services: dict[str, list[Candidate]] | None = None
         self._deps: dict[Candidate, list[Need]] = {}
         self._universes: dict[str, int] = {}
+        self._dead: dict[Candidate, bool] = {}
         self._asks: dict[str, list[dict[tuple[str, str, bool], bool] | None]] = {}
         self._ordered: dict[str, Ordered] = {}
         self._masks: dict[tuple[str, str, bool], int] = {}
@@ -134,7 +139,8 @@ class Provider:
 
     def matches(self, need: Need) -> list[Candidate]:
         """Every candidate ``need`` accepts, best first."""
-        return [self.candidates(need.ident)[i] for i in indices(self.mask(need))]
+        every = self.candidates(need.ident)
+        return [every[i] for i in indices(self.mask(need))]
 
     def dependencies(self, candidate: Candidate) -> list[Need]:
         """What choosing ``candidate`` asks for; optional service edges only once promoted."""
@@ -197,6 +203,31 @@ class Provider:
                 soft = need.optional and (ident, target) not in self._promoted
                 found[(target, rng.text or "*", rng.include_prerelease)] = soft
         return found
+
+    def dead(self, candidate: Candidate, _depth: int = 0) -> bool:
+        """Whether ``candidate`` can never be used: a hard requirement has no usable match.
+
+        Found depth-first, best match first, and memoised; a cycle or a chain deeper than
+        ``_MAX_DEPTH`` counts as usable (it only has to be right when it says "dead").
+        """
+        found = self._dead.get(candidate)
+        if found is not None:
+            return found
+        if _depth > _MAX_DEPTH:
+            return False
+        self._dead[candidate] = False  # optimistic while on the path
+        for need in self.dependencies(candidate):
+            if need.optional:
+                continue
+            every, left = self.candidates(need.ident), self.mask(need) >> 1
+            index = 0
+            while left and (not left & 1 or self.dead(every[index], _depth + 1)):
+                left >>= 1
+                index += 1
+            if not left:
+                self._dead[candidate] = True
+                return True
+        return False
 
     def layering(self, roots: Sequence[str]) -> dict[str, int]:
         """Rank every identifier reachable from ``roots``: those that may need it rank lower.

@@ -38,10 +38,12 @@ Theory of operation, over the terms and incompatibilities of ``incompatibility``
   takes the full jump.
 - Decision: among identifiers that must be chosen (a positive term) and are not pinned,
   the one with the fewest candidates left (then by name, so the result does not depend
-  on hashing); pin its best candidate left. Its requirements are added first as
-  incompatibilities, each covering the run of neighbouring releases that ask the same
-  (``Provider.run``); if one of them already rules the candidate out, propagation does
-  that instead of the pin.
+  on hashing); pin its best candidate left, skipping those ``Provider.dead`` says no
+  solution can use (value order only: nothing is ruled out without a reason, so the proof
+  stays whole). Its requirements are added first as incompatibilities, each covering the
+  run of neighbouring releases that ask the same (``Provider.run``); if one of them
+  already rules the candidate out, its negation is derived instead and the next best
+  candidate is tried.
 
 Optional requirements become "chosen outside the range" terms: they forbid a version that
 does not fit but never make anything be chosen.
@@ -64,7 +66,7 @@ from osk_daemon.versioning.incompatibility import (
     FromDependency,
     Incompatibility,
 )
-from osk_daemon.versioning.matching import NOT_CHOSEN, lowest
+from osk_daemon.versioning.matching import NOT_CHOSEN, indices, lowest
 from osk_daemon.versioning.provider import Candidate, Need, Provider
 
 
@@ -289,31 +291,56 @@ class _Solver:
     # -- decisions ----------------------------------------------------------------------------
 
     def _decide(self) -> str | None:
-        """Pin the next identifier, or add what rules its best candidate out; None: done."""
+        """Pin the next identifier's best candidate left; None when nothing is left to pin.
+
+        A candidate that one of its own requirements already rules out is not pinned: that
+        requirement's negation is derived at once and the next best is tried.
+        """
         ident = self._next()
         if ident is None:
             return None
-        known = self._known
-        candidate = self._provider.candidates(ident)[lowest(known[ident])]
-        self._count()
+        while True:
+            candidate = self._best(ident)
+            self._count()
+            ruling = self._ruling(ident, candidate)
+            if ruling is None:
+                self._level += 1
+                self._pinned[ident] = candidate
+                self._open.discard(ident)
+                self._assign(ident, 2 << candidate.index, None)
+                return ident
+            derived = self._unit(ruling)
+            if derived != ident:  # a conflict, or a rule on another identifier
+                if derived is None or derived == _CONFLICT:
+                    self._recheck.append(ruling)
+                return ident
+
+    def _best(self, ident: str) -> Candidate:
+        """The best candidate left that is not dead (``Provider.dead``), else the best left.
+
+        Skipping a dead candidate loses nothing (no solution uses it) and saves the search
+        from learning, one release at a time, that a long chain below it ends nowhere.
+        """
+        every, left = self._provider.candidates(ident), self._known[ident]
+        for index in indices(left):
+            if not self._provider.dead(every[index]):
+                return every[index]
+        return every[lowest(left)]
+
+    def _ruling(self, ident: str, candidate: Candidate) -> Incompatibility | None:
+        """A requirement of ``candidate`` that what is known already contradicts, if any."""
         needs = self._needs.get(candidate)
         if needs is None:
             each = (self._dependency(candidate, n) for n in self._provider.dependencies(candidate))
             needs = self._needs[candidate] = [f for f in each if f is not None]
-        ruled_out = False
+        known = self._known
         for found in needs:
             for i, t in found.terms.items():
                 if i != ident and known[i] & ~t:
                     break
             else:
-                ruled_out = True
-                self._recheck.append(found)
-        if not ruled_out:
-            self._level += 1
-            self._pinned[ident] = candidate
-            self._open.discard(ident)
-            self._assign(ident, 2 << candidate.index, None)
-        return ident
+                return found
+        return None
 
     def _next(self) -> str | None:
         """The open identifier with the fewest candidates left (then by name), if any."""
