@@ -172,36 +172,31 @@ class Provider:
         found = 2 << candidate.index
         if ident.startswith("service:"):
             return found
-        count = len(self.candidates(ident))
-        key = need.key
-
-        def asks(index: int) -> bool:
-            soft = self._asked(ident, index).get(key)
-            return soft is not None and (need.optional or not soft)
-
-        index = candidate.index - 1
-        while index >= 0 and asks(index):
-            found |= 2 << index
-            index -= 1
-        index = candidate.index + 1
-        while index < count and asks(index):
-            found |= 2 << index
-            index += 1
-        return found
-
-    def _asked(self, ident: str, index: int) -> dict[tuple[str, str, bool], bool]:
-        """What release ``index`` of plugin ``ident`` asks: need key -> optional."""
+        every = self.candidates(ident)
         releases = self._asks.get(ident)
         if releases is None:
-            releases = self._asks[ident] = [None] * len(self.candidates(ident))
-        found = releases[index]
-        if found is None:
-            found = releases[index] = {}
-            version = self.candidates(ident)[index].version
-            for need in self.catalogue[ident][version].requires:
-                target, rng = ident_of(need), need.range
-                soft = need.optional and (ident, target) not in self._promoted
-                found[(target, rng.text or "*", rng.include_prerelease)] = soft
+            releases = self._asks[ident] = [None] * len(every)
+        key, optional = need.key, need.optional
+        for step in (-1, 1):
+            index = candidate.index + step
+            while 0 <= index < len(every):
+                asked = releases[index]
+                if asked is None:
+                    asked = releases[index] = self._asked(ident, every[index].version)
+                soft = asked.get(key)
+                if soft is None or (soft and not optional):
+                    break
+                found |= 2 << index
+                index += step
+        return found
+
+    def _asked(self, ident: str, version: Version) -> dict[tuple[str, str, bool], bool]:
+        """What one release of plugin ``ident`` asks: need key -> whether optional."""
+        found = {}
+        for need in self.catalogue[ident][version].requires:
+            target, rng = ident_of(need), need.range
+            soft = need.optional and (ident, target) not in self._promoted
+            found[(target, rng.text or "*", rng.include_prerelease)] = soft
         return found
 
     def dead(self, candidate: Candidate, _depth: int = 0) -> bool:
