@@ -313,9 +313,11 @@ def _say_runs(provider: Provider, asks: list[_Ask]) -> str:
     who, many = _versions(provider, ident, versions)
     texts = list(dict.fromkeys(a.need.text for a in asks))
     need = asks[0].need
-    ranges = f"{', '.join(texts[:-1])} or {texts[-1]}" if len(texts) > 1 else texts[0]
     optional = " (optional)" if need.optional else ""
     verb = "need" if many else "needs"
+    if len(texts) == 1:
+        return f"{who} {verb} {noun(need.ident)} {texts[0]}{optional}"
+    ranges = f"{', '.join(texts[:-1])} or {texts[-1]}"
     return f"{who} {verb} {noun(need.ident)} {ranges}{optional}, depending on the release"
 
 
