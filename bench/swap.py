@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import socket
-import threading
 import time
 from typing import Any
 
@@ -54,36 +54,49 @@ GOAL_CUTOVER = 0.050
 
 
 class Load:
-    """Sequential calls from one thread; each (start, latency, version or None, error)."""
+    """Sequential calls from a separate *process* (a thread would share the bench's GIL:
+    whenever the bench's own thread runs, a call's reply waits up to the 5 ms switch
+    interval, which would be measured as the daemon's latency). Each call is recorded as
+    (start, latency, version or None, error); start is CLOCK_MONOTONIC, shared with the
+    parent, so calls can be matched with the swap windows."""
 
     def __init__(self, endpoint: str) -> None:
         self.endpoint = endpoint
         self.calls: list[tuple[float, float, str | None, str]] = []
-        self.grew = threading.Condition()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.count = multiprocessing.Value("q", 0)
+        self._stop = multiprocessing.Event()
+        self._results, self._send = multiprocessing.Pipe(duplex=False)
+        self._proc = multiprocessing.Process(target=self._run, daemon=True)
 
     def _run(self) -> None:
+        calls: list[tuple[float, float, str | None, str]] = []
         with Client(self.endpoint) as client:
             deadline = time.monotonic() + 600  # bounded whatever happens
             while not self._stop.is_set() and time.monotonic() < deadline:
                 start = time.monotonic()
                 try:
                     _, version = client.call("counter", "incr", timeout=10.0)
-                    call = (start, time.monotonic() - start, version, "")
+                    calls.append((start, time.monotonic() - start, version, ""))
                 except OskError as exc:
-                    call = (start, time.monotonic() - start, None, f"{type(exc).__name__}: {exc}")
-                with self.grew:
-                    self.calls.append(call)
-                    if len(self.calls) % 100 == 0:
-                        self.grew.notify_all()
+                    err = f"{type(exc).__name__}: {exc}"
+                    calls.append((start, time.monotonic() - start, None, err))
+                with self.count.get_lock():
+                    self.count.value += 1
+        self._send.send(calls)
 
     def start(self) -> None:
-        self._thread.start()
+        self._proc.start()
+
+    def done(self) -> int:
+        return int(self.count.value)
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(30)
+        if self._results.poll(60):
+            self.calls = self._results.recv()
+        self._proc.join(30)
+        if self._proc.is_alive():
+            self._proc.kill()
 
 
 def swap(d: BenchDaemon, version: str) -> tuple[float, float]:
@@ -120,11 +133,14 @@ def _read_until(sock: socket.socket, types: tuple[str, ...]) -> dict[str, Any]:
 
 
 def wait_calls(d: BenchDaemon, load: Load, count: int) -> None:
-    """Let ``count`` more calls through (steady load between swaps)."""
-    target = len(load.calls) + count
-    with load.grew:
-        if not load.grew.wait_for(lambda: len(load.calls) >= target, timeout=120):
-            raise TimeoutError(f"the load stalled at {len(load.calls)} calls:\n{d.tail()}")
+    """Let ``count`` more calls through (steady load between swaps). The counter lives
+    in shared memory, so there is nothing to wait on but its value: poll it every 10 ms."""
+    target = load.done() + count
+    deadline = time.monotonic() + 120
+    while load.done() < target:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the load stalled at {load.done()} calls:\n{d.tail()}")
+        time.sleep(0.01)
 
 
 def measure(swaps: int, instances: int, min_calls: int, steady_calls: int) -> dict[str, Any]:
@@ -149,8 +165,8 @@ def measure(swaps: int, instances: int, min_calls: int, steady_calls: int) -> di
             for n in range(swaps):
                 windows.append(swap(d, "2.0.0" if n % 2 == 0 else "1.0.0"))
                 wait_calls(d, load, steady_calls)
-            while len(load.calls) < min_calls:
-                wait_calls(d, load, min(steady_calls, min_calls - len(load.calls)))
+            while load.done() < min_calls:
+                wait_calls(d, load, min(steady_calls, min_calls - load.done()))
         finally:
             load.stop()
         drained = [e for e in d.ctl("events", lines=1000) if e["type"] == "rollout:drained"]

@@ -56,6 +56,7 @@ from osk_daemon.rollout.engine import (
 from osk_daemon.rollout.plan import Role, RolloutSpec, Strategy
 from osk_daemon.supervisor import lifecycle as lc
 from osk_daemon.supervisor.instance import NO_STATE, Instance
+from osk_daemon.supervisor.priority import GENTLE_NICE, renice
 from osk_daemon.supervisor.start_gate import UP_STATUSES
 from osk_daemon.supervisor.tree_types import LeafState
 
@@ -276,6 +277,8 @@ class RolloutRun:
         drained = self._sup.broker.drain(inst.key)
         with anyio.move_on_after(self.drain_timeout) as scope:
             await drained
+        if inst.life.pid is not None:  # its stop and exit need not compete with serving
+            renice(inst.life.pid, GENTLE_NICE)
         if scope.cancelled_caught:
             log.warning(
                 "%s: still busy after the %gs drain timeout; stopping it anyway",

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
 import time
 from collections.abc import Callable, Coroutine, Iterable
@@ -47,6 +46,7 @@ from osk_daemon.supervisor.hot_reload import watch_plugin
 from osk_daemon.supervisor.instance import Instance
 from osk_daemon.supervisor.membership import Membership
 from osk_daemon.supervisor.output import LogRing
+from osk_daemon.supervisor.priority import GENTLE_NICE, renice
 from osk_daemon.supervisor.processes import InstanceProcesses, killpg, killpg_only
 from osk_daemon.supervisor.reaper import ChildReaper
 from osk_daemon.supervisor.rollouts import Rollouts
@@ -244,8 +244,8 @@ class Supervisor:
         except OskError as exc:
             log.error("%s: %s", inst.leaf, exc)
             return
-        if isinstance(event, lc.Spawned) and inst.gentle_start:
-            _renice(event.pid, GENTLE_NICE)
+        if isinstance(event, lc.Spawned):  # forked at the zygote's low priority
+            renice(event.pid, GENTLE_NICE if inst.gentle_start else 0)
         self._perform(inst, effects)
         after = inst.life.state
         if after is before:
@@ -275,7 +275,7 @@ class Supervisor:
             inst.restart_span.end()  # from the crash to the replacement's readiness
             inst.restart_span = None
         if inst.gentle_start and inst.life.pid is not None:
-            _renice(inst.life.pid, 0)  # serving now: full share of the CPU
+            renice(inst.life.pid, 0)  # serving now: full share of the CPU
             inst.gentle_start = False
         self.broker.set_ready(inst.key, True)
         self.checks.schedule(inst)
@@ -410,19 +410,6 @@ class Supervisor:
     def check_all_stopped(self) -> None:
         if self._shutting_down and not any(i.live for i in self.instances.values()):
             self._all_stopped.set()
-
-
-# A plugin added while others serve (a swap, a reload) starts at this nice value, so its
-# start-up (interpreter, imports, start()) takes CPU from the serving path only when the
-# CPU is idle; it gets its full share back once ready.
-GENTLE_NICE = 10
-
-
-def _renice(pid: int, nice: int) -> None:
-    try:
-        os.setpriority(os.PRIO_PROCESS, pid, nice)
-    except OSError as exc:  # gone already, or not permitted: only a scheduling hint
-        log.debug("setpriority(%d, %d): %s", pid, nice, exc)
 
 
 def _error_message(body: bytes) -> str:

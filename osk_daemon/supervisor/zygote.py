@@ -398,7 +398,14 @@ def serve(sock: socket.socket, pool: _Pool) -> None:
             pool.fill()
 
 
+# The zygote and its warm children fork and warm up at this nice value, so refilling the
+# pool never takes CPU from plugins that serve; the daemon gives each plugin its normal
+# priority as it spawns (see ``Supervisor.feed``).
+ZYGOTE_NICE = 10
+
+
 def main(argv: list[str]) -> int:
+    os.nice(ZYGOTE_NICE)
     sock = socket.socket(fileno=SOCKET_FD)
     os.set_inheritable(SOCKET_FD, False)
     args = _parse_args(argv)
