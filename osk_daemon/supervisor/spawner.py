@@ -255,10 +255,10 @@ class ZygoteSpawner:
             data = msgpack.packb(message, use_bin_type=True)
             fut: asyncio.Future[int] = zygote.loop.create_future()
             try:
-                await zygote.send(data, [req.stdout, req.stderr])
-                # Registered only now: no reply can be read before this task yields again.
-                zygote.pending[req_id] = fut
-                async with asyncio.timeout(self._spawn_timeout):
+                async with asyncio.timeout(self._spawn_timeout):  # the send too: never hang
+                    await zygote.send(data, [req.stdout, req.stderr])
+                    # Registered only now: no reply can be read before this task yields.
+                    zygote.pending[req_id] = fut
                     return await fut
             except ZygoteLost as exc:
                 if attempt == 2:

@@ -158,6 +158,7 @@ class Zygote:
         self.exited: asyncio.Future[ExitStatus] = loop.create_future()
         self.closed: asyncio.Future[None] = loop.create_future()
         self.pending: dict[int, asyncio.Future[int]] = {}
+        self._send_lock = asyncio.Lock()
         loop.add_reader(sock.fileno(), self._on_readable)
 
     def on_exit(self, status: ExitStatus) -> None:
@@ -189,22 +190,26 @@ class Zygote:
                 self.sock.shutdown(socket.SHUT_WR)
 
     async def send(self, data: bytes, fds: list[int]) -> None:
-        while True:
-            if not self.usable:
-                raise ZygoteLost("zygote is gone")
-            try:
-                socket.send_fds(self.sock, [data], fds)
-                return
-            except BlockingIOError:
-                writable = self.loop.create_future()
-                self.loop.add_writer(self.sock.fileno(), writable.set_result, None)
+        # One sender at a time: asyncio keeps one writer callback per fd, so two requests
+        # waiting for a full socket to drain would replace each other's wake-up and one
+        # would wait forever (seen with 64 instances started at once).
+        async with self._send_lock:
+            while True:
+                if not self.usable:
+                    raise ZygoteLost("zygote is gone")
                 try:
-                    await writable
-                finally:
-                    self.loop.remove_writer(self.sock.fileno())
-            except OSError as exc:
-                self.close(f"zygote socket failed: {exc}")
-                raise ZygoteLost(str(exc)) from exc
+                    socket.send_fds(self.sock, [data], fds)
+                    return
+                except BlockingIOError:
+                    writable = self.loop.create_future()
+                    self.loop.add_writer(self.sock.fileno(), writable.set_result, None)
+                    try:
+                        await writable
+                    finally:
+                        self.loop.remove_writer(self.sock.fileno())
+                except OSError as exc:
+                    self.close(f"zygote socket failed: {exc}")
+                    raise ZygoteLost(str(exc)) from exc
 
     def _on_readable(self) -> None:
         while self.sock.fileno() >= 0:
