@@ -248,6 +248,24 @@ def under_osk(work: Path, stamp: Path) -> Iterator[Callable[[], None]]:
 
 
 @contextlib.contextmanager
+def _supervise(work: Path, argv: list[str]) -> Iterator[Callable[[], None]]:
+    """Run the supervisor ``argv`` in ``work``; afterwards stop it by pid and kill every
+    process it was seen to start. Yields the callback that records its pid again."""
+    track = Tracker()
+    proc = None
+    try:
+        with (work / "out.log").open("wb") as out:
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=work)
+        track.add(proc.pid)
+        yield lambda: track.add(proc.pid)
+    finally:
+        if proc is not None:
+            track.add(proc.pid)
+        stop_popen(proc)
+        track.kill_all()
+
+
+@contextlib.contextmanager
 def under_supervisord(work: Path, stamp: Path, venv: Path) -> Iterator[Callable[[], None]]:
     conf = work / "supervisord.conf"
     conf.write_text(
@@ -270,23 +288,8 @@ startsecs = 0
 startretries = 1000
 """
     )
-    track = Tracker()
-    proc = None
-    try:
-        with (work / "out.log").open("wb") as out:
-            proc = subprocess.Popen(
-                [str(venv / "bin" / "supervisord"), "-c", str(conf)],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=work,
-            )
-        track.add(proc.pid)
-        yield lambda: track.add(proc.pid)
-    finally:
-        if proc is not None:
-            track.add(proc.pid)
-        stop_popen(proc)
-        track.kill_all()
+    with _supervise(work, [str(venv / "bin" / "supervisord"), "-c", str(conf)]) as remember:
+        yield remember
 
 
 @contextlib.contextmanager
@@ -306,23 +309,8 @@ copy_env = true
 OSK_PEER_STAMP = {stamp}
 """
     )
-    track = Tracker()
-    proc = None
-    try:
-        with (work / "out.log").open("wb") as out:
-            proc = subprocess.Popen(
-                [str(venv / "bin" / "circusd"), str(conf)],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=work,
-            )
-        track.add(proc.pid)
-        yield lambda: track.add(proc.pid)
-    finally:
-        if proc is not None:
-            track.add(proc.pid)
-        stop_popen(proc)
-        track.kill_all()
+    with _supervise(work, [str(venv / "bin" / "circusd"), str(conf)]) as remember:
+        yield remember
 
 
 @contextlib.contextmanager
