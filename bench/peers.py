@@ -366,20 +366,8 @@ def under_s6(work: Path, stamp: Path, ready: bool) -> Iterator[Callable[[], None
         script = f"#!/bin/sh\nexec env {env} {sys.executable} {CHILD}\n"
     (service / "run").write_text(script)
     (service / "run").chmod(0o755)
-    track = Tracker()
-    proc = None
-    try:
-        with (work / "out.log").open("wb") as out:
-            proc = subprocess.Popen(
-                ["s6-svscan", str(scan)], stdout=out, stderr=subprocess.STDOUT, cwd=work
-            )
-        track.add(proc.pid)
-        yield lambda: track.add(proc.pid)
-    finally:
-        if proc is not None:
-            track.add(proc.pid)
-        stop_popen(proc)
-        track.kill_all()
+    with _supervise(work, ["s6-svscan", str(scan)]) as remember:
+        yield remember
 
 
 # ---- main ----------------------------------------------------------------------------------

@@ -482,7 +482,9 @@ class Broker:
             self.stats.late_replies += 1
             return
         del self._pending[bid]
-        self._landed(route, pending, ok=kind is Kind.REPLY)
+        outcome = "ok" if kind is Kind.REPLY else "error"
+        self._count(pending.target, outcome)
+        self._landed(route, pending, ok=outcome == "ok")
         self.stats.replies += 1
         self._answer(pending, kind, body)
 
@@ -532,13 +534,18 @@ class Broker:
         if entry is not None:
             now = time.monotonic()
             entry.latency.observe(now - pending.started)
-            entry.outcomes["ok" if ok else "error"] += 1
             if entry.recorder is not None:
                 entry.recorder.record(route.version, now, now - pending.started, ok)
         if route.drained is not None and route.in_flight <= 0:
             if not route.drained.done():
                 route.drained.set_result(None)
             route.drained = None
+
+    def _count(self, plugin: str, outcome: str) -> None:
+        """One answered call of ``plugin`` by outcome (ok, error, timeout, unavailable)."""
+        entry = self._plugins.get(plugin)
+        if entry is not None:
+            entry.outcomes[outcome] += 1
 
     def _answer(self, pending: _Pending, kind: Kind, body: bytes) -> None:
         if pending.span is not None:
@@ -561,16 +568,12 @@ class Broker:
             self.stats.unavailable += 1
         if pending.route is not None:
             self._landed(pending.route, pending, ok=False)
-        entry = self._plugins.get(pending.target)
-        if entry is not None:
-            if pending.route is not None:  # _landed counted it as an error: say which
-                entry.outcomes["error"] -= 1
-            if isinstance(error, Unavailable):
-                entry.outcomes["unavailable"] += 1
-            elif isinstance(error, DeadlineExceeded):
-                entry.outcomes["timeout"] += 1
-            else:
-                entry.outcomes["error"] += 1
+        if isinstance(error, Unavailable):
+            self._count(pending.target, "unavailable")
+        elif isinstance(error, DeadlineExceeded):
+            self._count(pending.target, "timeout")
+        else:
+            self._count(pending.target, "error")
         self._answer(pending, Kind.ERROR, pack(error.to_wire()))
 
     # ---- deadlines --------------------------------------------------------------------

@@ -25,7 +25,7 @@ import anyio
 from watchfiles import Change, awatch
 
 from osk_daemon.errors import ControlError
-from osk_daemon.rollout.plan import RolloutSpec, Strategy
+from osk_daemon.supervisor.rollouts import spec_for
 
 if TYPE_CHECKING:
     from osk_daemon.supervisor.runtime import Supervisor
@@ -75,17 +75,9 @@ async def _swap_when_free(sup: Supervisor, plugin: str) -> None:
         await running.finished.wait()  # the last edit wins: swap once more after it
     current = sup.config.plugins[plugin]
     fresh = current.model_copy()  # same settings, a new identity: new processes, new code
-    spec = RolloutSpec(
-        plugin,
-        str(current.version),
-        str(current.version),
-        Strategy.ROLLING,
-        instances=len([i for i in sup.members.of_plugin(plugin) if not i.retiring]) or 1,
-        max_surge=current.rollout.max_surge,
-        max_unavailable=current.rollout.max_unavailable,
-        progress_deadline=current.rollout.progress_deadline,
-    )
+    live = len([i for i in sup.members.of_plugin(plugin) if not i.retiring]) or 1
     try:
+        spec = spec_for(plugin, current, fresh, {"strategy": "rolling", "instances": live})
         run = sup.rollouts.deploy(plugin, fresh, spec)
     except ControlError as exc:
         log.warning("%s: cannot hot-reload now: %s", plugin, exc)

@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING, Any
 from osk_daemon.config import GroupConfig, PluginConfig, load_config
 from osk_daemon.config.diff import ConfigDiff, diff_configs
 from osk_daemon.errors import ConfigError, ControlError
-from osk_daemon.rollout.plan import RolloutSpec, Strategy
 from osk_daemon.supervisor.instance import health_policy
+from osk_daemon.supervisor.rollouts import spec_for
 from osk_daemon.supervisor.tree_build import leaf_spec
 from osk_daemon.versioning.planning import plan_start
 
@@ -172,15 +172,5 @@ def _retune(sup: Supervisor, name: str, cfg: PluginConfig) -> PluginConfig:
 
 def _swap(sup: Supervisor, name: str, cfg: PluginConfig) -> None:
     current = sup.config.plugins[name]
-    r = cfg.rollout
-    spec = RolloutSpec(
-        name,
-        str(current.version),
-        str(cfg.version),
-        Strategy.ROLLING,
-        instances=cfg.instances,
-        max_surge=r.max_surge,
-        max_unavailable=r.max_unavailable,
-        progress_deadline=r.progress_deadline,
-    )
-    sup.rollouts.deploy(name, cfg, spec)
+    overrides = {"strategy": "rolling", "instances": cfg.instances}
+    sup.rollouts.deploy(name, cfg, spec_for(name, current, cfg, overrides))

@@ -367,7 +367,7 @@ def spec_for(
         "ab_split": r.ab_split,
         "progress_deadline": r.progress_deadline,
     }
-    for key in ("max_surge", "max_unavailable", "ab_split"):
+    for key in ("instances", "max_surge", "max_unavailable", "ab_split"):
         if overrides.get(key) is not None:
             fields[key] = overrides[key]
     try:
