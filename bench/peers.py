@@ -1,4 +1,4 @@
-"""Crash -> respawn under osk-daemon and under its peers, in one run, on one machine.
+"""osk-daemon against its peers, in one run, on one machine: crash -> respawn, and scale.
 
 Every supervisor runs the same child, ``bench/plugins/peerstamp.py``, whose very first line
 records ``time.monotonic()`` (CLOCK_MONOTONIC is system-wide, so the bench compares it with
@@ -28,35 +28,32 @@ cannot be had is skipped with a note. Every supervisor runs in its own ``osk-b-*
 it, and every process it started, is stopped by pid and removed afterwards, whatever
 happens; the install dir too (unless given with ``--peers-dir``, which reuses it).
 
-Not done yet (issue 7): the scale workload (N = 200/500 idle children: time until all run,
-RSS, idle CPU, status latency).
+The scale workload (issue 7: N = 200 and 500 idle children; time until all run,
+supervisor RSS, idle CPU, status latency) is ``peers_scale``; how each supervisor is
+installed, configured for N children, started and stopped is ``peers_run``.
+``--only NAME,...`` limits a run to some supervisors (``osk-daemon``, ``supervisord``,
+``circus``, ``PM2``, ``s6``, ``s6 + notification-fd``).
 
-    python bench/peers.py [--json] [--rounds N] [--quick] [--settle S] [--peers-dir DIR]
+    python bench/peers.py [--json] [--workload crash|scale|all] [--rounds N] [--quick]
+        [--settle S] [--scale 200,500] [--idle S] [--status-runs K] [--osk-runs K]
+        [--only NAMES] [--peers-dir DIR]
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import psutil
 from _common import (
     PERCENTILE_METHOD,
-    PLUGINS,
-    BenchDaemon,
-    bench_plugin,
-    daemon_config,
     emit,
     machine,
     ms,
@@ -66,56 +63,22 @@ from _common import (
     temp_dir,
     verdict,
 )
+from peers_run import (
+    Skip,
+    install_pm2,
+    install_python_peers,
+    install_s6,
+    peer_versions,
+    under_circus,
+    under_osk,
+    under_pm2,
+    under_s6,
+    under_supervisord,
+)
+from peers_scale import Opener, measure_scale, report_scale
 
-CHILD = PLUGINS / "peerstamp.py"
 GOAL_FACTOR = 3.0
 ROUND_TIMEOUT = 20.0
-INSTALL_TIMEOUT = 600.0
-
-
-class Skip(Exception):
-    """A peer that cannot be installed or started; the message is the table's note."""
-
-
-# ---- processes -----------------------------------------------------------------------------
-
-
-class Tracker:
-    """Every process a supervisor run started, remembered as psutil objects (so a kill
-    never hits a reused pid), killed by pid at the end."""
-
-    def __init__(self) -> None:
-        self.seen: dict[int, psutil.Process] = {}
-
-    def add(self, pid: int, recursive: bool = True) -> None:
-        with contextlib.suppress(psutil.Error):
-            proc = psutil.Process(pid)
-            self.seen.setdefault(pid, proc)
-            if recursive:
-                for child in proc.children(recursive=True):
-                    self.seen.setdefault(child.pid, child)
-
-    def kill_all(self) -> None:
-        for proc in self.seen.values():
-            with contextlib.suppress(psutil.Error):
-                proc.kill()
-        psutil.wait_procs(list(self.seen.values()), timeout=5)
-
-
-def stop_popen(proc: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> None:
-    if proc is None:
-        return
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def run(cmd: list[str], timeout: float = 60.0, **kw: Any) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False, **kw)
 
 
 # ---- the stamp file ------------------------------------------------------------------------
@@ -167,233 +130,57 @@ def crash_rounds(
     return results
 
 
-# ---- installing the peers ------------------------------------------------------------------
-
-
-def install_python_peers(base: Path) -> tuple[Path | None, str]:
-    venv = base / "venv"
-    py = venv / "bin" / "python"
-    if not py.exists():
-        made = run(["python3", "-m", "venv", str(venv)], timeout=120)
-        if made.returncode:
-            return None, f"python3 -m venv failed: {made.stderr.strip()[-200:]}"
-    got = run(
-        [str(venv / "bin" / "pip"), "install", "-q", "supervisor", "circus"],
-        timeout=INSTALL_TIMEOUT,
-    )
-    if got.returncode:
-        return None, f"pip install supervisor circus failed: {got.stderr.strip()[-200:]}"
-    return venv, ""
-
-
-def install_pm2(base: Path) -> tuple[Path | None, str]:
-    npm = shutil.which("npm")
-    if not npm or not shutil.which("node"):
-        return None, "no node/npm on this machine"
-    pm2 = base / "npm" / "node_modules" / ".bin" / "pm2"
-    if not pm2.exists():
-        (base / "npm").mkdir(exist_ok=True)
-        got = run(
-            [npm, "install", "--no-audit", "--no-fund", "--silent", "pm2"],
-            timeout=INSTALL_TIMEOUT,
-            cwd=base / "npm",
-        )
-        if got.returncode or not pm2.exists():
-            return None, f"npm install pm2 failed: {got.stderr.strip()[-200:]}"
-    return pm2, ""
-
-
-def install_s6() -> tuple[Path | None, str]:
-    found = shutil.which("s6-svscan")
-    if found:
-        return Path(found), ""
-    if os.geteuid() != 0:
-        return None, "s6 not installed and not root (apt-get install s6)"
-    got = run(["apt-get", "install", "-y", "s6"], timeout=INSTALL_TIMEOUT)
-    if got.returncode:
-        run(["apt-get", "update"], timeout=INSTALL_TIMEOUT)
-        got = run(["apt-get", "install", "-y", "s6"], timeout=INSTALL_TIMEOUT)
-    found = shutil.which("s6-svscan")
-    if not found:
-        return None, f"apt-get install s6 failed: {got.stderr.strip()[-200:]}"
-    return Path(found), ""
-
-
-# ---- one supervisor per context ------------------------------------------------------------
-
-
-def child_env(stamp: Path) -> dict[str, str]:
-    return {**os.environ, "OSK_PEER_STAMP": str(stamp)}
-
-
-@contextlib.contextmanager
-def under_osk(work: Path, stamp: Path) -> Iterator[Callable[[], None]]:
-    config = daemon_config(
-        plugins={
-            "stamp": bench_plugin(
-                "peerstamp:Idle",
-                restart="permanent",
-                env={"OSK_PEER_STAMP": str(stamp)},
-                backoff={"base": 0.0, "max": 0.0, "jitter": 0.0},
-            )
-        },
-        groups={"root": {"intensity": 1000, "period": 1.0}},
-    )
-    daemon = BenchDaemon(work, config)
-    try:
-        daemon.start()
-        yield daemon._remember_children
-    finally:
-        daemon.stop()
-
-
-@contextlib.contextmanager
-def _supervise(work: Path, argv: list[str]) -> Iterator[Callable[[], None]]:
-    """Run the supervisor ``argv`` in ``work``; afterwards stop it by pid and kill every
-    process it was seen to start. Yields the callback that records its pid again."""
-    track = Tracker()
-    proc = None
-    try:
-        with (work / "out.log").open("wb") as out:
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=work)
-        track.add(proc.pid)
-        yield lambda: track.add(proc.pid)
-    finally:
-        if proc is not None:
-            track.add(proc.pid)
-        stop_popen(proc)
-        track.kill_all()
-
-
-@contextlib.contextmanager
-def under_supervisord(work: Path, stamp: Path, venv: Path) -> Iterator[Callable[[], None]]:
-    conf = work / "supervisord.conf"
-    conf.write_text(
-        f"""[supervisord]
-nodaemon = true
-logfile = {work}/supervisord.log
-pidfile = {work}/supervisord.pid
-childlogdir = {work}
-[unix_http_server]
-file = {work}/supervisor.sock
-[rpcinterface:supervisor]
-supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
-[supervisorctl]
-serverurl = unix://{work}/supervisor.sock
-[program:stamp]
-command = {sys.executable} {CHILD}
-environment = OSK_PEER_STAMP="{stamp}"
-autorestart = true
-startsecs = 0
-startretries = 1000
-"""
-    )
-    with _supervise(work, [str(venv / "bin" / "supervisord"), "-c", str(conf)]) as remember:
-        yield remember
-
-
-@contextlib.contextmanager
-def under_circus(work: Path, stamp: Path, venv: Path) -> Iterator[Callable[[], None]]:
-    conf = work / "circus.ini"
-    conf.write_text(
-        f"""[circus]
-endpoint = ipc://{work}/ctl.sock
-pubsub_endpoint = ipc://{work}/pub.sock
-statsd = false
-[watcher:stamp]
-cmd = {sys.executable} {CHILD}
-numprocesses = 1
-respawn = true
-copy_env = true
-[env:stamp]
-OSK_PEER_STAMP = {stamp}
-"""
-    )
-    with _supervise(work, [str(venv / "bin" / "circusd"), str(conf)]) as remember:
-        yield remember
-
-
-@contextlib.contextmanager
-def under_pm2(work: Path, stamp: Path, pm2: Path) -> Iterator[Callable[[], None]]:
-    home = work / "pm2home"
-    env = {**child_env(stamp), "PM2_HOME": str(home)}
-    ecosystem = work / "ecosystem.config.js"
-    app = {
-        "name": "stamp",
-        "script": str(CHILD),
-        "interpreter": sys.executable,
-        "autorestart": True,
-        "restart_delay": 0,
-        "min_uptime": 0,
-        "max_restarts": 100000,
-        "env": {"OSK_PEER_STAMP": str(stamp)},
-    }
-    ecosystem.write_text(f"module.exports = {json.dumps({'apps': [app]})};\n")
-    track = Tracker()
-
-    def god() -> None:
-        with contextlib.suppress(OSError, ValueError):
-            track.add(int((home / "pm2.pid").read_text().strip()))
-
-    try:
-        got = run([str(pm2), "start", str(ecosystem)], env=env, cwd=work)
-        god()
-        if got.returncode:
-            raise Skip(f"pm2 start failed: {got.stderr.strip()[-200:]}")
-        yield god
-    finally:
-        god()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            run([str(pm2), "kill"], env=env, cwd=work, timeout=30)
-        track.kill_all()
-
-
-@contextlib.contextmanager
-def under_s6(work: Path, stamp: Path, ready: bool) -> Iterator[Callable[[], None]]:
-    scan = work / "scan"
-    service = scan / "stamp"
-    service.mkdir(parents=True)
-    notify = "export OSK_PEER_NOTIFY_FD 3\n" if ready else ""
-    if ready:
-        (service / "notification-fd").write_text("3\n")
-    execline = shutil.which("execlineb")
-    if execline:
-        script = (
-            f"#!{execline} -P\nexport OSK_PEER_STAMP {stamp}\n{notify}{sys.executable} {CHILD}\n"
-        )
-    else:
-        env = f"OSK_PEER_STAMP={stamp}" + (" OSK_PEER_NOTIFY_FD=3" if ready else "")
-        script = f"#!/bin/sh\nexec env {env} {sys.executable} {CHILD}\n"
-    (service / "run").write_text(script)
-    (service / "run").chmod(0o755)
-    with _supervise(work, ["s6-svscan", str(scan)]) as remember:
-        yield remember
-
-
 # ---- main ----------------------------------------------------------------------------------
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", action="store_true", help="JSON on stdout, table on stderr")
+    parser.add_argument(
+        "--workload", choices=["crash", "scale", "all"], default="all", help="default all"
+    )
     parser.add_argument("--rounds", type=int, default=30, help="crash rounds (default 30)")
-    parser.add_argument("--quick", action="store_true", help="10 rounds")
+    parser.add_argument(
+        "--quick", action="store_true", help="10 crash rounds, 3 status runs, 5 s idle window"
+    )
     parser.add_argument(
         "--settle", type=float, default=1.1, help="seconds between rounds (default 1.1)"
     )
+    parser.add_argument(
+        "--scale", type=_sizes, default=[200, 500], help="children per run (default 200,500)"
+    )
+    parser.add_argument("--idle", type=float, default=10.0, help="idle CPU window (default 10 s)")
+    parser.add_argument("--status-runs", type=int, default=5, help="status runs (default 5)")
+    parser.add_argument("--osk-runs", type=int, default=2, help="scale runs of osk (default 2)")
+    parser.add_argument(
+        "--scale-timeout", type=float, default=120.0, help="for all N to run (default 120 s)"
+    )
+    parser.add_argument("--only", help="comma-separated supervisors (e.g. osk-daemon,s6)")
     parser.add_argument("--peers-dir", type=Path, help="reuse (and keep) this install dir")
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds = min(args.rounds, 10)
+        args.status_runs = min(args.status_runs, 3)
+        args.idle = min(args.idle, 5.0)
     return args
 
 
-def measure(name: str, opener: Callable[[Path, Path], Any], args: Any) -> dict[str, Any]:
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of integers: {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"sizes must be >= 1: {text!r}")
+    return sizes
+
+
+def measure(name: str, opener: Opener, args: Any) -> dict[str, Any]:
     with temp_dir() as work:
         stamp = work / "stamps"
         try:
-            with opener(work, stamp) as track:
-                results = crash_rounds(stamp, args.rounds, args.settle, track)
+            with opener(work, stamp, 1) as sup:
+                results = crash_rounds(stamp, args.rounds, args.settle, sup.track)
         except Skip as exc:
             return {"name": name, "skipped": str(exc)}
         except (TimeoutError, RuntimeError, OSError) as exc:
@@ -404,66 +191,68 @@ def measure(name: str, opener: Callable[[Path, Path], Any], args: Any) -> dict[s
     return {"name": name, "rounds": results, "respawn": summarize([r["respawn"] for r in results])}
 
 
+Plan = list[tuple[str, Opener | None, str]]
+
+
+def plans(base: Path) -> tuple[Plan, Plan, dict[str, str]]:
+    """Install what can be had; the crash and scale plans (name, opener or None, note)."""
+    venv, venv_note = install_python_peers(base)
+    pm2, pm2_note = install_pm2(base)
+    s6, s6_note = install_s6()
+    peers: Plan = [
+        (
+            "supervisord",
+            (lambda w, s, n: under_supervisord(w, s, venv, n)) if venv else None,
+            venv_note,
+        ),
+        ("circus", (lambda w, s, n: under_circus(w, s, venv, n)) if venv else None, venv_note),
+        ("PM2", (lambda w, s, n: under_pm2(w, s, pm2, n)) if pm2 else None, pm2_note),
+        ("s6", (lambda w, s, n: under_s6(w, s, False, n)) if s6 else None, s6_note),
+    ]
+    ready: Plan = [
+        ("s6 + notification-fd", (lambda w, s, n: under_s6(w, s, True, n)) if s6 else None, s6_note)
+    ]
+    return [("osk-daemon", under_osk, ""), *peers, *ready], peers, peer_versions(venv, pm2, s6)
+
+
 def main() -> None:
     args = parse()
+    only = set(args.only.split(",")) if args.only else None
     own_install = args.peers_dir is None
     base = Path(tempfile.mkdtemp(prefix="osk-peers-")) if own_install else args.peers_dir
     base.mkdir(parents=True, exist_ok=True)
+    crash: list[dict[str, Any]] = []
+    scale: list[dict[str, Any]] = []
     try:
-        venv, venv_note = install_python_peers(base)
-        pm2, pm2_note = install_pm2(base)
-        s6, s6_note = install_s6()
-        plan: list[tuple[str, Callable[[Path, Path], Any] | None, str]] = [
-            ("osk-daemon", under_osk, ""),
-            (
-                "supervisord",
-                (lambda w, s: under_supervisord(w, s, venv)) if venv else None,
-                venv_note,
-            ),
-            ("circus", (lambda w, s: under_circus(w, s, venv)) if venv else None, venv_note),
-            ("PM2", (lambda w, s: under_pm2(w, s, pm2)) if pm2 else None, pm2_note),
-            ("s6", (lambda w, s: under_s6(w, s, False)) if s6 else None, s6_note),
-            ("s6 + notification-fd", (lambda w, s: under_s6(w, s, True)) if s6 else None, s6_note),
-        ]
-        versions = peer_versions(venv, pm2, s6)
-        results = []
-        for name, opener, note in plan:
-            if opener is None:
-                results.append({"name": name, "skipped": note})
-                continue
-            print(f"peers: {name} ...", file=sys.stderr, flush=True)
-            results.append(measure(name, opener, args))
+        crash_plan, scale_peers, versions = plans(base)
+        if args.workload in ("crash", "all"):
+            for name, opener, note in crash_plan:
+                if only is not None and name not in only:
+                    continue
+                if opener is None:
+                    crash.append({"name": name, "skipped": note})
+                    continue
+                print(f"peers: crash, {name} ...", file=sys.stderr, flush=True)
+                crash.append(measure(name, opener, args))
+        if args.workload in ("scale", "all"):
+            runs = args.osk_runs
+            osk: Plan = [(f"osk-daemon #{i + 1}", under_osk, "") for i in range(runs)]
+            for n in args.scale:
+                for name, opener, note in [*osk, *scale_peers]:
+                    if only is not None and name.partition(" #")[0] not in only:
+                        continue
+                    if opener is None:
+                        scale.append({"name": name, "n": n, "skipped": note})
+                        continue
+                    print(f"peers: scale {n}, {name} ...", file=sys.stderr, flush=True)
+                    scale.append(measure_scale(name, opener, n, args))
     finally:
         if own_install:
             shutil.rmtree(base, ignore_errors=True)
-    report(results, versions, args)
+    report(crash, scale, versions, args)
 
 
-def peer_versions(venv: Path | None, pm2: Path | None, s6: Path | None) -> dict[str, str]:
-    out = {}
-    if venv:
-        got = run([str(venv / "bin" / "pip"), "list", "--format=json"])
-        with contextlib.suppress(ValueError):
-            for pkg in json.loads(got.stdout):
-                if pkg["name"].lower() in ("supervisor", "circus"):
-                    out[pkg["name"].lower()] = pkg["version"]
-    if pm2:
-        out["pm2"] = pm2_version(pm2)
-    if s6:
-        got = run(["dpkg-query", "-W", "-f", "${Version}", "s6"])
-        out["s6"] = got.stdout.strip() or "?"
-    out["node"] = run(["node", "--version"]).stdout.strip() if shutil.which("node") else "-"
-    return out
-
-
-def pm2_version(pm2: Path) -> str:
-    package = pm2.resolve().parent.parent / "package.json"
-    with contextlib.suppress(OSError, ValueError):
-        return str(json.loads(package.read_text())["version"])
-    return "?"
-
-
-def report(results: list[dict[str, Any]], versions: dict[str, str], args: Any) -> None:
+def report_crash(results: list[dict[str, Any]], args: Any) -> tuple[list[str], bool | None]:
     measured = [r for r in results if "respawn" in r]
     osk = next((r for r in measured if r["name"] == "osk-daemon"), None)
     peers = [r for r in measured if r["name"] != "osk-daemon"]
@@ -479,13 +268,8 @@ def report(results: list[dict[str, Any]], versions: dict[str, str], args: Any) -
         else:
             rows.append([r["name"], "-", "-", "-", "-", f"skipped: {r['skipped']}"])
     lines = [
-        "peers: crash (SIGKILL) -> the replacement's first line of code runs, same child "
-        "(bench/plugins/peerstamp.py) under every supervisor",
-        f"rounds {args.rounds} per supervisor, {args.settle} s between rounds; "
-        f"percentiles: {PERCENTILE_METHOD}",
-        f"machine: {machine()}; {os.cpu_count()} cores, other work may be running: "
-        "compare within this run only",
-        "versions: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())),
+        "crash (SIGKILL) -> the replacement's first line of code runs; "
+        f"rounds {args.rounds} per supervisor, {args.settle} s between rounds",
         "",
         table(["supervisor", "n", "p50", "p99", "max", "note"], rows),
         "",
@@ -501,18 +285,45 @@ def report(results: list[dict[str, Any]], versions: dict[str, str], args: Any) -
         )
     else:
         lines.append("goal crash -> respawn >= 3x faster than the fastest peer: not measurable")
-    lines.append("scale (N = 200/500 idle children): not measured yet")
-    data = {
+    return lines, goal_ok
+
+
+def report(
+    crash: list[dict[str, Any]], scale: list[dict[str, Any]], versions: dict[str, str], args: Any
+) -> None:
+    lines = [
+        "peers: osk-daemon vs supervisord, circus, PM2, s6; the same child "
+        "(bench/plugins/peerstamp.py) under every supervisor",
+        f"percentiles: {PERCENTILE_METHOD}",
+        f"machine: {machine()}; {os.cpu_count()} cores, other work may be running: "
+        "compare within this run only",
+        "versions: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())),
+        "",
+    ]
+    data: dict[str, Any] = {
         "machine": machine(),
         "percentiles": PERCENTILE_METHOD,
-        "unit": "seconds",
-        "rounds": args.rounds,
-        "settle": args.settle,
+        "unit": "seconds, bytes, percent of one core",
         "versions": versions,
-        "crash_respawn": results,
-        "goals": {"crash -> respawn p50 >= 3x faster than the fastest peer": goal_ok},
+        "goals": {},
     }
-    emit("\n".join(lines), data, args.json)
+    if crash:
+        crash_lines, goal_ok = report_crash(crash, args)
+        lines += [*crash_lines, ""]
+        data.update(rounds=args.rounds, settle=args.settle, crash_respawn=crash)
+        data["goals"]["crash -> respawn p50 >= 3x faster than the fastest peer"] = goal_ok
+    if scale:
+        lines += [
+            f"scale: N idle children; all running = start command -> N distinct pids stamped; "
+            f"RSS/PSS of the supervisor's own processes once all run; idle CPU over "
+            f"{args.idle:g} s (% of one core); status = p50 of {args.status_runs} runs",
+            "",
+        ]
+        scale_lines, goals = report_scale(scale)
+        lines += scale_lines
+        data.update(idle=args.idle, status_runs=args.status_runs, scale=scale)
+        data["goals"]["scale"] = goals
+    emit("\n".join(lines).rstrip(), data, args.json)
 
 
 if __name__ == "__main__":
