@@ -8,10 +8,16 @@ about; systemd hears READY=1 once the critical plugins are up, and WATCHDOG=1 fr
 loop all along (``observability.notify``). Shutdown runs the other way: the tree stops
 every plugin in reverse start order, then the zygote, the broker and the control socket
 close, and nothing is left behind.
+
+A daemon that dies any other way (a crash, ``kill -9``) leaves its plugins running: the
+next one, started on the same runtime dir, re-adopts them (``supervisor.adoption``) before
+it sweeps cgroups or binds a socket. The runtime dir's lock file keeps two daemons from
+sharing one.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import signal
@@ -25,14 +31,15 @@ import zmq
 from osk_daemon.config import Config, SpawnMode
 from osk_daemon.control.commands import DaemonCommands
 from osk_daemon.control.server import serve_control
-from osk_daemon.errors import BootFailed, OskError
+from osk_daemon.errors import BootFailed, ControlError, OskError
 from osk_daemon.observability.notify import Watchdog, announce, service_notifier
+from osk_daemon.supervisor.adoption import find_survivors, output_dir
 from osk_daemon.supervisor.confinement import Confinement
 from osk_daemon.supervisor.reaper import ChildReaper, become_subreaper
 from osk_daemon.supervisor.reload import reload_config
 from osk_daemon.supervisor.runtime import Endpoints, Supervisor
 from osk_daemon.supervisor.spawner import ExecSpawner, Spawner, ZygoteSpawner
-from osk_daemon.versioning.planning import plan_start
+from osk_daemon.versioning.planning import StartPlan, plan_start
 
 log = logging.getLogger("osk.daemon")
 
@@ -58,6 +65,26 @@ def prepare_runtime_dir(path: Path) -> None:
     """0711: others may traverse (sandboxed plugins reach workers.sock), not list."""
     path.mkdir(parents=True, exist_ok=True)
     path.chmod(0o711)
+    output_dir(path).mkdir(mode=0o700, exist_ok=True)
+
+
+def lock_runtime_dir(path: Path) -> int:
+    """Hold ``runtime_dir/daemon.lock`` for the daemon's life (the kernel drops it when
+    the process dies, however it dies). A second daemon on the same runtime dir is refused
+    before it touches anything: the first one's plugins, cgroups and sockets are its own."""
+    fd = os.open(path / "daemon.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise ControlError(
+            f"another daemon (pid {holder}) runs on {path}; stop it first, "
+            "or give this one another daemon.runtime_dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def secure_sockets(runtime_dir: Path) -> None:
@@ -70,15 +97,27 @@ async def run_daemon(
     config: Config, *, on_ready: Callable[[Supervisor], None] | None = None
 ) -> None:
     """Run the daemon in the current asyncio loop until SIGTERM/SIGINT or ``shutdown``."""
-    import asyncio
-
     plan = plan_start(config)  # raises ConfigError for a conflict, explained
     for warning in plan.warnings:
         log.warning("start order: %s", warning)
     config = plan.config
     d = config.daemon
     os.umask(0o077)  # sockets and files the daemon creates are its own until it says else
-    confinement = Confinement.open(config)
+    prepare_runtime_dir(d.runtime_dir)
+    lock = lock_runtime_dir(d.runtime_dir)
+    try:
+        await _run_locked(plan, on_ready)
+    finally:
+        os.close(lock)
+
+
+async def _run_locked(plan: StartPlan, on_ready: Callable[[Supervisor], None] | None) -> None:
+    import asyncio
+
+    config = plan.config
+    d = config.daemon
+    survivors = find_survivors(config)  # what a previous daemon left running, re-adopted
+    confinement = Confinement.open(config, keep=survivors.cgroups)
     try:
         warnings = confinement.check()  # raises ConfigError for what cannot be enforced
     except BaseException:
@@ -86,7 +125,6 @@ async def run_daemon(
         raise
     for warning in warnings:
         log.warning("sandbox degraded: %s", warning)
-    prepare_runtime_dir(d.runtime_dir)
     become_subreaper()
     loop = asyncio.get_running_loop()
     reaper = ChildReaper()
@@ -107,7 +145,7 @@ async def run_daemon(
         stop = anyio.Event()
         async with anyio.create_task_group() as tg:
             supervisor = sup = Supervisor(
-                plan, tg, reaper, spawners, endpoints(d.runtime_dir), confinement
+                plan, tg, reaper, spawners, endpoints(d.runtime_dir), confinement, survivors
             )
             secure_sockets(d.runtime_dir)
             commands = DaemonCommands(supervisor, stop.set)

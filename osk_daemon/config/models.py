@@ -434,6 +434,15 @@ class DaemonConfig(BaseModel):
     max_message_size: Size = Field(default=16 * 1024 * 1024, ge=1024)
     call_timeout: float = Field(default=10.0, gt=0)
     shutdown_timeout: float = Field(default=30.0, gt=0)
+    orphan_timeout: float = Field(
+        default=30.0,
+        ge=0,
+        description=(
+            "how long a plugin outlives a daemon that died or was killed, waiting to be "
+            "re-adopted by the next one; 0 ties plugins to the daemon (PR_SET_PDEATHSIG): "
+            "they die with it and a restarted daemon starts them afresh"
+        ),
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -9,7 +9,9 @@ running as another uid must be able to reach, so it is world-connectable (0666 i
 0711 runtime dir) and trusts nobody by default: a worker connects a DEALER and says
 HELLO with the one-time token the daemon gave its process at spawn; only then is its
 routing id bound to an instance ``(plugin, index)``, and only then are its REPLYs,
-heartbeats and REQUESTs (calls to other plugins) accepted.
+heartbeats and REQUESTs (calls to other plugins) accepted. A worker's routing id is its
+token, so a daemon restarted over live plugins binds them before they reconnect
+(``adopt``); any other peer that talks before saying HELLO is told to STOP.
 
 A REQUEST gets a broker-wide id; the table ``_pending`` maps it back to the caller's own
 id and routing id, so replies from a worker are forwarded to whoever asked, with the
@@ -79,6 +81,7 @@ WorkerListener = Callable[[InstanceKey, Header, bytes], None]
 _WORKER_KINDS = frozenset(
     {Kind.READY, Kind.HEARTBEAT, Kind.EVENT, Kind.HEALTH_REPLY, Kind.START_FAILED}
 )
+_MAX_STRAYS = 1024
 
 
 @dataclass(slots=True)
@@ -146,6 +149,7 @@ class Broker:
             on_undeliverable=self._undeliverable,
         )
         self._tokens: dict[str, InstanceKey] = {}
+        self._strays: set[bytes] = set()  # unbound peers already told to stop
         self._by_rid: dict[bytes, Route] = {}
         self._plugins: dict[str, PluginRoutes] = {}
         self._pending: dict[int, _Pending] = {}
@@ -180,6 +184,19 @@ class Broker:
     def expect(self, token: str, key: InstanceKey) -> None:
         """A process for ``key`` was spawned with ``token``; its HELLO will bind it."""
         self._tokens[token] = key
+
+    def adopt(self, key: InstanceKey, token: str) -> None:
+        """Bind ``key`` to a process a previous daemon started. Its worker uses ``token``
+        as its routing id, so its frames are known as soon as it reconnects; it takes
+        requests once the supervisor calls ``set_ready``."""
+        entry = self._plugins.setdefault(key[0], PluginRoutes())
+        old = entry.routes.get(key[1])
+        if old is not None:
+            self._by_rid.pop(old.rid, None)
+        rid = token.encode()
+        route = Route(key, rid, self._workers, version=entry.versions.get(key[1], ""))
+        entry.routes[key[1]] = route
+        self._by_rid[rid] = route
 
     def set_ready(self, key: InstanceKey, ready: bool) -> None:
         route = self._route_of(key)
@@ -355,7 +372,7 @@ class Broker:
             if header is None:
                 assert reply is not None
                 if route is None:
-                    self._unauthenticated(reply[0])
+                    self._unauthenticated(reply[0], ep, rid)
                 else:
                     self._reply(route, reply[0], reply[1], body)
                 continue
@@ -364,7 +381,7 @@ class Broker:
                 self._hello(ep, rid, header, body)
                 route = self._by_rid.get(rid)
             elif route is None:
-                self._unauthenticated(kind)
+                self._unauthenticated(kind, ep, rid)
             elif kind is Kind.REQUEST:
                 self._request((ep, rid), header, body)
             elif kind is Kind.REPLY or kind is Kind.ERROR:
@@ -375,9 +392,18 @@ class Broker:
                 self.stats.dropped_malformed += 1
                 log.warning("dropped %s: not a kind a worker may send", kind.name)
 
-    def _unauthenticated(self, kind: Kind) -> None:
+    def _unauthenticated(self, kind: Kind, ep: LoopSocket, rid: bytes) -> None:
+        """A frame from a peer that is not bound. A worker that never said HELLO here is
+        a stray (a plugin a previous daemon started and this one does not adopt, or one
+        whose life already ended): it is told to STOP, once."""
         self.stats.dropped_unauthenticated += 1
-        log.warning("dropped %s from a peer that never said HELLO", kind.name)
+        if rid in self._strays:
+            return
+        if len(self._strays) >= _MAX_STRAYS:
+            self._strays.clear()
+        self._strays.add(rid)
+        log.warning("dropped %s from a peer that never said HELLO; told it to stop", kind.name)
+        ep.send((rid, Header(Kind.STOP).encode(), b""))
 
     def _request(self, caller: tuple[LoopSocket, bytes], header: Header, body: bytes) -> None:
         deadline = header.deadline or time.monotonic() + self._default_timeout

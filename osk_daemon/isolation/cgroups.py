@@ -31,7 +31,7 @@ import errno
 import re
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -197,9 +197,11 @@ class Cgroups(ABC):
     def attach(self, instance: str) -> InstanceCgroup:
         """An existing (or absent) instance cgroup, for leftovers; writes nothing."""
 
-    def sweep(self) -> list[str]:
-        """Kill and remove every instance cgroup under our subtree; returns their names."""
-        names = sorted({n for root in self.root_paths for n in children(root)})
+    def sweep(self, keep: Collection[str] = ()) -> list[str]:
+        """Kill and remove every instance cgroup under our subtree but those in ``keep``
+        (instances a restarted daemon re-adopts); returns the names removed."""
+        found = {n for root in self.root_paths for n in children(root)}
+        names = sorted(found - set(keep))
         for name in names:
             self.attach(name).remove()
         return names

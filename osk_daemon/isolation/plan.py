@@ -11,7 +11,8 @@ the README is generated from the same rules):
 
 ==========  ================================================================================
 none        cgroup join and rlimits (whatever the daemon passes)
-minimal     + ``PR_SET_NO_NEW_PRIVS``, ``PR_SET_PDEATHSIG(SIGKILL)`` tied to the daemon
+minimal     + ``PR_SET_NO_NEW_PRIVS``; ``PR_SET_PDEATHSIG(SIGKILL)`` tied to the daemon when
+            a ``parent_pid`` is given (``daemon.orphan_timeout = 0``: plugins die with it)
 standard    + empty capability bounding set, no supplementary groups, setresgid/setresuid to
             the plugin's uid/gid, Landlock: read/exec on ``read_paths``, read/write on
             ``write_paths``, everything else EACCES; signals scoped to the sandbox (ABI >= 6)
@@ -101,7 +102,9 @@ class LaunchPlan:
         if self.rlimits:
             out.add("rlimits")
         if self.restricts_self:
-            out |= {"no_new_privs", "pdeathsig"}
+            out.add("no_new_privs")
+            if self.parent_pid is not None:  # not when plugins must outlive the daemon
+                out.add("pdeathsig")
         if self.landlock:
             out |= {"capabilities", "landlock", "landlock_scope"}
         if self.uid is not None or self.gid is not None:

@@ -16,10 +16,11 @@ How (runs in the child, as root, single-threaded):
 5. ``setgroups([])``, ``setresgid``, ``setresuid``, verified. Then, at paranoid, the user
    namespace (plus the network namespace if not granted) is entered *as the plugin uid*, so
    it is owned by that uid, and the capabilities it grants inside are dropped at once.
-6. ``PR_SET_PDEATHSIG(SIGKILL)``: after the uid change (which clears it) and only once the
-   daemon is our parent (a zygote's middle process exits right after forking us, and its
-   exit would fire the signal). Waits up to 2 s for ``getppid() == parent_pid``; if the
-   daemon died meanwhile the process kills itself.
+6. ``PR_SET_PDEATHSIG(SIGKILL)``, when the plan names a ``parent_pid`` (plugins that
+   must outlive a daemon restart have none): after the uid change (which clears it) and
+   only once the daemon is our parent (a zygote's middle process exits right after
+   forking us, and its exit would fire the signal). Waits up to 2 s for
+   ``getppid() == parent_pid``; if the daemon died meanwhile the process kills itself.
 7. ``PR_SET_NO_NEW_PRIVS``.
 8. Landlock ``restrict_self``.
 9. seccomp load (all threads).
@@ -183,7 +184,8 @@ def apply_in_child(plan: LaunchPlan, *, features: KernelFeatures | None = None) 
             if not run.step("user_namespace", lambda: _enter_user_namespace(net)) and net:
                 run.fail("net_namespace", "not created: the user namespace step failed")
         if plan.restricts_self:
-            run.step("pdeathsig", lambda: _tie_to_parent(plan.parent_pid))
+            if plan.parent_pid is not None:
+                run.step("pdeathsig", lambda: _tie_to_parent(plan.parent_pid))
             run.step("no_new_privs", set_no_new_privs)
         if ruleset is not None:
             run.step("landlock", ruleset.restrict_self)

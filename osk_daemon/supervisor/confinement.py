@@ -25,6 +25,7 @@ import hashlib
 import logging
 import os
 import pwd
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,13 +82,14 @@ class Confinement:
     _degraded: dict[str, tuple[str, ...]] = field(default_factory=dict)  # from check()
 
     @classmethod
-    def open(cls, config: Config) -> Confinement:
-        """Detect cgroups (and sweep a previous run's leftovers) and probe the kernel."""
+    def open(cls, config: Config, keep: Collection[str] = ()) -> Confinement:
+        """Detect cgroups (and sweep a previous run's leftovers, but the cgroups named in
+        ``keep``: instances this daemon re-adopts) and probe the kernel."""
         cgroups: Cgroups | None = None
         if config.daemon.cgroups:
             try:
                 cgroups = Cgroups.detect(cgroup_name(config.daemon.runtime_dir))
-                removed = cgroups.sweep()
+                removed = cgroups.sweep(keep)
                 if removed:
                     log.warning("removed cgroups left by a previous run: %s", removed)
             except OskError as exc:
@@ -161,7 +163,7 @@ class Confinement:
         Made on the first start and kept across restarts (a restart is on the crash
         path, where every millisecond counts); ``release(final=True)`` drops them.
         """
-        key = f"{name}-{index}"
+        key = instance_cgroup(name, index)
         kept = self._kept.get(key)
         if kept is not None:
             kept.oom_before = kept.cgroup.oom_kills() if kept.cgroup is not None else 0
@@ -176,6 +178,20 @@ class Confinement:
         procs = cgroup.procs_files if cgroup is not None else ()
         plan = self._plan(name, plugin, index, procs)
         self._make_state_dir(name, plan)
+        prepared = Prepared(cgroup, plan, cgroup.oom_kills() if cgroup is not None else 0)
+        self._kept[key] = prepared
+        return prepared
+
+    def adopt(self, name: str, plugin: PluginConfig, index: int) -> Prepared:
+        """What a re-adopted instance runs in: its existing cgroup (nothing is written to
+        it; limits are the ones it was created with) and the plan it would get now."""
+        key = instance_cgroup(name, index)
+        cgroup = None
+        if self.cgroups is not None:
+            cgroup = self.cgroups.attach(key)
+            if not cgroup.exists():
+                cgroup = None
+        plan = self._plan(name, plugin, index, cgroup.procs_files if cgroup is not None else ())
         prepared = Prepared(cgroup, plan, cgroup.oom_kills() if cgroup is not None else 0)
         self._kept[key] = prepared
         return prepared
@@ -253,7 +269,8 @@ class Confinement:
             level,
             cgroup_procs=procs,
             rlimits=tuple(rlimits),
-            parent_pid=os.getpid(),
+            # tied to the daemon only when plugins must not outlive it (orphan_timeout 0)
+            parent_pid=os.getpid() if self.config.daemon.orphan_timeout == 0 else None,
             uid=uid,
             gid=gid,
             read_paths=default_read_paths(code),
@@ -270,6 +287,11 @@ class Confinement:
         path.chmod(0o700)
         if plan.uid is not None:
             os.chown(path, plan.uid, plan.gid if plan.gid is not None else -1)
+
+
+def instance_cgroup(plugin: str, index: int) -> str:
+    """The name of an instance's cgroup under the daemon's subtree."""
+    return f"{plugin}-{index}"
 
 
 def cgroup_name(runtime_dir: Path) -> str:

@@ -13,6 +13,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from osk_daemon.config import Config, PluginConfig, StateStrategy
@@ -54,6 +55,11 @@ class Instance:
     retiring: bool = False  # being drained and stopped by a rollout or reload
     gentle_start: bool = False  # start at a low CPU priority (added while others serve)
     exits_by_reason: dict[str, int] = field(default_factory=dict)  # unrequested ends
+    # for re-adoption by a restarted daemon (runtime_state): this life's process start
+    # time, its output FIFOs, and whether it was adopted and has not spoken yet
+    start_ticks: int | None = None
+    fifos: tuple[Path, Path] | None = None
+    adopting: bool = False
 
     @classmethod
     def create(cls, plugin: str, index: int, cfg: PluginConfig) -> Instance:
@@ -118,6 +124,7 @@ class Instance:
             "endpoint": endpoint,
             "token": self.token,
             "heartbeat_interval": d.heartbeat_interval,
+            "orphan_timeout": d.orphan_timeout,
             "max_message_size": int(d.max_message_size),
             "call_timeout": d.call_timeout,
             "log_level": d.log_level.upper() if isinstance(d.log_level, str) else "INFO",

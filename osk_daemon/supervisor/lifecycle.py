@@ -6,6 +6,8 @@ State names are the ObjectStack spec's plugin loading states. An instance is PEN
 the tree first starts it. StartRequested spawns a process (LOADING); its HELLO on the
 broker means the process runs our worker (INITIALIZING, the plugin's ``start()`` is
 running); READY means ``start()`` returned. A start timer bounds LOADING+INITIALIZING.
+A process a previous daemon left running is Adopted instead: PENDING goes straight to
+INITIALIZING, and READY follows its first frame on the new daemon's broker.
 
 Stopping is a ladder: ask the worker (STOP frame, it runs ``stop()`` and exits), SIGTERM
 after ``shutdown_timeout``, SIGKILL after another ``shutdown_timeout``. A process that is
@@ -60,6 +62,13 @@ class Spawned:
 
 
 @dataclass(frozen=True, slots=True)
+class Adopted:
+    """A previous daemon's process for this instance runs on: take it over, not spawn."""
+
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
 class SpawnFailed:
     reason: str
 
@@ -108,6 +117,7 @@ class TimerFired:
 
 Event = (
     StartRequested
+    | Adopted
     | Spawned
     | SpawnFailed
     | Connected
@@ -166,6 +176,7 @@ _RESTING = (S.PENDING, S.UNLOADED, S.FAILED)
 # timer that fired as it was cancelled) are listed as "ignore".
 TRANSITIONS: dict[tuple[State, type], str] = {
     **{(s, StartRequested): "spawn" for s in _RESTING},
+    (S.PENDING, Adopted): "adopted",
     (S.LOADING, Spawned): "spawned",
     (S.INITIALIZING, Spawned): "spawned",  # HELLO can beat the spawner's reply
     (S.READY, Spawned): "spawned",
@@ -237,6 +248,15 @@ class Lifecycle:
         self.stop_requested = False
         self.failure = None
         return [Spawn(), ArmTimer(Timer.START, self.start_timeout), Publish("plugin:before-init")]
+
+    def _adopted(self, event: Adopted) -> list[Effect]:
+        # its plugin started long ago; READY comes with its first frame on the new
+        # broker (the driver feeds Started), or the start timer kills it
+        self.state = S.INITIALIZING
+        self.pid = event.pid
+        self.stop_requested = False
+        self.failure = None
+        return [ArmTimer(Timer.START, self.start_timeout), Publish("plugin:adopted")]
 
     def _spawned(self, event: Spawned) -> list[Effect]:
         self.pid = event.pid
@@ -339,7 +359,8 @@ class Lifecycle:
 
 def exit_reason(life: Lifecycle) -> str:
     """Why a life ended on its own, as a metrics label: hung, unhealthy, start_failed,
-    spawn_failed, start_timeout, oom, signal, crash (non-zero exit) or exit (zero)."""
+    spawn_failed, start_timeout, oom, signal, crash (non-zero exit), exit (zero) or unknown
+    (an adopted process, whose status only its new parent could read)."""
     failure = life.failure or ""
     for prefix, reason in (
         ("hung", "hung"),
@@ -355,15 +376,20 @@ def exit_reason(life: Lifecycle) -> str:
         return "oom"
     if ex is not None and ex.signal is not None:
         return "signal"
+    if ex is not None and ex.code is None:
+        return "unknown"  # an adopted process: its status was not ours to read
     return "crash" if ex is not None and ex.code else "exit"
 
 
 def describe_exit(ex: Exited | None) -> str:
-    """'exit 0', 'exit 3', 'SIGKILL', 'oom' or '-' — how status tables show an exit."""
+    """'exit 0', 'exit 3', 'SIGKILL', 'oom', 'exit ?' (an adopted process: not our
+    child, its status is not ours to read) or '-' — how status tables show an exit."""
     if ex is None:
         return "-"
     if ex.oom:
         return "oom"
+    if ex.code is None and ex.signal is None:
+        return "exit ?"
     if ex.signal is not None:
         try:
             return signal.Signals(ex.signal).name

@@ -6,26 +6,38 @@ and stream. Nothing a plugin prints may block or flood the daemon.
 
 How: ``OutputPipes`` makes one pipe per stream. The write ends go to the spawner (they become
 the child's fds 1 and 2; the caller closes its copies once the child is spawned, so EOF
-arrives when the child and its own children are gone). The read ends are non-blocking and
-read with ``loop.add_reader``; bytes are split into lines (a partial line waits for the rest,
-a line longer than ``MAX_LINE`` bytes is cut into pieces at a UTF-8 boundary), decoded with
-``errors="replace"``, logged to ``osk.plugin.<name>`` and appended to the plugin's
-``LogRing``. The ring keeps the last lines in a deque and copies each new line to its
-subscribers' bounded queues; a subscriber that falls behind loses lines, the daemon never
-waits for it.
+arrives when the child and its own children are gone).
+
+A plugin must outlive the daemon (it is re-adopted after a restart), and so must its
+output: the daemon's supervised instances get *named* pipes (FIFOs) in the runtime dir
+instead, one per stream, and the child's end is opened read-write. The child is then a
+reader of its own pipe too, so while no daemon reads it a write never fails with EPIPE: the
+lines wait in the pipe (1 MiB where the kernel allows) and a writer blocks once it is full.
+A restarted daemon opens the same FIFOs by name (``adopt=True``) and reads on from where
+the dead one stopped. The FIFO files are removed once both streams reached EOF.
+
+The read ends are non-blocking and read with ``loop.add_reader``; bytes are split into
+lines (a partial line waits for the rest, a line longer than ``MAX_LINE`` bytes is cut
+into pieces at a UTF-8 boundary), decoded with ``errors="replace"``, logged to
+``osk.plugin.<name>`` and appended to the plugin's ``LogRing``. The ring keeps the last
+lines in a deque and copies each new line to its subscribers' bounded queues; a subscriber
+that falls behind loses lines, the daemon never waits for it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
 import os
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
-__all__ = ["MAX_LINE", "LogLine", "LogRing", "OutputPipes", "open_output"]
+__all__ = ["MAX_LINE", "LogLine", "LogRing", "OutputPipes", "open_output", "output_fifos"]
 
 MAX_LINE = 64 * 1024
 _READ_SIZE = 64 * 1024
@@ -134,7 +146,12 @@ class OutputPipes:
         instance: int,
         ring: LogRing,
         logger: logging.Logger | None = None,
+        *,
+        fifos: tuple[Path, Path] | None = None,
+        adopt: bool = False,
     ) -> None:
+        """``fifos``: named pipes (stdout, stderr) instead of anonymous ones; ``adopt``:
+        they exist and a live process writes them (no write ends are made: -1)."""
         self._loop = loop
         self._plugin = plugin
         self._instance = instance
@@ -142,10 +159,14 @@ class OutputPipes:
         self._log = logger or logging.getLogger(f"osk.plugin.{plugin}")
         self._readers: dict[int, tuple[str, _LineSplitter]] = {}
         self._closed = asyncio.Event()
+        self._fifos = fifos
         write_ends: list[int] = []
         try:
-            for stream in ("stdout", "stderr"):
-                r, w = os.pipe2(os.O_CLOEXEC)
+            for i, stream in enumerate(("stdout", "stderr")):
+                if fifos is None:
+                    r, w = os.pipe2(os.O_CLOEXEC)
+                else:
+                    r, w = _open_fifo(fifos[i], create=not adopt)
                 self._readers[r] = (stream, _LineSplitter())
                 write_ends.append(w)
                 os.set_blocking(r, False)
@@ -153,7 +174,8 @@ class OutputPipes:
                 loop.add_reader(fd, self._on_readable, fd)
         except BaseException:
             for fd in write_ends:
-                os.close(fd)
+                if fd >= 0:
+                    os.close(fd)
             self.close()
             raise
         self.stdout_w, self.stderr_w = write_ends
@@ -198,6 +220,8 @@ class OutputPipes:
             self._emit(stream, raw)
         if not self._readers:
             self._closed.set()
+            for path in self._fifos or ():
+                path.unlink(missing_ok=True)
 
     def _emit(self, stream: str, raw: bytes) -> None:
         text = raw.decode("utf-8", errors="replace").removesuffix("\r")
@@ -211,17 +235,48 @@ class OutputPipes:
         self._ring.append(LogLine(time.time(), self._plugin, self._instance, stream, text))
 
 
+_PIPE_SIZE = 1 << 20  # what a FIFO holds while no daemon reads it (the default max)
+
+
+def _open_fifo(path: Path, *, create: bool) -> tuple[int, int]:
+    """``(read end, write end)`` of the FIFO at ``path``: the read end non-blocking for
+    the daemon, the write end read-write for the child (-1 when adopting)."""
+    if create:
+        path.unlink(missing_ok=True)
+        os.mkfifo(path, 0o600)
+    r = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    if not create:
+        return r, -1
+    try:
+        w = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        os.close(r)
+        raise
+    with contextlib.suppress(OSError):  # a smaller pipe only means less slack
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
+    return r, w
+
+
+def output_fifos(directory: Path, plugin: str, instance: int, token: str) -> tuple[Path, Path]:
+    """Where one life of an instance writes its stdout and stderr."""
+    stem = f"{plugin}-{instance}-{token[:12]}"
+    return directory / f"{stem}.out", directory / f"{stem}.err"
+
+
 def open_output(
     loop: asyncio.AbstractEventLoop,
     plugin: str,
     instance: int,
     ring: LogRing,
-    logger: logging.Logger | None = None,
+    fifos: tuple[Path, Path] | None = None,
+    *,
+    adopt: bool = False,
 ) -> tuple[int, int, Callable[[], None]]:
     """Open an instance's output pipes: ``(stdout_w, stderr_w, close)``.
 
-    The caller closes the two write ends after the spawn; ``close`` stops reading at once
-    (normally reading ends by itself at EOF). Raises ``OSError`` if pipes cannot be made.
+    The caller closes the two write ends after the spawn (there are none, -1, when
+    ``adopt``); ``close`` stops reading at once (normally reading ends by itself at EOF).
+    Raises ``OSError`` if the pipes cannot be made or opened.
     """
-    pipes = OutputPipes(loop, plugin, instance, ring, logger)
+    pipes = OutputPipes(loop, plugin, instance, ring, fifos=fifos, adopt=adopt)
     return pipes.stdout_w, pipes.stderr_w, pipes.close

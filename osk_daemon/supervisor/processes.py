@@ -4,7 +4,8 @@
 it confines the instance (cgroup, state dir, launch plan), opens its output pipes,
 asks the spawner (zygote, or exec for paranoid sandboxes) for a process, and registers
 the pid with the reaper. Exits come back as ``Exited`` events with the exact code or
-signal, and ``oom`` when the kernel's OOM killer ended it inside its memory limit.
+signal, and ``oom`` when the kernel's OOM killer ended it inside its memory limit. A
+process a previous daemon started is ``adopt``-ed instead (see ``adoption``).
 
 Signals go to the instance's process group (each plugin is its own session); SIGKILL
 also empties its cgroup, so nothing a plugin forked survives it.
@@ -17,6 +18,7 @@ import logging
 import os
 import secrets
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from anyio.abc import TaskGroup
@@ -24,10 +26,12 @@ from anyio.abc import TaskGroup
 from osk_daemon.config import SandboxLevel, SpawnMode
 from osk_daemon.errors import OskError
 from osk_daemon.supervisor import lifecycle as lc
+from osk_daemon.supervisor.adoption import Survivor, output_dir
 from osk_daemon.supervisor.confinement import Confinement
 from osk_daemon.supervisor.instance import WORKER_TARGET, Instance
-from osk_daemon.supervisor.output import open_output
+from osk_daemon.supervisor.output import open_output, output_fifos
 from osk_daemon.supervisor.reaper import ChildReaper, ExitStatus
+from osk_daemon.supervisor.runtime_state import start_ticks
 from osk_daemon.supervisor.spawner import Spawner, SpawnRequest
 
 if TYPE_CHECKING:
@@ -53,6 +57,7 @@ class InstanceProcesses:
         self._endpoint = endpoint
         self._confinement = confinement
         self._loop = asyncio.get_running_loop()
+        self._output_dir = output_dir(supervisor.config.daemon.runtime_dir)
 
     def spawn(self, inst: Instance) -> None:
         """Start a new life of ``inst``; the outcome arrives as lifecycle events."""
@@ -61,6 +66,7 @@ class InstanceProcesses:
         inst.spawned_at = inst.last_seen = time.monotonic()
         inst.exited = asyncio.Event()
         inst.usage = {}
+        inst.adopting = False
         inst.sandbox_degraded = self._confinement.degradation(inst.plugin)
         try:
             inst.prepared = self._confinement.prepare(inst.plugin, inst.config, inst.index)
@@ -71,9 +77,15 @@ class InstanceProcesses:
         self._sup.broker.expect(inst.token, inst.key)
         if inst.close_output is not None:
             inst.close_output()
-        out_w, err_w, inst.close_output = open_output(
-            self._loop, inst.plugin, inst.index, self._sup.logs[inst.plugin]
-        )
+        inst.fifos = output_fifos(self._output_dir, inst.plugin, inst.index, inst.token)
+        try:
+            out_w, err_w, inst.close_output = open_output(
+                self._loop, inst.plugin, inst.index, self._sup.logs[inst.plugin], inst.fifos
+            )
+        except OSError as exc:
+            log.error("%s: cannot make its output pipes, not starting it: %s", inst.leaf, exc)
+            self._loop.call_soon(self._spawn_failed, inst, inst.generation, str(exc))
+            return
         request = SpawnRequest(
             target=WORKER_TARGET,
             spec=inst.worker_spec(self._sup.config, self._endpoint),
@@ -97,6 +109,44 @@ class InstanceProcesses:
             return
         self._spawn_ended(request)
         self._loop.call_soon(self._spawned, inst, inst.generation, pid)  # not inside feed()
+
+    def adopt(self, inst: Instance, survivor: Survivor) -> None:
+        """Take over a process a previous daemon started (``adoption``): its cgroup, its
+        output FIFOs and its routing id; READY follows its first frame. Its exit is seen
+        through its pidfd, with the status unknown: it is not our child."""
+        record, pidfd = survivor.record, survivor.pidfd
+        inst.generation += 1
+        inst.token = record.token
+        inst.spawned_at = inst.last_seen = time.monotonic()
+        inst.exited = asyncio.Event()
+        inst.usage = {}
+        inst.start_ticks = record.start_ticks
+        inst.sandbox_degraded = self._confinement.degradation(inst.plugin)
+        inst.prepared = self._confinement.adopt(inst.plugin, inst.config, inst.index)
+        inst.fifos = (Path(record.stdout), Path(record.stderr))
+        try:
+            _, _, inst.close_output = open_output(
+                self._loop,
+                inst.plugin,
+                inst.index,
+                self._sup.logs[inst.plugin],
+                inst.fifos,
+                adopt=True,
+            )
+        except OSError as exc:  # it runs on; only its output is not captured
+            log.error("%s: cannot read its output FIFOs: %s", inst.leaf, exc)
+        self._sup.broker.adopt(inst.key, record.token)
+        inst.adopting = True
+        generation = inst.generation
+        self._loop.add_reader(pidfd, self._foreign_exited, inst, generation, pidfd)
+        self._sup.feed(inst, lc.Adopted(record.pid))
+        log.info("%s: re-adopted pid %d", inst.leaf, record.pid)
+
+    def _foreign_exited(self, inst: Instance, generation: int, pidfd: int) -> None:
+        self._loop.remove_reader(pidfd)
+        os.close(pidfd)
+        pid = inst.life.pid or 0
+        self._child_exited(inst, generation, ExitStatus(pid, None, None))
 
     def signal(self, inst: Instance, signum: int) -> None:
         if inst.life.pid is not None:
@@ -153,6 +203,7 @@ class InstanceProcesses:
         if generation != inst.generation:  # pragma: no cover - a newer life began meanwhile
             killpg(pid, 9)
             return
+        inst.start_ticks = start_ticks(pid)  # with the pid, it names this process for good
         self._sup.feed(inst, lc.Spawned(pid))
         self._reaper.watch(pid, lambda st: self._child_exited(inst, generation, st))
 

@@ -38,6 +38,7 @@ from osk_daemon.ipc.codec import Header, Kind, unpack
 from osk_daemon.observability.event_pub import EventPublisher
 from osk_daemon.observability.metrics import serve_metrics
 from osk_daemon.supervisor import lifecycle as lc
+from osk_daemon.supervisor.adoption import Survivors
 from osk_daemon.supervisor.confinement import Confinement
 from osk_daemon.supervisor.dependency_watch import DependencyWatch
 from osk_daemon.supervisor.events import EventStream
@@ -50,6 +51,7 @@ from osk_daemon.supervisor.priority import GENTLE_NICE, renice
 from osk_daemon.supervisor.processes import InstanceProcesses, killpg, killpg_only
 from osk_daemon.supervisor.reaper import ChildReaper
 from osk_daemon.supervisor.rollouts import Rollouts
+from osk_daemon.supervisor.runtime_state import InstanceRecord, StateFile, config_fingerprint
 from osk_daemon.supervisor.spawner import Spawner
 from osk_daemon.supervisor.tree import (
     LeafState,
@@ -89,6 +91,7 @@ class Supervisor:
         spawners: dict[SpawnMode, Spawner],
         endpoints: Endpoints,
         confinement: Confinement,
+        survivors: Survivors | None = None,
     ) -> None:
         config = plan.config
         self.config = config
@@ -141,6 +144,9 @@ class Supervisor:
         self.processes = InstanceProcesses(
             self, tg, reaper, spawners, endpoints.workers, confinement
         )
+        # what a previous daemon left running, and what the next one will find
+        self.survivors = survivors or Survivors()
+        self.state_file = StateFile(d.runtime_dir, self._records)
 
     # ---- start, stop, operator commands ---------------------------------------------------
 
@@ -156,6 +162,14 @@ class Supervisor:
         self.checks.start()
         self._sampler = self._loop.call_later(_SAMPLE_EVERY, self._sample_tick)
         self.events.publish("kernel:before-init", pluginCount=len(self.config.plugins))
+        for lost in self.survivors.lost:
+            self.events.publish(
+                "plugin:lost",
+                pluginName=lost.plugin,
+                instance=lost.index,
+                pid=lost.pid,
+                detail="died while no daemon watched it; starting it again",
+            )
         self.apply_tree_effects(self.tree.start(time.monotonic()))
         for name, pcfg in self.config.plugins.items():
             if pcfg.watch:
@@ -180,6 +194,8 @@ class Supervisor:
                 killpg(inst.life.pid, 9)
         with anyio.move_on_after(5.0):
             await self._all_stopped.wait()
+        self.survivors.abandon()  # adoptable, but a shutdown came first
+        self.state_file.remove()  # nothing runs on: nothing to re-adopt
         self.checks.stop()
         if self._sampler is not None:
             self._sampler.cancel()
@@ -199,6 +215,31 @@ class Supervisor:
         for inst in self.instances.values():
             if inst.live and inst.life.pid is not None:
                 killpg(inst.life.pid, 9)
+        self.survivors.abandon()
+        self.state_file.remove()
+
+    def _records(self) -> list[InstanceRecord]:
+        """The live instances, as the state file keeps them for the next daemon."""
+        records = []
+        for inst in self.instances.values():
+            pid, fifos = inst.life.pid, inst.fifos
+            if not inst.live or pid is None or inst.start_ticks is None or fifos is None:
+                continue
+            records.append(
+                InstanceRecord(
+                    plugin=inst.plugin,
+                    index=inst.index,
+                    version=str(inst.config.version),
+                    pid=pid,
+                    start_ticks=inst.start_ticks,
+                    token=inst.token,
+                    fingerprint=config_fingerprint(inst.config),
+                    state=inst.life.state.value,
+                    stdout=str(fifos[0]),
+                    stderr=str(fifos[1]),
+                )
+            )
+        return records
 
     def status(self, plugin: str | None = None) -> list[dict[str, Any]]:
         if plugin is not None and plugin not in self.config.plugins:
@@ -246,10 +287,12 @@ class Supervisor:
             return
         if isinstance(event, lc.Spawned):  # forked at the zygote's low priority
             renice(event.pid, GENTLE_NICE if inst.gentle_start else 0)
+            self.state_file.dirty()
         self._perform(inst, effects)
         after = inst.life.state
         if after is before:
             return
+        self.state_file.dirty()
         self.mark_changed()
         if after is lc.State.READY:
             self._became_ready(inst)
@@ -380,6 +423,9 @@ class Supervisor:
             return
         inst.last_seen = time.monotonic()
         kind = header.kind
+        if inst.adopting and inst.life.state is lc.State.INITIALIZING:
+            inst.adopting = False  # an adopted process spoke: it is ours again
+            self.feed(inst, lc.Started())
         if kind is Kind.HEARTBEAT:
             return
         if kind is Kind.HELLO:

@@ -57,7 +57,10 @@ class TreeEffects:
             if inst.live:
                 log.error("tree asked to start %s, which is %s", inst.leaf, inst.life.state)
                 return
-            if sup.deps.may_start(inst):
+            survivor = sup.survivors.take(inst.leaf)
+            if survivor is not None:  # running all along: no gate, no spawn
+                sup.processes.adopt(inst, survivor)
+            elif sup.deps.may_start(inst):
                 sup.feed(inst, lc.StartRequested())
             else:
                 sup.mark_changed()

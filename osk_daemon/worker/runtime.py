@@ -24,6 +24,9 @@ How (theory of operation):
    task. STOP (or SIGTERM) sets the stop event. Undecodable frames are logged and dropped.
 5. Shutdown: ``stop()``, cancel the remaining tasks, close the socket with a linger so
    queued replies still leave, exit 0. A second SIGTERM exits immediately.
+6. The daemon may die and come back: the socket's routing id is the token, so the new
+   daemon knows this process when the socket reconnects by itself; a daemon gone for
+   longer than ``orphan_timeout`` stops the plugin as STOP would (``worker.orphan``).
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ from osk_daemon.ipc.codec import (
 )
 from osk_daemon.ipc.endpoint import LoopSocket
 from osk_daemon.worker.context import Context
+from osk_daemon.worker.orphan import OrphanWatch
 from osk_daemon.worker.sdk import (
     RESERVED_PREFIX,
     Plugin,
@@ -81,6 +85,7 @@ __all__ = ["run_worker", "warm_up"]
 
 LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 LINGER_MS = 500
+RECONNECT_MS = 20  # how soon a restarted daemon's endpoint is tried again (no back-off)
 CALL_GRACE = 0.5  # seconds past a call's deadline before giving up locally
 
 log = logging.getLogger("osk.worker")
@@ -250,8 +255,17 @@ class _Worker:
         raw.setsockopt(zmq.LINGER, LINGER_MS)
         raw.setsockopt(zmq.SNDHWM, 0)
         raw.setsockopt(zmq.RCVHWM, 0)
+        # the token is the routing id: a restarted daemon knows this process by it
+        raw.setsockopt(zmq.ROUTING_ID, self.spec["token"].encode())
+        raw.setsockopt(zmq.RECONNECT_IVL, RECONNECT_MS)
         raw.connect(self.spec["endpoint"])
         sock = self.sock = LoopSocket(raw, self.on_frames, name="daemon")
+        orphans = OrphanWatch(
+            raw,
+            float(self.spec.get("orphan_timeout", 0)),
+            on_orphaned=self.stopping.set,
+            on_reconnected=lambda: self.send(Kind.HEARTBEAT),
+        )
         hello = {
             "plugin": self.name,
             "instance": self.spec["instance"],
@@ -263,6 +277,7 @@ class _Worker:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.on_sigterm)
         sock.start(loop)
+        orphans.start(loop)
         heartbeat = loop.create_task(self.heartbeat_loop(), name="heartbeat")
         heartbeat.add_done_callback(self.on_loop_died)
         code = 0
@@ -280,6 +295,7 @@ class _Worker:
                 task.cancel()
             await asyncio.gather(heartbeat, *self.tasks, return_exceptions=True)
             loop.remove_signal_handler(signal.SIGTERM)
+            orphans.close()
             sock.close(linger=LINGER_MS)
         return code
 

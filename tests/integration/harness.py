@@ -57,6 +57,7 @@ class Daemon:
         renames the listening socket into place) and a pidfd (the daemon exited early).
         """
         self.runtime.mkdir(mode=0o711, exist_ok=True)  # to watch it before the daemon runs
+        stale = _inode(self.socket)  # a killed daemon's socket, which the new one replaces
         with _DirWatch(self.runtime) as watch, self.log.open("wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "osk_daemon.cli", "run", "--config", str(self.config)],
@@ -67,7 +68,7 @@ class Daemon:
             pidfd = os.pidfd_open(self.proc.pid)
             try:
                 deadline = time.monotonic() + timeout
-                while not self.socket.exists():
+                while _inode(self.socket) in (None, stale):
                     left = deadline - time.monotonic()
                     if left <= 0:
                         raise AssertionError(f"no control socket:\n{self.log.read_text()}")
@@ -93,6 +94,13 @@ class Daemon:
             self.proc.wait()
             raise AssertionError(f"daemon ignored SIGTERM:\n{self.log.read_text()}") from None
         return code
+
+    def kill(self, signum: int = signal.SIGKILL, timeout: float = 10.0) -> None:
+        """Signal the daemon (by pid) and wait until it is gone; its plugins may live on."""
+        assert self.proc is not None
+        self._remember_pids()
+        self.proc.send_signal(signum)
+        self.proc.wait(timeout)
 
     def _remember_pids(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -204,6 +212,15 @@ def leftover_cgroups(runtime_dir: Path) -> list[str]:
     if not root.is_dir():
         return []
     return [str(p) for p in root.glob(f"**/{name}") if p.is_dir()]
+
+
+def _inode(path: Path) -> tuple[int, int] | None:
+    """Which file is at ``path`` (a removed file's inode number may come back)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_ctime_ns
 
 
 def alive(pid: int) -> bool:

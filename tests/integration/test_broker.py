@@ -239,6 +239,8 @@ async def test_garbage_is_dropped_and_counted_and_the_broker_lives_on(h: Harness
         await evil.send_multipart([encode_header(Kind.REPLY, 1), b""])  # never said HELLO
         await evil.send_multipart([encode_header(Kind.HELLO), pack({"token": "forged"})])
         await evil.send_multipart([encode_header(Kind.STOP), b""])  # a daemon-only kind
+    stop, _ = await recv(evils[1])  # a worker that talks before HELLO is told to stop, once
+    assert stop.kind is Kind.STOP
     for evil in evils:
         await h.barrier(evil)  # still answering, and everything above was handled
     # 3 unsplittable on each socket; on the client socket also REPLY, HELLO and STOP (not
@@ -252,6 +254,8 @@ async def test_unauthenticated_workers_cannot_call_plugins(h: Harness) -> None:
     h.broker.set_ready(("echo", 0), True)
     stranger = h.dealer(h.workers)
     await request(stranger, 1, "echo")
+    told, _ = await recv(stranger)
+    assert told.kind is Kind.STOP  # a stray: e.g. a plugin of a previous daemon
     await h.barrier(stranger)
     assert h.broker.stats.dropped_unauthenticated == 1
     # an authenticated worker may call (itself, here); had the stranger's request been

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from osk_daemon.worker import Health, Plugin, rpc
@@ -155,3 +157,26 @@ class Confined(Echo):
         if libc.ptrace(0, 0, None, None) != 0:  # PTRACE_TRACEME
             raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
         return 0
+
+
+class Counter(Echo):
+    """Keeps a count in memory: what a re-adopted process must not lose."""
+
+    async def start(self) -> None:
+        await super().start()
+        self.count = 0
+
+    @rpc
+    def incr(self) -> int:
+        self.count += 1
+        return self.count
+
+    @rpc
+    def say_later(self, text: str, delay: float, marker: str) -> None:
+        """Print ``text`` after ``delay`` seconds, then create the file ``marker``."""
+
+        def later() -> None:
+            print(text, flush=True)
+            Path(marker).touch()
+
+        asyncio.get_running_loop().call_later(delay, later)

@@ -1,0 +1,153 @@
+"""Re-adopting the plugins a previous daemon left running.
+
+Why: restarting the daemon (an upgrade, a crash, ``kill -9``) must not restart its
+plugins: they keep their pids, their in-memory state and their cgroups, and the new daemon
+takes them over within a second.
+
+How, at start-up, before anything is swept or bound (``find_survivors``):
+
+1. Read the previous daemon's records (``runtime_state``). For each, open a pidfd and check
+   the pid's start time, so a pid reused since is not mistaken for the plugin.
+2. A live process whose instance is in the new config, with the same version and config
+   fingerprint, that was READY, is a *survivor*: its cgroup is kept (not swept), its output
+   FIFOs are kept, and its instance is adopted instead of spawned. Anything else alive
+   (its plugin removed or changed meanwhile, or caught mid-start or mid-stop) is killed by
+   pidfd, and its instance starts afresh. A record whose process died meanwhile is *lost*:
+   its instance starts afresh too, and ``plugin:lost`` says so.
+
+Then, in the running supervisor (``Adoption``): when the tree starts a survivor's leaf,
+``claim`` hands it to ``InstanceProcesses.adopt`` (the start gate is skipped: it has been
+running all along). The broker binds the worker's routing id (its token) at once; the
+worker's socket reconnects by itself and its first frame makes the instance READY (the
+start timer bounds the wait). Its exit is seen through the pidfd, with the status unknown
+(it is not our child). Survivors never claimed (a shutdown came first) are killed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from osk_daemon.config import Config
+from osk_daemon.supervisor.confinement import instance_cgroup
+from osk_daemon.supervisor.lifecycle import State
+from osk_daemon.supervisor.runtime_state import (
+    InstanceRecord,
+    config_fingerprint,
+    load,
+    verify,
+)
+
+__all__ = ["OUTPUT_DIR", "Survivor", "Survivors", "find_survivors", "output_dir"]
+
+log = logging.getLogger("osk.supervisor.adoption")
+
+OUTPUT_DIR = "output"  # the instances' stdout/stderr FIFOs, under runtime_dir
+
+
+def output_dir(runtime_dir: Path) -> Path:
+    return runtime_dir / OUTPUT_DIR
+
+
+@dataclass
+class Survivor:
+    record: InstanceRecord
+    pidfd: int
+
+
+@dataclass
+class Survivors:
+    """What a previous daemon left in the runtime dir, sorted against the new config."""
+
+    adopt: dict[str, Survivor] = field(default_factory=dict)  # leaf -> survivor
+    lost: list[InstanceRecord] = field(default_factory=list)  # died while unwatched
+    killed: list[InstanceRecord] = field(default_factory=list)  # alive, not adoptable
+
+    @property
+    def cgroups(self) -> set[str]:
+        """Cgroup names the start-up sweep must keep."""
+        return {instance_cgroup(s.record.plugin, s.record.index) for s in self.adopt.values()}
+
+    def take(self, leaf: str) -> Survivor | None:
+        return self.adopt.pop(leaf, None)
+
+    def abandon(self) -> None:
+        """Kill the survivors nobody claimed."""
+        for survivor in self.adopt.values():
+            _kill(survivor.record, survivor.pidfd)
+        self.adopt.clear()
+
+
+def find_survivors(config: Config) -> Survivors:
+    """Sort out the previous daemon's processes (see the module docstring); kills the
+    ones that cannot be adopted and removes output FIFOs nobody writes any more."""
+    runtime_dir = config.daemon.runtime_dir
+    found = Survivors()
+    for record in load(runtime_dir):
+        pidfd = verify(record)
+        if pidfd is None:
+            found.lost.append(record)
+            continue
+        why = _not_adoptable(config, record, found)
+        if why:
+            log.warning(
+                "%s (pid %d) from the previous daemon is %s: killing it",
+                record.leaf,
+                record.pid,
+                why,
+            )
+            _kill(record, pidfd)
+            found.killed.append(record)
+            continue
+        found.adopt[record.leaf] = Survivor(record, pidfd)
+    for record in found.lost:
+        log.warning(
+            "%s (pid %d) died while no daemon watched it; it starts again",
+            record.leaf,
+            record.pid,
+        )
+    keep = {p for s in found.adopt.values() for p in (s.record.stdout, s.record.stderr)}
+    out = output_dir(runtime_dir)
+    if out.is_dir():
+        for path in out.iterdir():
+            if str(path) not in keep:
+                path.unlink(missing_ok=True)
+    if found.adopt:
+        log.info("re-adopting %d plugin process(es)", len(found.adopt))
+    return found
+
+
+def _not_adoptable(config: Config, record: InstanceRecord, found: Survivors) -> str:
+    cfg = config.plugins.get(record.plugin)
+    if cfg is None:
+        return "no longer in the config"
+    if record.index >= cfg.instances:
+        return f"beyond the config's {cfg.instances} instance(s)"
+    if str(cfg.version) != record.version:
+        return f"version {record.version}, the config now wants {cfg.version}"
+    if config_fingerprint(cfg) != record.fingerprint:
+        return "started with another config"
+    if record.state != State.READY.value:
+        return f"caught {record.state}"
+    if record.leaf in found.adopt:
+        return "a duplicate record"
+    return ""
+
+
+def _kill(record: InstanceRecord, pidfd: int) -> None:
+    """SIGKILL the process through its pidfd (never a reused pid), then its group (each
+    plugin leads its session). The group is signalled only if the leader was alive an
+    instant before: dying, it still holds the group's id, which is then not reused."""
+    try:
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    else:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(record.pid, signal.SIGKILL)
+    finally:
+        os.close(pidfd)

@@ -1,0 +1,160 @@
+"""The daemon's runtime state on disk, so a restarted daemon can re-adopt its plugins.
+
+Why: the daemon may die (a crash, ``kill -9``, an upgrade) while its plugins run on. The
+next daemon must know which processes are its plugins, without mistaking a reused pid for
+one, and how to reach them again.
+
+How: ``StateFile`` keeps ``runtime_dir/instances.json``: one ``InstanceRecord`` per live
+instance (plugin, index, version, pid and the pid's start time in clock ticks since boot
+from ``/proc/PID/stat``, the token the worker uses as its ZeroMQ routing id, its output
+FIFOs, a fingerprint of its config, and its life state). The driver marks it dirty on every
+state change; it is written at most once per loop iteration, to a temp file renamed over the
+old one (a reader sees the old or the new file, never half of one). ``load`` reads it back
+and never raises: a missing, unreadable or foreign file means "nothing to adopt", logged.
+``verify`` opens a pidfd on a record's pid *first* and only then compares the start time,
+so the answer cannot change under it: a pid reused since then has another start time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from osk_daemon.config import PluginConfig
+
+__all__ = [
+    "STATE_FILE",
+    "InstanceRecord",
+    "StateFile",
+    "config_fingerprint",
+    "load",
+    "start_ticks",
+    "verify",
+]
+
+log = logging.getLogger("osk.supervisor.state")
+
+STATE_FILE = "instances.json"
+_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    plugin: str
+    index: int
+    version: str
+    pid: int
+    start_ticks: int  # /proc/PID/stat field 22: when the process started, ticks since boot
+    token: str  # the worker's routing id and its HELLO credential
+    fingerprint: str  # config_fingerprint() of the config it was started with
+    state: str  # its lifecycle state when the record was written
+    stdout: str  # its output FIFOs
+    stderr: str
+
+    @property
+    def leaf(self) -> str:
+        return f"{self.plugin}/{self.index}"
+
+
+def config_fingerprint(cfg: PluginConfig) -> str:
+    """A short digest of everything in a plugin's config: same digest, same instance."""
+    raw = cfg.model_dump_json(exclude={"instances"}).encode()
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def start_ticks(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot), or None if there is no such process."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    # "pid (comm) state ppid ..." where comm may hold spaces and parentheses
+    fields = raw[raw.rfind(b")") + 2 :].split()
+    try:
+        return int(fields[19])  # field 22 overall; the fields after comm start at field 3
+    except (IndexError, ValueError):
+        return None
+
+
+def verify(record: InstanceRecord) -> int | None:
+    """A pidfd on the record's process if it is still that process, else None."""
+    try:
+        pidfd = os.pidfd_open(record.pid)
+    except OSError:
+        return None
+    if start_ticks(record.pid) != record.start_ticks:
+        os.close(pidfd)
+        return None
+    return pidfd
+
+
+def load(runtime_dir: Path) -> list[InstanceRecord]:
+    """The records a previous daemon left in ``runtime_dir``; [] if none can be read."""
+    path = runtime_dir / STATE_FILE
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as exc:
+        log.warning("%s: unreadable (%s); nothing to re-adopt", path, exc)
+        return []
+    if not isinstance(data, dict) or data.get("format") != _FORMAT:
+        log.warning("%s: not a state file of this daemon version; nothing to re-adopt", path)
+        return []
+    records: list[InstanceRecord] = []
+    for raw in data.get("instances", []):
+        try:
+            records.append(InstanceRecord(**raw))
+        except TypeError as exc:
+            log.warning("%s: skipped a bad record (%s): %r", path, exc, raw)
+    return records
+
+
+class StateFile:
+    """Writes the live instances to ``runtime_dir/instances.json``, coalescing changes."""
+
+    def __init__(self, runtime_dir: Path, collect: Any) -> None:
+        """``collect()`` returns the current records (called when a write happens)."""
+        self.path = runtime_dir / STATE_FILE
+        self._collect = collect
+        self._scheduled: asyncio.Handle | None = None
+        self.writes = 0
+
+    def dirty(self) -> None:
+        """Something changed: write soon (once for everything changed this iteration)."""
+        if self._scheduled is None:
+            self._scheduled = asyncio.get_running_loop().call_soon(self.write)
+
+    def write(self) -> None:
+        """Write now (also what ``dirty`` schedules)."""
+        if self._scheduled is not None:
+            self._scheduled.cancel()
+            self._scheduled = None
+        records: list[InstanceRecord] = self._collect()
+        body = {
+            "format": _FORMAT,
+            "daemon_pid": os.getpid(),
+            "instances": [asdict(r) for r in records],
+        }
+        tmp = self.path.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps(body, separators=(",", ":")))
+            tmp.replace(self.path)
+            self.writes += 1
+        except OSError as exc:  # a full disk must not stop the daemon; re-adoption suffers
+            log.error("could not write %s: %s", self.path, exc)
+
+    def remove(self) -> None:
+        """Everything stopped: nothing is left to re-adopt."""
+        if self._scheduled is not None:
+            self._scheduled.cancel()
+            self._scheduled = None
+        with contextlib.suppress(OSError):
+            self.path.unlink()

@@ -1,0 +1,242 @@
+"""The daemon dies (kill -9) and comes back: its plugins keep running and are re-adopted.
+
+While no daemon runs, the plugins a killed daemon leaves are re-parented. Here the test
+process makes itself a child subreaper for the test, so they are re-parented to it (not
+to PID 1, which reaps late here) and it reaps them by pid once they end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.integration.harness import (
+    ControlError,
+    Daemon,
+    _DirWatch,
+    alive,
+    daemon_config,
+    plugin_block,
+    running_daemon,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+_PR_SET_CHILD_SUBREAPER = 36
+Reap = Callable[[list[int]], dict[int, int]]
+
+
+def reap_the_rest(d: Daemon, plugins: dict[str, int], reap: Reap, timeout: float = 20.0) -> None:
+    """Reap the killed daemon's other processes (its zygote and warm children end by
+    themselves on EOF from it): each one that is ours (re-parented to us) is reaped; one
+    with another parent still (the zygote's) is waited for, and may be ours next."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = [pid for pid in d.seen_pids - set(plugins.values()) if alive(pid)]
+        if not left:
+            return
+        assert time.monotonic() < deadline, f"processes of the killed daemon linger: {left}"
+        for pid in left:
+            with contextlib.suppress(psutil.Error):
+                if psutil.Process(pid).ppid() == os.getpid():
+                    reap([pid])
+                    continue
+            with contextlib.suppress(ProcessLookupError):
+                pidfd = os.pidfd_open(pid)
+                try:
+                    select.select([pidfd], [], [], max(0.0, deadline - time.monotonic()))
+                finally:
+                    os.close(pidfd)
+
+
+@contextlib.contextmanager
+def adopting_parent(timeout: float = 20.0) -> Iterator[Reap]:
+    """Be the subreaper for the test; yields ``reap(pids) -> {pid: exit code or -signal}``,
+    which waits (pidfd, up to ``timeout``) for each of those pids to end and reaps it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+
+    def reap(pids: list[int]) -> dict[int, int]:
+        out: dict[int, int] = {}
+        deadline = time.monotonic() + timeout
+        for pid in pids:
+            pidfd = os.pidfd_open(pid)
+            try:
+                ready, _, _ = select.select([pidfd], [], [], max(0.0, deadline - time.monotonic()))
+                assert ready, f"pid {pid} did not end within {timeout}s"
+                info = os.waitid(os.P_PIDFD, pidfd, os.WEXITED)
+                assert info is not None
+                killed = info.si_code in (os.CLD_KILLED, os.CLD_DUMPED)
+                out[pid] = -info.si_status if killed else info.si_status
+            finally:
+                os.close(pidfd)
+        return out
+
+    try:
+        yield reap
+    finally:
+        libc.prctl(_PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+
+
+class Load:
+    """Calls ``counter.incr`` in a loop from a thread, through the control socket, each
+    call with a deadline; keeps what came back and how long the slowest call took."""
+
+    def __init__(self, d: Daemon, timeout: float = 2.0) -> None:
+        self.d = d
+        self.timeout = timeout
+        self.counts: list[int] = []
+        self.failures = 0
+        self.slowest = 0.0
+        self.stop = threading.Event()
+        self.progress = threading.Condition()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            t0 = time.monotonic()
+            try:
+                # the daemon's call_timeout is the call's deadline; this one the socket's
+                count = self.d.ctl(
+                    "call", timeout=self.timeout + 1, plugin="counter", method="incr", args=None
+                )
+            except (OSError, ControlError, ValueError):
+                self.failures += 1
+                self.stop.wait(0.01)  # pacing while no daemon listens, not a sync
+                continue
+            finally:
+                self.slowest = max(self.slowest, time.monotonic() - t0)
+            with self.progress:
+                self.counts.append(count)
+                self.progress.notify_all()
+
+    def wait_for(self, n: int, timeout: float = 20.0) -> None:
+        """Until ``n`` more calls have succeeded."""
+        with self.progress:
+            goal = len(self.counts) + n
+            assert self.progress.wait_for(lambda: len(self.counts) >= goal, timeout), (
+                f"only {len(self.counts)} of {goal} calls succeeded"
+            )
+
+    def __enter__(self) -> Load:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(10)
+
+
+def _config(mark: str, orphan_timeout: float = 30.0) -> str:
+    return daemon_config(
+        plugin_block("counter", "testplugins:Counter")
+        + plugin_block("echo")
+        + plugin_block("other", env={"MARK": mark}),
+        orphan_timeout=orphan_timeout,
+        call_timeout=2.0,
+    )
+
+
+def _pids(d: Daemon) -> dict[str, int]:
+    return {r["plugin"]: r["pid"] for r in d.status()}
+
+
+def _wait_for_file(path: Path, timeout: float = 10.0) -> None:
+    with _DirWatch(path.parent) as watch:
+        deadline = time.monotonic() + timeout
+        while not path.exists():
+            left = deadline - time.monotonic()
+            assert left > 0, f"{path} never appeared"
+            if select.select([watch.fd], [], [], left)[0]:
+                watch.drain()
+
+
+def test_kill_9_the_daemon_under_load_and_its_plugins_keep_running() -> None:
+    with adopting_parent() as reap, running_daemon(_config("one")) as d:
+        before = _pids(d)
+        said = d.workdir / "said"
+        with Load(d) as load:
+            load.wait_for(20)
+            d.call(
+                "counter",
+                "say_later",
+                {"text": "said while no daemon ran", "delay": 0.2, "marker": str(said)},
+            )
+            d.kill(signal.SIGKILL)
+            reap_the_rest(d, before, reap)
+            last_before = max(load.counts)
+            assert all(alive(pid) for pid in before.values()), "plugins died with the daemon"
+            os.kill(before["echo"], signal.SIGKILL)  # dies while no daemon watches it
+            assert reap([before["echo"]]) == {before["echo"]: -signal.SIGKILL}
+            _wait_for_file(said)  # the counter printed while no daemon read its output
+            d.config.write_text(_config("two"))  # and "other" now has another config
+            d.start()
+            d.wait_until(d.all_ready, what="all plugins ready after the restart")
+            load.wait_for(20)
+        after = _pids(d)
+        assert after["counter"] == before["counter"], "the counter was restarted, not adopted"
+        assert after["echo"] != before["echo"]  # lost: started again
+        assert after["other"] != before["other"]  # its config changed: replaced
+        # its memory survived: the count went on from where the load left it
+        assert any(c > last_before for c in load.counts)
+        assert sorted(load.counts) == list(range(1, len(load.counts) + 1)) or len(
+            set(load.counts)
+        ) == len(load.counts), "a count came back twice: the state was reset"
+        assert d.call("counter", "incr") > max(load.counts)
+        assert load.slowest < load.timeout + 1.5, f"a call hung for {load.slowest:.1f}s"
+        lines = [x["line"] for x in d.ctl("logs", name="counter", lines=1000)]
+        assert "said while no daemon ran" in lines
+        events = d.ctl("events", lines=1000)
+        adopted = [e for e in events if e["type"] == "plugin:adopted"]
+        assert [e["pluginName"] for e in adopted] == ["counter"]
+        lost = [e for e in events if e["type"] == "plugin:lost"]
+        assert [(e["pluginName"], e["pid"]) for e in lost] == [("echo", before["echo"])]
+        row = d.row("counter")
+        assert row["state"] == "ready" and row["health"] in ("healthy", "unknown")
+        d.stop()  # oskctl shutdown's path: stops adopted plugins too
+        exits = reap([before["counter"], before["other"]])
+        assert exits[before["counter"]] == 0  # asked to stop, it stopped cleanly
+        assert exits[before["other"]] == -signal.SIGKILL  # not adoptable: killed at start
+
+
+def test_a_plugin_stops_by_itself_when_no_daemon_comes_back() -> None:
+    with adopting_parent() as reap, running_daemon(_config("one", orphan_timeout=0.3)) as d:
+        before = _pids(d)
+        d.kill(signal.SIGKILL)
+        reap_the_rest(d, before, reap)
+        exits = reap(list(before.values()))
+        assert exits == {pid: 0 for pid in before.values()}, "each ran stop() and exited 0"
+        assert (d.runtime / "instances.json").exists()  # what a daemon would have re-adopted
+        d.start()  # nothing left to adopt: every instance starts afresh
+        d.wait_until(d.all_ready, what="all plugins ready")
+        assert not set(_pids(d).values()) & set(before.values())
+        lost = {e["pluginName"] for e in d.ctl("events", lines=1000) if e["type"] == "plugin:lost"}
+        assert lost == set(before)
+
+
+def test_a_second_daemon_on_the_same_runtime_dir_is_refused() -> None:
+    with running_daemon(_config("one")) as d:
+        pids = _pids(d)
+        out = subprocess.run(
+            [sys.executable, "-m", "osk_daemon.cli", "run", "--config", str(d.config)],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode != 0
+        assert "another daemon" in out.stderr and str(d.runtime) in out.stderr
+        assert _pids(d) == pids  # the first one's plugins were not touched
+        assert d.call("counter", "incr") == 1
