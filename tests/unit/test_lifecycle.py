@@ -212,3 +212,45 @@ def test_describe_exit() -> None:
     assert lc.describe_exit(None) == "-"
     assert lc.describe_exit(lc.Exited(3, None)) == "exit 3"
     assert lc.describe_exit(lc.Exited(None, 9)) == "SIGKILL"
+
+
+# ---- re-adoption after a daemon restart ---------------------------------------------------
+
+
+def test_an_adopted_process_waits_for_its_first_frame_under_the_start_timer() -> None:
+    life = at(S.PENDING)
+    effects = life.step(lc.Adopted(77))
+    assert (life.state, life.pid) == (S.INITIALIZING, 77)
+    assert effects == [lc.ArmTimer(Timer.START, 10), lc.Publish("plugin:adopted")]
+    assert lc.Spawn() not in effects  # it runs already
+    life.step(lc.Started())
+    assert life.state is S.READY and life.retry_count == 0
+
+
+def test_an_adopted_process_that_never_speaks_is_killed_by_the_start_timer() -> None:
+    life = at(S.PENDING)
+    life.step(lc.Adopted(77))
+    effects = life.step(lc.TimerFired(Timer.START))
+    assert lc.Signal(signal.SIGKILL) in effects
+    life.step(lc.Exited(None, None))  # not our child: its status is unknown
+    assert life.state is S.FAILED and life.abnormal_exit
+
+
+def test_only_a_pending_instance_can_be_adopted() -> None:
+    with pytest.raises(OskInternalError):
+        at(S.READY).step(lc.Adopted(1))
+
+
+def test_an_unknown_status_is_abnormal_but_a_requested_stop_still_ends_unloaded() -> None:
+    life = at(S.PENDING)
+    life.step(lc.Adopted(77))
+    life.step(lc.Started())
+    life.step(lc.Exited(None, None))
+    assert life.state is S.FAILED and lc.exit_reason(life) == "unknown"
+    assert lc.describe_exit(life.last_exit) == "exit ?"
+    stopped = at(S.PENDING)
+    stopped.step(lc.Adopted(78))
+    stopped.step(lc.Started())
+    stopped.step(lc.StopRequested())
+    stopped.step(lc.Exited(None, None))
+    assert stopped.state is S.UNLOADED
