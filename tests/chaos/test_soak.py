@@ -6,8 +6,13 @@ start (``looper``, transient: it is expected to give up, not to take the others 
 For ``OSK_CHAOS_SECONDS`` (default 20) a seeded schedule (``OSK_CHAOS_SEED``) picks, a
 few times a second, one of: SIGKILL an instance, SIGSTOP one (its heartbeats stop: the
 daemon must kill and replace it), block one's event loop (``hang``), make one allocate
-past its memory limit (OOM), make one fail its health checks, make one exit. A client
-thread calls ``echo`` the whole time with a deadline.
+past its memory limit (OOM), make one fail its health checks, make one exit; and, now
+and then (at least once, at most ``DAEMON_KILLS`` times), SIGKILL the daemon itself and
+start it again on the same runtime dir, which must re-adopt what runs. A client thread
+calls ``echo`` the whole time with a deadline.
+
+While no daemon runs, its plugins are re-parented: this test is their child subreaper
+(``adopting_parent``), and reaps every one of them by pid at the end.
 
 Afterwards: every permanent plugin is ready and healthy again within a bound; no call
 took longer than its deadline plus a margin (nothing hung); the daemon is still
@@ -31,14 +36,17 @@ from osk_daemon.ipc.client import Client
 from tests.integration.harness import (
     ControlError,
     Daemon,
+    adopting_parent,
     daemon_config,
     plugin_block,
+    reap_the_rest,
     running_daemon,
 )
 
 SECONDS = float(os.environ.get("OSK_CHAOS_SECONDS", "20"))
 SEED = int(os.environ.get("OSK_CHAOS_SEED", "1"))
 CALL_TIMEOUT = 1.0
+DAEMON_KILLS = 3
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(SECONDS * 3 + 120)]
 
@@ -92,7 +100,12 @@ class Caller:
         self._thread.join(30)
 
 
-def abuse(d: Daemon, rng: random.Random) -> str:
+def abuse(d: Daemon, rng: random.Random, daemon_kills: int, force: bool = False) -> str:
+    """One abusive act; ``force`` kills the daemon (so every soak does it at least once)."""
+    if force or (daemon_kills < DAEMON_KILLS and rng.random() < 0.05):
+        d.kill(signal.SIGKILL)
+        d.start()  # on the same runtime dir: it re-adopts what still runs
+        return "daemon-kill"
     rows = [r for r in d.status() if r["plugin"] != "looper" and r["pid"]]
     if not rows:
         return "nothing running"
@@ -126,19 +139,22 @@ def recovered(d: Daemon) -> bool:
 def test_the_daemon_survives_a_seeded_soak() -> None:
     rng = random.Random(SEED)
     done: list[str] = []
-    with running_daemon(config(), wait_ready=False) as d:
+    with adopting_parent() as reap, running_daemon(config(), wait_ready=False) as d:
         d.wait_until(lambda: recovered(d), what="all permanent plugins up")
         with Caller(d) as caller:
             end = time.monotonic() + SECONDS
             while time.monotonic() < end:
-                done.append(abuse(d, rng))
+                kills = done.count("daemon-kill")
+                done.append(abuse(d, rng, kills, force=not kills and time.monotonic() > end - 8))
                 # pace the schedule on the daemon's own events, not on a fixed sleep
                 with contextlib.suppress(AssertionError):
                     d.wait_until(lambda: False, timeout=rng.uniform(0.05, 0.4))
             d.wait_until(lambda: recovered(d), timeout=30, what="recovery after the soak")
             ok_before = caller.ok
             d.wait_until(lambda: caller.ok >= ok_before + 20, what="calls succeed again")
-        assert caller.slowest <= CALL_TIMEOUT + 0.5, f"a call hung: {caller.slowest:.2f}s"
+        # a call the killed daemon never answered ends at the client's own bound: the
+        # deadline plus its 0.5 s grace (plus scheduling, on a loaded 2-core machine)
+        assert caller.slowest <= CALL_TIMEOUT + 0.75, f"a call hung: {caller.slowest:.2f}s"
         assert caller.ok > 0
         kinds = {entry.split()[0] for entry in done}
         assert len(kinds) >= 4, f"the schedule did too little: {done}"
@@ -146,3 +162,7 @@ def test_the_daemon_survives_a_seeded_soak() -> None:
         assert looper and looper[0]["state"] in ("failed", "unloaded", "pending", "loading")
         events = {e["type"] for e in d.ctl("events", lines=1000)}
         assert "plugin:destroyed" in events
+        assert "daemon-kill" in done
+        assert "plugin:adopted" in events or "plugin:lost" in events
+        d.stop()
+        reap_the_rest(d, {}, reap)  # what the killed daemons left, now ours to reap

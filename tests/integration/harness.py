@@ -58,7 +58,7 @@ class Daemon:
         """
         self.runtime.mkdir(mode=0o711, exist_ok=True)  # to watch it before the daemon runs
         stale = _inode(self.socket)  # a killed daemon's socket, which the new one replaces
-        with _DirWatch(self.runtime) as watch, self.log.open("wb") as log:
+        with _DirWatch(self.runtime) as watch, self.log.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "osk_daemon.cli", "run", "--config", str(self.config)],
                 stdout=log,
@@ -226,6 +226,62 @@ def _inode(path: Path) -> tuple[int, int] | None:
 def alive(pid: int) -> bool:
     """Is there still a process (or zombie) with this pid?"""
     return Path(f"/proc/{pid}").exists()
+
+
+_PR_SET_CHILD_SUBREAPER = 36
+Reap = Callable[[list[int]], dict[int, int]]  # pids -> exit code, or -signal
+
+
+def reap_the_rest(d: Daemon, plugins: dict[str, int], reap: Reap, timeout: float = 20.0) -> None:
+    """Reap the killed daemon's other processes (its zygote and warm children end by
+    themselves on EOF from it): each one that is ours (re-parented to us) is reaped; one
+    with another parent still (the zygote's) is waited for, and may be ours next."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = [pid for pid in d.seen_pids - set(plugins.values()) if alive(pid)]
+        if not left:
+            return
+        assert time.monotonic() < deadline, f"processes of the killed daemon linger: {left}"
+        for pid in left:
+            with contextlib.suppress(psutil.Error):
+                if psutil.Process(pid).ppid() == os.getpid():
+                    reap([pid])
+                    continue
+            with contextlib.suppress(ProcessLookupError):
+                pidfd = os.pidfd_open(pid)
+                try:
+                    select.select([pidfd], [], [], max(0.0, deadline - time.monotonic()))
+                finally:
+                    os.close(pidfd)
+
+
+@contextlib.contextmanager
+def adopting_parent(timeout: float = 20.0) -> Iterator[Reap]:
+    """Be the subreaper for the test; yields ``reap(pids) -> {pid: exit code or -signal}``,
+    which waits (pidfd, up to ``timeout``) for each of those pids to end and reaps it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+
+    def reap(pids: list[int]) -> dict[int, int]:
+        out: dict[int, int] = {}
+        deadline = time.monotonic() + timeout
+        for pid in pids:
+            pidfd = os.pidfd_open(pid)
+            try:
+                ready, _, _ = select.select([pidfd], [], [], max(0.0, deadline - time.monotonic()))
+                assert ready, f"pid {pid} did not end within {timeout}s"
+                info = os.waitid(os.P_PIDFD, pidfd, os.WEXITED)
+                assert info is not None
+                killed = info.si_code in (os.CLD_KILLED, os.CLD_DUMPED)
+                out[pid] = -info.si_status if killed else info.si_status
+            finally:
+                os.close(pidfd)
+        return out
+
+    try:
+        yield reap
+    finally:
+        libc.prctl(_PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
 
 
 def _readline(sock: socket.socket) -> bytes:

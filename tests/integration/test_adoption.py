@@ -7,8 +7,6 @@ to PID 1, which reaps late here) and it reaps them by pid once they end.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import os
 import select
 import signal
@@ -16,78 +14,23 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 
 from tests.integration.harness import (
     ControlError,
     Daemon,
     _DirWatch,
+    adopting_parent,
     alive,
     daemon_config,
     plugin_block,
+    reap_the_rest,
     running_daemon,
 )
 
 pytestmark = pytest.mark.timeout(120)
-
-_PR_SET_CHILD_SUBREAPER = 36
-Reap = Callable[[list[int]], dict[int, int]]
-
-
-def reap_the_rest(d: Daemon, plugins: dict[str, int], reap: Reap, timeout: float = 20.0) -> None:
-    """Reap the killed daemon's other processes (its zygote and warm children end by
-    themselves on EOF from it): each one that is ours (re-parented to us) is reaped; one
-    with another parent still (the zygote's) is waited for, and may be ours next."""
-    deadline = time.monotonic() + timeout
-    while True:
-        left = [pid for pid in d.seen_pids - set(plugins.values()) if alive(pid)]
-        if not left:
-            return
-        assert time.monotonic() < deadline, f"processes of the killed daemon linger: {left}"
-        for pid in left:
-            with contextlib.suppress(psutil.Error):
-                if psutil.Process(pid).ppid() == os.getpid():
-                    reap([pid])
-                    continue
-            with contextlib.suppress(ProcessLookupError):
-                pidfd = os.pidfd_open(pid)
-                try:
-                    select.select([pidfd], [], [], max(0.0, deadline - time.monotonic()))
-                finally:
-                    os.close(pidfd)
-
-
-@contextlib.contextmanager
-def adopting_parent(timeout: float = 20.0) -> Iterator[Reap]:
-    """Be the subreaper for the test; yields ``reap(pids) -> {pid: exit code or -signal}``,
-    which waits (pidfd, up to ``timeout``) for each of those pids to end and reaps it."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    assert libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
-
-    def reap(pids: list[int]) -> dict[int, int]:
-        out: dict[int, int] = {}
-        deadline = time.monotonic() + timeout
-        for pid in pids:
-            pidfd = os.pidfd_open(pid)
-            try:
-                ready, _, _ = select.select([pidfd], [], [], max(0.0, deadline - time.monotonic()))
-                assert ready, f"pid {pid} did not end within {timeout}s"
-                info = os.waitid(os.P_PIDFD, pidfd, os.WEXITED)
-                assert info is not None
-                killed = info.si_code in (os.CLD_KILLED, os.CLD_DUMPED)
-                out[pid] = -info.si_status if killed else info.si_status
-            finally:
-                os.close(pidfd)
-        return out
-
-    try:
-        yield reap
-    finally:
-        libc.prctl(_PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
 
 
 class Load:
