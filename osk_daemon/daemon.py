@@ -17,10 +17,12 @@ sharing one.
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import logging
 import os
 import signal
+import sys
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -32,7 +34,7 @@ from osk_daemon.config import Config, SpawnMode
 from osk_daemon.control.commands import DaemonCommands
 from osk_daemon.control.server import serve_control
 from osk_daemon.errors import BootFailed, ControlError, OskError
-from osk_daemon.observability.notify import Watchdog, announce, service_notifier
+from osk_daemon.observability.notify import Notifier, Watchdog, announce, service_notifier
 from osk_daemon.supervisor.adoption import find_survivors, output_dir
 from osk_daemon.supervisor.confinement import Confinement
 from osk_daemon.supervisor.reaper import ChildReaper, become_subreaper
@@ -93,6 +95,30 @@ def secure_sockets(runtime_dir: Path) -> None:
     (runtime_dir / "workers.sock").chmod(0o666)
 
 
+async def _reexec(sup: Supervisor, notifier: Notifier) -> None:
+    """Replace this process with a fresh start of the daemon (an upgraded one, if it was
+    upgraded), keeping the pid and every plugin: ``oskctl reexec``.
+
+    The state file is written now, the control reply is let out, and ``execv`` runs the
+    same command line again. Every fd of ours is close-on-exec (sockets, pidfds, output
+    FIFOs, the lock), so the new image starts clean: it re-adopts the plugins, which are
+    still its children (their exits keep their exact status), and binds the same sockets.
+    The old zygote sees EOF and exits; the new image reaps it. systemd sees the same main
+    pid reloading, then READY=1 again.
+    """
+    argv = [sys.executable, *sys.orig_argv[1:]]
+    log.info("re-executing %s; the plugins keep running", " ".join(argv))
+    sup.state_file.write()
+    notifier.reloading()
+    for _ in range(10):  # let the control server write its reply to oskctl
+        await asyncio.sleep(0)
+    if sup.tracer is not None:
+        sup.tracer.shutdown()
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    os.execv(sys.executable, argv)
+
+
 async def run_daemon(
     config: Config, *, on_ready: Callable[[Supervisor], None] | None = None
 ) -> None:
@@ -143,12 +169,18 @@ async def _run_locked(plan: StartPlan, on_ready: Callable[[Supervisor], None] | 
             SpawnMode.EXEC: ExecSpawner(),
         }
         stop = anyio.Event()
+        reexec: list[bool] = []  # oskctl reexec asked for it
+
+        def ask_reexec() -> None:
+            reexec.append(True)
+            stop.set()
+
         async with anyio.create_task_group() as tg:
             supervisor = sup = Supervisor(
                 plan, tg, reaper, spawners, endpoints(d.runtime_dir), confinement, survivors
             )
             secure_sockets(d.runtime_dir)
-            commands = DaemonCommands(supervisor, stop.set)
+            commands = DaemonCommands(supervisor, stop.set, ask_reexec)
             # the control socket first: a second daemon on the same runtime dir fails
             # here, before it has started any plugin
             await tg.start(
@@ -168,6 +200,8 @@ async def _run_locked(plan: StartPlan, on_ready: Callable[[Supervisor], None] | 
             if on_ready is not None:
                 on_ready(supervisor)
             await stop.wait()
+            if reexec and not sup.shutting_down:
+                await _reexec(sup, notifier)  # never returns
             log.info("shutting down")
             notifier.stopping(sup.deps.boot_failure or "")
             await supervisor.shutdown()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -183,16 +184,27 @@ COMMANDS: dict[str, Command] = {
 class DaemonCommands:
     """The ``CommandHandler`` the control server calls."""
 
-    def __init__(self, supervisor: Supervisor, request_shutdown: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        supervisor: Supervisor,
+        request_shutdown: Callable[[], None],
+        request_reexec: Callable[[], None] | None = None,
+    ) -> None:
         self._sup = supervisor
         self._shutdown = request_shutdown
+        self._reexec = request_reexec
 
     async def handle(self, cmd: str, args: dict[str, Any], peer: PeerCred) -> Any:
         if cmd == "shutdown":
             self._shutdown()
             return {"message": "shutting down"}
+        if cmd == "reexec" and self._reexec is not None:
+            if self._sup.shutting_down:
+                raise ControlError("the daemon is shutting down; nothing to re-execute")
+            self._reexec()
+            return {"message": "re-executing; plugins keep running", "pid": os.getpid()}
         command = COMMANDS.get(cmd)
         if command is None:
-            known = ", ".join(sorted([*COMMANDS, "shutdown"]))
+            known = ", ".join(sorted([*COMMANDS, "shutdown", "reexec"]))
             raise ControlError(f"unknown command '{cmd}' (known: {known})")
         return await command(self._sup, args)

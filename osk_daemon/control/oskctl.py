@@ -268,8 +268,8 @@ def _run(ns: argparse.Namespace, choice: SocketChoice, timeout: float) -> None:
             args = {"name": ns.name, "strategy": ns.strategy, "dependents": ns.dependents}
         result = _request(choice, timeout, cmd, args)
         _out(render.format_json(result))
-    elif cmd == "shutdown":
-        result = _request(choice, timeout, "shutdown", {})
+    elif cmd in ("shutdown", "reexec"):
+        result = _request(choice, timeout, cmd, {})
         _out(render.format_json(result) if as_json else render.format_message(result))
     elif cmd == "call":
         args = {
@@ -420,6 +420,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", choices=["graceful", "forceful", "drain"], default="graceful")
     p.add_argument("--dependents", choices=["cascade", "warn", "block"], default="block")
     command("shutdown", "stop the daemon and all plugins")
+    command(
+        "reexec",
+        "restart the daemon in place (same pid, e.g. after an upgrade); plugins keep running",
+    )
     return parser
 
 

@@ -31,7 +31,7 @@ from osk_daemon.supervisor.confinement import Confinement
 from osk_daemon.supervisor.instance import WORKER_TARGET, Instance
 from osk_daemon.supervisor.output import open_output, output_fifos
 from osk_daemon.supervisor.reaper import ChildReaper, ExitStatus
-from osk_daemon.supervisor.runtime_state import start_ticks
+from osk_daemon.supervisor.runtime_state import parent_of, start_ticks
 from osk_daemon.supervisor.spawner import Spawner, SpawnRequest
 
 if TYPE_CHECKING:
@@ -113,7 +113,8 @@ class InstanceProcesses:
     def adopt(self, inst: Instance, survivor: Survivor) -> None:
         """Take over a process a previous daemon started (``adoption``): its cgroup, its
         output FIFOs and its routing id; READY follows its first frame. Its exit is seen
-        through its pidfd, with the status unknown: it is not our child."""
+        through its pidfd, with the status unknown, unless it is still our child (the
+        daemon re-executed itself): then the reaper has its exact status, as for a spawn."""
         record, pidfd = survivor.record, survivor.pidfd
         inst.generation += 1
         inst.token = record.token
@@ -138,8 +139,12 @@ class InstanceProcesses:
         self._sup.broker.adopt(inst.key, record.token)
         inst.adopting = True
         generation = inst.generation
-        self._loop.add_reader(pidfd, self._foreign_exited, inst, generation, pidfd)
         self._sup.feed(inst, lc.Adopted(record.pid))
+        if parent_of(record.pid) == os.getpid():  # after oskctl reexec: still our child
+            os.close(pidfd)
+            self._reaper.watch(record.pid, lambda st: self._child_exited(inst, generation, st))
+        else:
+            self._loop.add_reader(pidfd, self._foreign_exited, inst, generation, pidfd)
         log.info("%s: re-adopted pid %d", inst.leaf, record.pid)
 
     def _foreign_exited(self, inst: Instance, generation: int, pidfd: int) -> None:

@@ -35,6 +35,7 @@ __all__ = [
     "StateFile",
     "config_fingerprint",
     "load",
+    "parent_of",
     "start_ticks",
     "verify",
 ]
@@ -69,16 +70,30 @@ def config_fingerprint(cfg: PluginConfig) -> str:
     return hashlib.sha256(raw).hexdigest()[:16]
 
 
-def start_ticks(pid: int) -> int | None:
-    """When ``pid`` started (clock ticks since boot), or None if there is no such process."""
+def _stat_fields(pid: int) -> list[bytes] | None:
+    """``/proc/PID/stat`` after the name, from field 3 (state) on; None if no such pid."""
     try:
         raw = Path(f"/proc/{pid}/stat").read_bytes()
     except OSError:
         return None
     # "pid (comm) state ppid ..." where comm may hold spaces and parentheses
-    fields = raw[raw.rfind(b")") + 2 :].split()
+    return raw[raw.rfind(b")") + 2 :].split()
+
+
+def start_ticks(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot), or None if there is no such process."""
+    fields = _stat_fields(pid)
     try:
-        return int(fields[19])  # field 22 overall; the fields after comm start at field 3
+        return int(fields[19]) if fields else None  # field 22
+    except (IndexError, ValueError):
+        return None
+
+
+def parent_of(pid: int) -> int | None:
+    """``pid``'s parent pid, or None if there is no such process."""
+    fields = _stat_fields(pid)
+    try:
+        return int(fields[1]) if fields else None  # field 4
     except (IndexError, ValueError):
         return None
 

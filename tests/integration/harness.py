@@ -51,11 +51,7 @@ class Daemon:
     # ---- process -----------------------------------------------------------------------
 
     def start(self, timeout: float = 20.0) -> None:
-        """Start the daemon; return once its control socket accepts connections.
-
-        Waits on two fds, up to ``timeout``: an inotify watch on the runtime dir (the daemon
-        renames the listening socket into place) and a pidfd (the daemon exited early).
-        """
+        """Start the daemon; return once its control socket accepts connections."""
         self.runtime.mkdir(mode=0o711, exist_ok=True)  # to watch it before the daemon runs
         stale = _inode(self.socket)  # a killed daemon's socket, which the new one replaces
         with _DirWatch(self.runtime) as watch, self.log.open("ab") as log:
@@ -65,21 +61,35 @@ class Daemon:
                 stderr=subprocess.STDOUT,
                 env=None if self.env is None else {**os.environ, **self.env},
             )
-            pidfd = os.pidfd_open(self.proc.pid)
-            try:
-                deadline = time.monotonic() + timeout
-                while _inode(self.socket) in (None, stale):
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise AssertionError(f"no control socket:\n{self.log.read_text()}")
-                    ready, _, _ = select.select([watch.fd, pidfd], [], [], left)
-                    if pidfd in ready:
-                        self.proc.wait()
-                        raise AssertionError(f"daemon exited early:\n{self.log.read_text()}")
-                    if watch.fd in ready:
-                        watch.drain()
-            finally:
-                os.close(pidfd)
+            self._wait_socket(watch, stale, timeout)
+
+    def reexec(self, timeout: float = 20.0) -> dict[str, Any]:
+        """``oskctl reexec``; return its reply once the new image's socket is there."""
+        with _DirWatch(self.runtime) as watch:
+            stale = _inode(self.socket)
+            reply: dict[str, Any] = self.ctl("reexec")
+            self._wait_socket(watch, stale, timeout)
+        return reply
+
+    def _wait_socket(self, watch: _DirWatch, stale: tuple[int, int] | None, timeout: float) -> None:
+        """Wait on two fds, up to ``timeout``: an inotify watch on the runtime dir (the daemon
+        renames the listening socket into place) and a pidfd (the daemon exited early)."""
+        assert self.proc is not None
+        pidfd = os.pidfd_open(self.proc.pid)
+        try:
+            deadline = time.monotonic() + timeout
+            while _inode(self.socket) in (None, stale):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no control socket:\n{self.log.read_text()}")
+                ready, _, _ = select.select([watch.fd, pidfd], [], [], left)
+                if pidfd in ready:
+                    self.proc.wait()
+                    raise AssertionError(f"daemon exited early:\n{self.log.read_text()}")
+                if watch.fd in ready:
+                    watch.drain()
+        finally:
+            os.close(pidfd)
 
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM the daemon (by pid), wait, and check that every plugin is gone."""

@@ -183,3 +183,28 @@ def test_a_second_daemon_on_the_same_runtime_dir_is_refused() -> None:
         assert "another daemon" in out.stderr and str(d.runtime) in out.stderr
         assert _pids(d) == pids  # the first one's plugins were not touched
         assert d.call("counter", "incr") == 1
+
+
+def test_oskctl_reexec_restarts_the_daemon_in_place_and_keeps_exact_exit_statuses() -> None:
+    with running_daemon(_config("one")) as d:
+        assert d.proc is not None
+        before = _pids(d)
+        assert d.call("counter", "incr") == 1
+        reply = d.reexec()
+        assert reply["pid"] == d.proc.pid and d.proc.poll() is None  # the same process
+        d.wait_until(d.all_ready, what="all plugins ready after the re-exec")
+        assert _pids(d) == before
+        assert d.call("counter", "incr") == 2  # same memory
+        events = d.ctl("events", lines=1000)
+        assert {e["pluginName"] for e in events if e["type"] == "plugin:adopted"} == set(before)
+        # still the daemon's children: a crash's exact status is known
+        with pytest.raises(ControlError):
+            d.call("counter", "crash", {"code": 7})
+        d.wait_until(
+            lambda: (
+                d.row("counter")["pid"] not in (None, before["counter"])
+                and d.row("counter")["state"] == "ready"
+            ),
+            what="counter restarted",
+        )
+        assert d.row("counter")["last_exit"] == "exit 7"
