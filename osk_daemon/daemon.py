@@ -161,8 +161,10 @@ async def _run_locked(plan: StartPlan, on_ready: Callable[[Supervisor], None] | 
     supervisor: Supervisor | None = None
     try:
         watchdog.start()
-        zygote = await ZygoteSpawner.open(
-            reaper, preload=("osk_daemon.worker.runtime", "osk_daemon.isolation.sequence")
+        zygote = await ZygoteSpawner.open(  # boots meanwhile: re-adopting needs no zygote
+            reaper,
+            preload=("osk_daemon.worker.runtime", "osk_daemon.isolation.sequence"),
+            wait=False,
         )
         spawners: dict[SpawnMode, Spawner] = {
             SpawnMode.ZYGOTE: zygote,

@@ -163,6 +163,7 @@ class ZygoteSpawner:
         self._current: Zygote | None = None
         self._all: set[Zygote] = set()
         self._closed = False
+        self._boot: asyncio.Task[None] | None = None  # open(wait=False)'s boot
 
     @classmethod
     async def open(
@@ -176,8 +177,14 @@ class ZygoteSpawner:
         spawn_timeout: float = 10.0,
         warm: int = 2,
         warm_up: str | None = WORKER_WARM_UP,
+        wait: bool = True,
     ) -> ZygoteSpawner:
         """Start the zygote and wait until it has imported ``preload`` (failures are logged).
+
+        ``wait=False`` returns at once and lets the zygote boot meanwhile (a third of a
+        second of imports): spawns wait for it, and a daemon that only re-adopts running
+        plugins never does. A zygote that fails to boot then is logged, and each spawn
+        tries again.
 
         The zygote keeps ``warm`` pre-forked children to hand requests to (each costs an idle
         process sharing the zygote's pages); ``warm=0`` double-forks per request instead.
@@ -205,9 +212,19 @@ class ZygoteSpawner:
             warm=warm,
             warm_up=warm_up,
         )
-        async with self._lock:
-            await self._ensure_zygote()
+        if wait:
+            async with self._lock:
+                await self._ensure_zygote()
+        else:
+            self._boot = asyncio.get_running_loop().create_task(self._boot_zygote())
         return self
+
+    async def _boot_zygote(self) -> None:
+        try:
+            async with self._lock:
+                await self._ensure_zygote()
+        except PluginLoadError as exc:
+            log.error("the zygote did not start: %s (the next spawn tries again)", exc)
 
     @property
     def zygote_pid(self) -> int | None:
@@ -301,6 +318,10 @@ class ZygoteSpawner:
         Then waits the same way for the warm children (they exit on EOF too), so none is
         left behind when this returns.
         """
+        if self._boot is not None:  # a zygote still booting is let finish, then closed
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._ready_timeout):
+                    await asyncio.shield(self._boot)
         self._closed = True
         for zygote in list(self._all):
             zygote.shutdown()
