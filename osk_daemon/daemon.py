@@ -109,6 +109,7 @@ async def _reexec(sup: Supervisor, notifier: Notifier) -> None:
     argv = [sys.executable, *sys.orig_argv[1:]]
     log.info("re-executing %s; the plugins keep running", " ".join(argv))
     sup.state_file.write()
+    sup.state_file.flush()
     notifier.reloading()
     for _ in range(10):  # let the control server write its reply to oskctl
         await asyncio.sleep(0)

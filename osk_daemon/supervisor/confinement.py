@@ -6,9 +6,10 @@ Before an instance is spawned the driver asks ``Confinement.prepare`` for a cgro
 plugin's quotas (limits are written before any process joins) and a ``LaunchPlan`` that the
 child applies to itself in the fixed order of ``isolation.sequence`` before plugin code
 runs. After the process is gone, ``release`` kills whatever is left in the cgroup (a
-plugin's own children included) and removes it, and tells whether the kernel OOM-killed
-something in it. ``sample`` reads usage for status and reports newly hit limits (pids,
-OOM) as events.
+plugin's own children included) and, for an instance that is not coming back, removes it
+on a worker thread (a few milliseconds the serving path must not wait for), and tells
+whether the kernel OOM-killed something in it. ``sample`` reads usage for status and
+reports newly hit limits (pids, OOM) as events.
 
 Whether a plugin's sandbox can be enforced at all is decided once, at daemon start
 (``check``): a level the kernel cannot enforce stops the daemon with a clear message,
@@ -26,6 +27,7 @@ import logging
 import os
 import pwd
 from collections.abc import Collection
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,6 +82,12 @@ class Confinement:
     _seen: dict[str, _Seen] = field(default_factory=dict)
     _kept: dict[str, Prepared] = field(default_factory=dict)  # reused across restarts
     _degraded: dict[str, tuple[str, ...]] = field(default_factory=dict)  # from check()
+    # removing a stopped instance's cgroup (kill, wait until empty, rmdir: a few ms) runs
+    # on this thread, off the daemon's loop; the name is busy until it is done
+    _disposer: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="osk-cgroup")
+    )
+    _disposing: dict[str, Future[None]] = field(default_factory=dict)
 
     @classmethod
     def open(cls, config: Config, keep: Collection[str] = ()) -> Confinement:
@@ -97,6 +105,7 @@ class Confinement:
         return cls(config, cgroups)
 
     def close(self) -> None:
+        self._disposer.shutdown(wait=True)
         if self.cgroups is not None:
             self.cgroups.close()
 
@@ -164,6 +173,7 @@ class Confinement:
         path, where every millisecond counts); ``release(final=True)`` drops them.
         """
         key = instance_cgroup(name, index)
+        self._settle(key)
         kept = self._kept.get(key)
         if kept is not None:
             kept.oom_before = kept.cgroup.oom_kills() if kept.cgroup is not None else 0
@@ -186,6 +196,7 @@ class Confinement:
         """What a re-adopted instance runs in: its existing cgroup (nothing is written to
         it; limits are the ones it was created with) and the plan it would get now."""
         key = instance_cgroup(name, index)
+        self._settle(key)
         cgroup = None
         if self.cgroups is not None:
             cgroup = self.cgroups.attach(key)
@@ -210,17 +221,20 @@ class Confinement:
             return False
         oom = False
         try:
-            if final or cgroup.populated():
-                cgroup.kill()
+            if not final and cgroup.populated():
+                cgroup.kill()  # before the restart joins it: now, on the crash path
             oom = cgroup.oom_kills() > prepared.oom_before
         except OskError as exc:
             log.warning("cgroup %s: %s", cgroup.name, exc)
         if final:
-            try:
-                cgroup.remove()
-            except OskError as exc:
-                log.warning("could not remove cgroup %s: %s", cgroup.name, exc)
+            self._disposing[cgroup.name] = self._disposer.submit(_dispose, cgroup)
         return oom
+
+    def _settle(self, key: str) -> None:
+        """Wait for the removal of an earlier cgroup of this name, if one is running."""
+        pending = self._disposing.pop(key, None)
+        if pending is not None:
+            pending.result()
 
     def sample(self, key: str, prepared: Prepared) -> tuple[dict[str, Any], list[str]]:
         """Usage for status, and the limits newly hit since the last sample."""
@@ -287,6 +301,14 @@ class Confinement:
         path.chmod(0o700)
         if plan.uid is not None:
             os.chown(path, plan.uid, plan.gid if plan.gid is not None else -1)
+
+
+def _dispose(cgroup: InstanceCgroup) -> None:
+    """Kill what is left in a stopped instance's cgroup and remove it (worker thread)."""
+    try:
+        cgroup.remove()  # kills first if anything is left
+    except OskError as exc:
+        log.warning("could not remove cgroup %s: %s", cgroup.name, exc)
 
 
 def instance_cgroup(plugin: str, index: int) -> str:

@@ -9,8 +9,9 @@ instance (plugin, index, version, pid and the pid's start time in clock ticks si
 from ``/proc/PID/stat``, the token the worker uses as its ZeroMQ routing id, its output
 FIFOs, a fingerprint of its config, and its life state). The driver marks it dirty on every
 state change; it is written at most once per loop iteration, to a temp file renamed over the
-old one (a reader sees the old or the new file, never half of one). ``load`` reads it back
-and never raises: a missing, unreadable or foreign file means "nothing to adopt", logged.
+old one (a reader sees the old or the new file, never half of one), on a worker thread.
+``load`` reads it back and never raises: a missing, unreadable or foreign file means
+"nothing to adopt", logged.
 ``verify`` opens a pidfd on a record's pid *first* and only then compares the start time,
 so the answer cannot change under it: a pid reused since then has another start time.
 """
@@ -23,9 +24,10 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 from osk_daemon.config import PluginConfig
 
@@ -133,43 +135,59 @@ def load(runtime_dir: Path) -> list[InstanceRecord]:
 
 
 class StateFile:
-    """Writes the live instances to ``runtime_dir/instances.json``, coalescing changes."""
+    """Writes the live instances to ``runtime_dir/instances.json``, coalescing changes.
 
-    def __init__(self, runtime_dir: Path, collect: Any) -> None:
+    The records are taken on the loop; the file is written on a worker thread (one, so
+    writes land in order), since a write and a rename cost milliseconds on a busy disk."""
+
+    def __init__(self, runtime_dir: Path, collect: Callable[[], list[InstanceRecord]]) -> None:
         """``collect()`` returns the current records (called when a write happens)."""
         self.path = runtime_dir / STATE_FILE
         self._collect = collect
         self._scheduled: asyncio.Handle | None = None
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="osk-state")
+        self._closed = False
         self.writes = 0
 
     def dirty(self) -> None:
         """Something changed: write soon (once for everything changed this iteration)."""
-        if self._scheduled is None:
+        if self._scheduled is None and not self._closed:
             self._scheduled = asyncio.get_running_loop().call_soon(self.write)
 
     def write(self) -> None:
-        """Write now (also what ``dirty`` schedules)."""
+        """Write now (also what ``dirty`` schedules); ``flush`` waits until it is done."""
         if self._scheduled is not None:
             self._scheduled.cancel()
             self._scheduled = None
-        records: list[InstanceRecord] = self._collect()
+        if self._closed:
+            return
         body = {
             "format": _FORMAT,
             "daemon_pid": os.getpid(),
-            "instances": [asdict(r) for r in records],
+            "instances": [asdict(r) for r in self._collect()],
         }
+        self._writer.submit(self._put, json.dumps(body, separators=(",", ":")))
+
+    def flush(self) -> None:
+        """Return once every write asked for so far is on disk."""
+        if not self._closed:
+            self._writer.submit(lambda: None).result()
+
+    def _put(self, text: str) -> None:
         tmp = self.path.with_suffix(".tmp")
         try:
-            tmp.write_text(json.dumps(body, separators=(",", ":")))
+            tmp.write_text(text)
             tmp.replace(self.path)
             self.writes += 1
         except OSError as exc:  # a full disk must not stop the daemon; re-adoption suffers
             log.error("could not write %s: %s", self.path, exc)
 
     def remove(self) -> None:
-        """Everything stopped: nothing is left to re-adopt."""
+        """Everything stopped: nothing is left to re-adopt (and nothing more is written)."""
         if self._scheduled is not None:
             self._scheduled.cancel()
             self._scheduled = None
+        self._closed = True
+        self._writer.shutdown(wait=True)
         with contextlib.suppress(OSError):
             self.path.unlink()

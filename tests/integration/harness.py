@@ -218,10 +218,13 @@ def leftover_cgroups(runtime_dir: Path) -> list[str]:
     from osk_daemon.supervisor.confinement import cgroup_name
 
     name = f"{cgroup_name(runtime_dir)}.d"
-    root = Path("/sys/fs/cgroup")
-    if not root.is_dir():
-        return []
-    return [str(p) for p in root.glob(f"**/{name}") if p.is_dir()]
+    found = []
+    # os.walk skips what vanishes under it (other daemons' cgroups come and go); no daemon
+    # subtree is entered: ours is the answer, the others are not ours to look at
+    for top, dirs, _files in os.walk("/sys/fs/cgroup"):
+        found += [str(Path(top) / d) for d in dirs if d == name]
+        dirs[:] = [d for d in dirs if not (d.startswith("osk-") and d.endswith(".d"))]
+    return found
 
 
 def _inode(path: Path) -> tuple[int, int] | None:

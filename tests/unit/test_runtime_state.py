@@ -80,6 +80,7 @@ async def test_the_state_file_is_written_once_per_loop_iteration_and_read_back(
     for _ in range(5):
         sf.dirty()
     await asyncio.sleep(0)  # one loop iteration: the one write scheduled runs
+    sf.flush()
     assert sf.writes == 1
     assert load(tmp_path) == records
     sf.remove()
