@@ -178,6 +178,15 @@ class ControlError(Exception):
     pass
 
 
+def file_identity(path: Path) -> tuple[int, int] | None:
+    """Which file is at ``path`` (inode and ctime: a removed file's inode may come back)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_ctime_ns
+
+
 class BenchDaemon:
     """One real daemon process in ``workdir``; see ``open_daemon``."""
 
@@ -193,7 +202,10 @@ class BenchDaemon:
         self.seen: dict[int, psutil.Process] = {}
 
     def start(self, timeout: float = 20.0) -> None:
-        with self.log.open("wb") as log:
+        """Start the daemon; return once its control socket is there (a new one: a daemon
+        killed before on this runtime dir leaves its socket file behind)."""
+        stale = file_identity(self.control)
+        with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "osk_daemon.cli", "run", "--config", str(self.config)],
                 stdout=log,
@@ -201,7 +213,7 @@ class BenchDaemon:
                 cwd=ROOT,
             )
         deadline = time.monotonic() + timeout
-        while not self.control.exists():
+        while file_identity(self.control) in (None, stale):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"daemon did not come up:\n{self.tail()}")
             with contextlib.suppress(subprocess.TimeoutExpired):

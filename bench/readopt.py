@@ -24,14 +24,10 @@ import contextlib
 import ctypes
 import os
 import signal
-import subprocess
-import sys
 import time
-from typing import Any
 
 from _common import (
     PERCENTILE_METHOD,
-    ROOT,
     BenchDaemon,
     bench_plugin,
     daemon_config,
@@ -56,33 +52,6 @@ def config(n: int) -> str:
     return daemon_config(plugins, heartbeat_interval=0.5, orphan_timeout=30.0)
 
 
-def identity(path: Any) -> tuple[int, int] | None:
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return None
-    return st.st_ino, st.st_ctime_ns
-
-
-def launch(d: BenchDaemon, timeout: float = 30.0) -> None:
-    """Start the daemon and return once its control socket is a new one (a killed daemon
-    leaves its socket file behind)."""
-    stale = identity(d.control)
-    with d.log.open("ab") as log:
-        d.proc = subprocess.Popen(
-            [sys.executable, "-m", "osk_daemon.cli", "run", "--config", str(d.config)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-        )
-    deadline = time.monotonic() + timeout
-    while identity(d.control) in (None, stale):
-        if d.proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"daemon did not come up:\n{d.tail()}")
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            d.proc.wait(0.002)
-
-
 def pids(d: BenchDaemon) -> dict[str, int]:
     return {r["plugin"]: r["pid"] for r in d.ctl("status")}
 
@@ -92,7 +61,7 @@ def one_round(d: BenchDaemon, before: dict[str, int]) -> dict[str, float]:
     d.proc.send_signal(signal.SIGKILL)
     d.proc.wait()
     t0 = time.monotonic()
-    launch(d)
+    d.start(timeout=30)
     socket_up = time.monotonic() - t0
 
     def adopted() -> bool:
@@ -120,7 +89,7 @@ def main() -> None:
         d = BenchDaemon(work, config(args.plugins))
         try:
             t0 = time.monotonic()
-            launch(d)
+            d.start(timeout=30)
             d.wait_until(d.ready, timeout=60)
             cold = time.monotonic() - t0
             before = pids(d)
