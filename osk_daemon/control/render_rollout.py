@@ -8,7 +8,6 @@ status, so the terminal shows the swap step by step.
 
 from __future__ import annotations
 
-import datetime as _dt
 from collections.abc import Mapping
 from typing import Any
 
@@ -48,6 +47,8 @@ def format_rollout_progress(item: Any) -> str:
         return str(item)
     if "event" not in item:
         return format_rollout_status(item)
+    import datetime as _dt  # here, not at the top: oskctl starts without it
+
     event = item["event"] if isinstance(item["event"], Mapping) else {}
     stamp = event.get("timestamp")
     when = (
