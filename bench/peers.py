@@ -314,7 +314,7 @@ def report(
         data["goals"]["crash -> respawn p50 >= 3x faster than the fastest peer"] = goal_ok
     if scale:
         lines += [
-            f"scale: N idle children; all running = start command -> N distinct pids stamped; "
+            f"scale: N idle children; all running = start command -> N stamped pids alive at once; "
             f"RSS/PSS of the supervisor's own processes once all run; idle CPU over "
             f"{args.idle:g} s (% of one core); status = p50 of {args.status_runs} runs",
             "",

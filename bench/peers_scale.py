@@ -87,16 +87,17 @@ def wait_all(stamp: Path, n: int, timeout: float) -> dict[int, float]:
         time.sleep(0.01)
 
 
-def _memory(procs: list[psutil.Process]) -> tuple[int, int]:
-    rss = pss = 0
+def _memory(procs: list[psutil.Process]) -> list[dict[str, Any]]:
+    """RSS and PSS (bytes) of each of ``procs`` still there."""
+    out = []
     for proc in procs:
         try:
             info = proc.memory_full_info()
+            name = proc.name()
         except psutil.Error:
             continue
-        rss += info.rss
-        pss += getattr(info, "pss", 0)
-    return rss, pss
+        out.append({"pid": proc.pid, "name": name, "rss": info.rss, "pss": getattr(info, "pss", 0)})
+    return out
 
 
 def _cpu(procs: list[psutil.Process]) -> dict[int, float]:
@@ -157,7 +158,7 @@ def measure_scale(name: str, opener: Opener, n: int, args: Any) -> dict[str, Any
                 children = set(first)
                 time.sleep(0.5)  # the last child's start-up ends; then measure at rest
                 own = sup.own(children)
-                rss, pss = _memory(own)
+                memory = _memory(own)
                 kids = [p for p in sup.tree() if p.pid in children]
                 before, kids_before = _cpu(own), _cpu(kids)
                 t0 = time.monotonic()
@@ -183,8 +184,10 @@ def measure_scale(name: str, opener: Opener, n: int, args: Any) -> dict[str, Any
         "all_running": all_running,
         "counted": sup.counted,
         "processes": len(own),
-        "rss": rss,
-        "pss": pss,
+        "rss": sum(m["rss"] for m in memory),
+        "pss": sum(m["pss"] for m in memory),
+        "largest_rss": max((m["rss"] for m in memory), default=0),
+        "own_processes": memory,
         "idle_window": window,
         "idle_cpu_percent": 100.0 * _cpu_delta(before, after) / window,
         "children_cpu_percent": 100.0 * _cpu_delta(kids_before, kids_after) / window,
@@ -226,6 +229,8 @@ def report_scale(results: list[dict[str, Any]]) -> tuple[list[str], dict[str, An
             goals[r["name"]] = got
             marks = " ".join(verdict(ok) for ok in got.values())
         note = [f"{r['processes']} proc: {r['counted']}"]
+        if 1 < r["processes"] <= 4:
+            note.append(f"largest alone {r['largest_rss'] / MiB:.1f} MiB RSS")
         if r["restarted"]:
             note.append(f"{r['restarted']} restarted")
         if r["status_rc"]:
