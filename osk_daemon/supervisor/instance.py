@@ -20,6 +20,7 @@ from osk_daemon.config import Config, PluginConfig, StateStrategy
 from osk_daemon.supervisor.confinement import Prepared
 from osk_daemon.supervisor.health import HealthPolicy, HealthTracker
 from osk_daemon.supervisor.lifecycle import Lifecycle, State, Timer, describe_exit
+from osk_daemon.supervisor.runtime_state import config_fingerprint
 
 WORKER_TARGET = "osk_daemon.worker.runtime:run_worker"
 NO_STATE: Any = object()  # no hand-over state (None is a state a plugin may export)
@@ -60,6 +61,14 @@ class Instance:
     start_ticks: int | None = None
     fifos: tuple[Path, Path] | None = None
     adopting: bool = False
+    _fingerprint: tuple[PluginConfig, str] | None = None
+
+    def fingerprint(self) -> str:
+        """``config_fingerprint`` of its config, computed once per config object."""
+        cached = self._fingerprint
+        if cached is None or cached[0] is not self.config:
+            cached = self._fingerprint = (self.config, config_fingerprint(self.config))
+        return cached[1]
 
     @classmethod
     def create(cls, plugin: str, index: int, cfg: PluginConfig) -> Instance:

@@ -5,7 +5,8 @@ Theory of operation
 State names are the ObjectStack spec's plugin loading states. An instance is PENDING until
 the tree first starts it. StartRequested spawns a process (LOADING); its HELLO on the
 broker means the process runs our worker (INITIALIZING, the plugin's ``start()`` is
-running); READY means ``start()`` returned. A start timer bounds LOADING+INITIALIZING.
+running); READY means ``start()`` returned. A start timer, armed once the process exists
+(Spawned), bounds the rest of LOADING and INITIALIZING.
 A process a previous daemon left running is Adopted instead: PENDING goes straight to
 INITIALIZING, and READY follows its first frame on the new daemon's broker.
 
@@ -247,7 +248,9 @@ class Lifecycle:
         self.pid = None
         self.stop_requested = False
         self.failure = None
-        return [Spawn(), ArmTimer(Timer.START, self.start_timeout), Publish("plugin:before-init")]
+        # the start timer runs from Spawned: a spawn waiting its turn (hundreds started at
+        # once) is the spawner's to bound (spawn_timeout), not the plugin's start
+        return [Spawn(), Publish("plugin:before-init")]
 
     def _adopted(self, event: Adopted) -> list[Effect]:
         # its plugin started long ago; READY comes with its first frame on the new
@@ -259,7 +262,10 @@ class Lifecycle:
         return [ArmTimer(Timer.START, self.start_timeout), Publish("plugin:adopted")]
 
     def _spawned(self, event: Spawned) -> list[Effect]:
+        first = self.pid is None
         self.pid = event.pid
+        if first and self.state is not S.READY:
+            return [ArmTimer(Timer.START, self.start_timeout)]
         return []
 
     def _spawned_while_unloading(self, event: Spawned) -> list[Effect]:

@@ -58,6 +58,7 @@ class InstanceProcesses:
         self._confinement = confinement
         self._loop = asyncio.get_running_loop()
         self._output_dir = output_dir(supervisor.config.daemon.runtime_dir)
+        self._sample_next = 0  # where the next usage sample starts (taking turns)
 
     def spawn(self, inst: Instance) -> None:
         """Start a new life of ``inst``; the outcome arrives as lifecycle events."""
@@ -169,13 +170,21 @@ class InstanceProcesses:
             return False
         return self._confinement.release(prepared, final=final)
 
-    def sample_usage(self) -> None:
-        """Read every live instance's cgroup; publish limits hit since the last look."""
-        for inst in self._sup.instances.values():
-            if inst.live and inst.prepared is not None:
-                inst.usage, hits = self._confinement.sample(inst.leaf, inst.prepared)
-                for limit in hits:
-                    self._sup.publish(inst, "plugin:limit", f"hit its {limit} limit", limit=limit)
+    def sample_usage(self, most: int) -> None:
+        """Read the cgroups of up to ``most`` live instances, taking turns (each read costs
+        about 0.3 ms: 500 instances every second would keep the daemon 15 % busy at idle);
+        publish limits hit since the last look."""
+        live = [i for i in self._sup.instances.values() if i.live and i.prepared is not None]
+        if not live:
+            return
+        start = self._sample_next % len(live)
+        batch = (live[start:] + live[:start])[:most]
+        self._sample_next = start + len(batch)
+        for inst in batch:
+            assert inst.prepared is not None
+            inst.usage, hits = self._confinement.sample(inst.leaf, inst.prepared)
+            for limit in hits:
+                self._sup.publish(inst, "plugin:limit", f"hit its {limit} limit", limit=limit)
 
     def _spawn_failed(self, inst: Instance, generation: int, reason: str) -> None:
         if generation == inst.generation:

@@ -51,7 +51,7 @@ from osk_daemon.supervisor.priority import GENTLE_NICE, renice
 from osk_daemon.supervisor.processes import InstanceProcesses, killpg, killpg_only
 from osk_daemon.supervisor.reaper import ChildReaper
 from osk_daemon.supervisor.rollouts import Rollouts
-from osk_daemon.supervisor.runtime_state import InstanceRecord, StateFile, config_fingerprint
+from osk_daemon.supervisor.runtime_state import InstanceRecord, StateFile
 from osk_daemon.supervisor.spawner import Spawner
 from osk_daemon.supervisor.tree import (
     LeafState,
@@ -77,6 +77,7 @@ class Endpoints:
 
 
 _SAMPLE_EVERY = 1.0  # seconds between cgroup usage samples
+_SAMPLE_MOST = 25  # instances sampled per tick: beyond 25, each one every N/25 seconds
 _RUNNING_LEAF = frozenset({LeafState.STARTING, LeafState.RUNNING, LeafState.RESTARTING})
 
 
@@ -233,7 +234,7 @@ class Supervisor:
                     pid=pid,
                     start_ticks=inst.start_ticks,
                     token=inst.token,
-                    fingerprint=config_fingerprint(inst.config),
+                    fingerprint=inst.fingerprint(),
                     state=inst.life.state.value,
                     stdout=str(fifos[0]),
                     stderr=str(fifos[1]),
@@ -414,7 +415,7 @@ class Supervisor:
         return self.processes.release(inst, final=inst.life.stop_requested or self._shutting_down)
 
     def _sample_tick(self) -> None:
-        self.processes.sample_usage()
+        self.processes.sample_usage(_SAMPLE_MOST)
         self._sampler = self._loop.call_later(_SAMPLE_EVERY, self._sample_tick)
 
     def _on_worker(self, key: InstanceKey, header: Header, body: bytes) -> None:

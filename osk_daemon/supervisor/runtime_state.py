@@ -8,7 +8,7 @@ How: ``StateFile`` keeps ``runtime_dir/instances.json``: one ``InstanceRecord`` 
 instance (plugin, index, version, pid and the pid's start time in clock ticks since boot
 from ``/proc/PID/stat``, the token the worker uses as its ZeroMQ routing id, its output
 FIFOs, a fingerprint of its config, and its life state). The driver marks it dirty on every
-state change; it is written at most once per loop iteration, to a temp file renamed over the
+state change; it is written at most every ``WRITE_DELAY``, to a temp file renamed over the
 old one (a reader sees the old or the new file, never half of one), on a worker thread.
 ``load`` reads it back and never raises: a missing, unreadable or foreign file means
 "nothing to adopt", logged.
@@ -26,7 +26,7 @@ import logging
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from osk_daemon.config import PluginConfig
@@ -45,6 +45,7 @@ __all__ = [
 log = logging.getLogger("osk.supervisor.state")
 
 STATE_FILE = "instances.json"
+WRITE_DELAY = 0.05  # seconds: changes within it make one write (500 starts: ~20 writes/s)
 _FORMAT = 1
 
 
@@ -150,9 +151,9 @@ class StateFile:
         self.writes = 0
 
     def dirty(self) -> None:
-        """Something changed: write soon (once for everything changed this iteration)."""
+        """Something changed: write soon (once for everything changed meanwhile)."""
         if self._scheduled is None and not self._closed:
-            self._scheduled = asyncio.get_running_loop().call_soon(self.write)
+            self._scheduled = asyncio.get_running_loop().call_later(WRITE_DELAY, self.write)
 
     def write(self) -> None:
         """Write now (also what ``dirty`` schedules); ``flush`` waits until it is done."""
@@ -164,7 +165,7 @@ class StateFile:
         body = {
             "format": _FORMAT,
             "daemon_pid": os.getpid(),
-            "instances": [asdict(r) for r in self._collect()],
+            "instances": [vars(r) for r in self._collect()],
         }
         self._writer.submit(self._put, json.dumps(body, separators=(",", ":")))
 

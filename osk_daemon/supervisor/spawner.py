@@ -58,6 +58,7 @@ log = logging.getLogger("osk.supervisor.spawner")
 LAUNCH_MODULE = "osk_daemon.supervisor.launch"
 ZYGOTE_MODULE = "osk_daemon.supervisor.zygote"
 WORKER_WARM_UP = "osk_daemon.worker.runtime:warm_up"
+SPAWN_WINDOW = 8  # cold spawns sent to the zygote at once (it forks them one by one)
 
 
 class Spawner(Protocol):
@@ -160,6 +161,8 @@ class ZygoteSpawner:
         self._spawn_timeout = spawn_timeout
         self._ids = itertools.count(1)
         self._lock = asyncio.Lock()
+        # cold spawns in flight at once: the rest wait their turn before spawn_timeout runs
+        self._window = asyncio.Semaphore(SPAWN_WINDOW)
         self._current: Zygote | None = None
         self._all: set[Zygote] = set()
         self._closed = False
@@ -256,7 +259,8 @@ class ZygoteSpawner:
 
         Raises ``PluginLoadError`` when the request is malformed, the fork failed, the zygote
         cannot be (re)started, or no answer came within ``spawn_timeout`` (the zygote is then
-        killed and replaced).
+        killed and replaced). Cold spawns go ``SPAWN_WINDOW`` at a time; ``spawn_timeout``
+        counts from a request's turn, so hundreds started at once do not time out queueing.
         """
         message = self._message(req)
         async with self._lock:  # no wait unless the zygote is down: it restarts first
@@ -264,6 +268,15 @@ class ZygoteSpawner:
         pid = self._hand(zygote, message, req)
         if pid is not None:
             return pid
+        async with self._window:
+            current = self._current  # a warm child may have come while this one waited
+            if current is not None and current.usable:
+                pid = self._hand(current, message, req)
+                if pid is not None:
+                    return pid
+            return await self._spawn_cold(req, message)
+
+    async def _spawn_cold(self, req: SpawnRequest, message: dict[str, Any]) -> int:
         for attempt in (1, 2):
             async with self._lock:
                 zygote = await self._ensure_zygote()

@@ -43,7 +43,8 @@ def test_start_spawns_and_arms_the_start_timer() -> None:
     effects = life.step(lc.StartRequested())
     assert life.state is S.LOADING
     assert lc.Spawn() in effects
-    assert lc.ArmTimer(Timer.START, 10) in effects
+    assert not any(isinstance(e, lc.ArmTimer) for e in effects)  # waiting to be spawned
+    assert life.step(lc.Spawned(42)) == [lc.ArmTimer(Timer.START, 10)]
     assert life.retry_count == 0
 
 
