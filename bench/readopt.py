@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import json
 import os
 import signal
 import time
@@ -56,8 +57,23 @@ def pids(d: BenchDaemon) -> dict[str, int]:
     return {r["plugin"]: r["pid"] for r in d.ctl("status")}
 
 
+def recorded(d: BenchDaemon, before: dict[str, int], timeout: float = 10.0) -> None:
+    """Until the state file lists every plugin READY with its pid (it trails a change by up
+    to 50 ms: a daemon killed sooner leaves the older file, and those plugins restart)."""
+    want = {(name, pid) for name, pid in before.items()}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError):
+            rows = json.loads((d.runtime / "instances.json").read_text())["instances"]
+            if want <= {(r["plugin"], r["pid"]) for r in rows if r["state"] == "ready"}:
+                return
+        time.sleep(0.005)  # a benchmark's pacing, outside the timed part
+    raise RuntimeError("the state file never recorded every plugin ready")
+
+
 def one_round(d: BenchDaemon, before: dict[str, int]) -> dict[str, float]:
     assert d.proc is not None
+    recorded(d, before)
     d.proc.send_signal(signal.SIGKILL)
     d.proc.wait()
     t0 = time.monotonic()

@@ -8,14 +8,16 @@ How, at start-up, before anything is swept or bound (``find_survivors``):
 
 1. Read the previous daemon's records (``runtime_state``). For each, open a pidfd and check
    the pid's start time, so a pid reused since is not mistaken for the plugin.
-2. A live process whose instance is in the new config, with the same version and config
-   fingerprint, that was READY, is a *survivor*: its cgroup is kept (not swept), its output
+2. A live process whose instance is in the new config (or was loaded at run time from a
+   folder that still holds it), with the same version and config fingerprint, that was
+   READY, is a *survivor*: its cgroup is kept (not swept), its output
    FIFOs are kept, and its instance is adopted instead of spawned. Anything else alive
    (its plugin removed or changed meanwhile, or caught mid-start or mid-stop) is killed by
    pidfd, and its instance starts afresh. A record whose process died meanwhile is *lost*:
    its instance starts afresh too, and ``plugin:lost`` says so.
 
-Then, in the running supervisor (``Adoption``): when the tree starts a survivor's leaf,
+Then, in the running supervisor: plugins loaded at run time are loaded again from their
+folders (``reload_survivors``), and when the tree starts a survivor's leaf,
 ``claim`` hands it to ``InstanceProcesses.adopt`` (the start gate is skipped: it has been
 running all along). The broker binds the worker's routing id (its token) at once; the
 worker's socket reconnects by itself and its first frame makes the instance READY (the
@@ -31,9 +33,12 @@ import os
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from osk_daemon.config import Config
+from osk_daemon.errors import ControlError
 from osk_daemon.supervisor.confinement import instance_cgroup
+from osk_daemon.supervisor.dynamic_load import load_plugin, loaded_plugin
 from osk_daemon.supervisor.lifecycle import State
 from osk_daemon.supervisor.runtime_state import (
     InstanceRecord,
@@ -42,7 +47,17 @@ from osk_daemon.supervisor.runtime_state import (
     verify,
 )
 
-__all__ = ["OUTPUT_DIR", "Survivor", "Survivors", "find_survivors", "output_dir"]
+if TYPE_CHECKING:
+    from osk_daemon.supervisor.runtime import Supervisor
+
+__all__ = [
+    "OUTPUT_DIR",
+    "Survivor",
+    "Survivors",
+    "find_survivors",
+    "output_dir",
+    "reload_survivors",
+]
 
 log = logging.getLogger("osk.supervisor.adoption")
 
@@ -64,6 +79,9 @@ class Survivors:
     """What a previous daemon left in the runtime dir, sorted against the new config."""
 
     adopt: dict[str, Survivor] = field(default_factory=dict)  # leaf -> survivor
+    # plugins loaded at run time (oskctl load) whose process survives: loaded again from
+    # these folders once the supervisor runs, and adopted as they start
+    reload: dict[str, str] = field(default_factory=dict)  # plugin -> folder
     lost: list[InstanceRecord] = field(default_factory=list)  # died while unwatched
     killed: list[InstanceRecord] = field(default_factory=list)  # alive, not adoptable
 
@@ -75,11 +93,34 @@ class Survivors:
     def take(self, leaf: str) -> Survivor | None:
         return self.adopt.pop(leaf, None)
 
-    def abandon(self) -> None:
-        """Kill the survivors nobody claimed."""
-        for survivor in self.adopt.values():
-            _kill(survivor.record, survivor.pidfd)
-        self.adopt.clear()
+    def abandon(self, plugin: str | None = None) -> None:
+        """Kill the survivors nobody claimed (of ``plugin``, or all)."""
+        for leaf, survivor in list(self.adopt.items()):
+            if plugin is None or survivor.record.plugin == plugin:
+                _kill(survivor.record, survivor.pidfd)
+                del self.adopt[leaf]
+
+
+def reload_survivors(sup: Supervisor) -> None:
+    """Load again, from their folders, the plugins loaded at run time whose processes
+    survive; each is adopted as it starts. One that cannot be loaded (what it requires is
+    gone) has its process killed."""
+    pending = dict(sup.survivors.reload)
+    sup.survivors.reload.clear()
+    while pending:  # one may require another: load what can be, until nothing more can
+        errors: dict[str, str] = {}
+        for plugin, folder in list(pending.items()):
+            try:
+                load_plugin(sup, folder)
+            except ControlError as exc:
+                errors[plugin] = str(exc)
+            else:
+                del pending[plugin]
+        if len(errors) == len(pending):
+            for plugin, why in errors.items():
+                log.warning("%s cannot be loaded again (%s); killing its process", plugin, why)
+                sup.survivors.abandon(plugin)
+            return
 
 
 def find_survivors(config: Config) -> Survivors:
@@ -104,6 +145,8 @@ def find_survivors(config: Config) -> Survivors:
             found.killed.append(record)
             continue
         found.adopt[record.leaf] = Survivor(record, pidfd)
+        if record.plugin not in config.plugins:
+            found.reload[record.plugin] = record.loaded_from
     for record in found.lost:
         log.warning(
             "%s (pid %d) died while no daemon watched it; it starts again",
@@ -123,6 +166,11 @@ def find_survivors(config: Config) -> Survivors:
 
 def _not_adoptable(config: Config, record: InstanceRecord, found: Survivors) -> str:
     cfg = config.plugins.get(record.plugin)
+    if cfg is None and record.loaded_from:  # loaded at run time: as its folder says now
+        loaded = loaded_plugin(record.loaded_from)
+        if loaded is None or loaded[0] != record.plugin:
+            return f"loaded from {record.loaded_from}, which no longer holds it"
+        cfg = loaded[1]
     if cfg is None:
         return "no longer in the config"
     if record.index >= cfg.instances:

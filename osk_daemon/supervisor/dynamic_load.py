@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("osk.load")
 
-__all__ = ["load_plugin", "unload_plugin"]
+__all__ = ["load_plugin", "loaded_config", "loaded_plugin", "unload_plugin"]
 
 UNLOAD_STRATEGIES = ("graceful", "forceful", "drain")
 DEPENDENT_ACTIONS = ("block", "warn", "cascade")
@@ -70,7 +70,8 @@ def load_plugin(sup: Supervisor, path: str) -> dict[str, Any]:
         if not need.optional:
             hard.add(need.name)
     folder = Path(path).absolute()
-    cfg = PluginConfig(entry=manifest.entry, path=[folder], version=str(manifest.version))
+    cfg = loaded_config(folder, manifest.entry, str(manifest.version))
+    sup.loaded[name] = str(folder)
     old = sup.deps.plan
     plugins = {**sup.config.plugins, name: cfg}
     sup.config = sup.config.model_copy(update={"plugins": plugins})
@@ -91,6 +92,22 @@ def load_plugin(sup: Supervisor, path: str) -> dict[str, Any]:
     log.info("loaded %s %s from %s", name, manifest.version, folder)
     sup.events.publish("plugin:loaded", pluginName=name, version=str(manifest.version))
     return {"plugin": name, "version": str(manifest.version), "path": str(folder)}
+
+
+def loaded_config(folder: Path, entry: str, version: str) -> PluginConfig:
+    """The config a plugin loaded at run time runs with (default settings)."""
+    return PluginConfig(entry=entry, path=[folder], version=version)
+
+
+def loaded_plugin(path: str) -> tuple[str, PluginConfig] | None:
+    """``(name, config)`` the plugin folder ``path`` would be loaded with; None if its
+    manifest cannot be read (any more)."""
+    try:
+        manifest = load_manifest(path)
+    except ConfigError:
+        return None
+    folder = Path(path).absolute()
+    return manifest.name, loaded_config(folder, manifest.entry, str(manifest.version))
 
 
 def _dependents(sup: Supervisor, name: str) -> list[str]:
@@ -129,6 +146,7 @@ async def unload_plugin(
     old = sup.deps.plan
     plugins = {p: c for p, c in sup.config.plugins.items() if p != name}
     sup.config = sup.config.model_copy(update={"plugins": plugins})
+    sup.loaded.pop(name, None)
     sup.deps.replan(
         StartPlan(
             config=sup.config,

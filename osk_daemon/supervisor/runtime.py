@@ -38,7 +38,7 @@ from osk_daemon.ipc.codec import Header, Kind, unpack
 from osk_daemon.observability.event_pub import EventPublisher
 from osk_daemon.observability.metrics import serve_metrics
 from osk_daemon.supervisor import lifecycle as lc
-from osk_daemon.supervisor.adoption import Survivors
+from osk_daemon.supervisor.adoption import Survivors, reload_survivors
 from osk_daemon.supervisor.confinement import Confinement
 from osk_daemon.supervisor.dependency_watch import DependencyWatch
 from osk_daemon.supervisor.events import EventStream
@@ -148,6 +148,7 @@ class Supervisor:
         # what a previous daemon left running, and what the next one will find
         self.survivors = survivors or Survivors()
         self.state_file = StateFile(d.runtime_dir, self._records)
+        self.loaded: dict[str, str] = {}  # plugins loaded at run time -> their folders
 
     # ---- start, stop, operator commands ---------------------------------------------------
 
@@ -172,6 +173,7 @@ class Supervisor:
                 detail="died while no daemon watched it; starting it again",
             )
         self.apply_tree_effects(self.tree.start(time.monotonic()))
+        reload_survivors(self)  # plugins a previous daemon had loaded at run time
         for name, pcfg in self.config.plugins.items():
             if pcfg.watch:
                 self._tg.start_soon(watch_plugin, self, name)
@@ -238,6 +240,7 @@ class Supervisor:
                     state=inst.life.state.value,
                     stdout=str(fifos[0]),
                     stderr=str(fifos[1]),
+                    loaded_from=self.loaded.get(inst.plugin, ""),
                 )
             )
         return records

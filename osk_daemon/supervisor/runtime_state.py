@@ -8,7 +8,8 @@ How: ``StateFile`` keeps ``runtime_dir/instances.json``: one ``InstanceRecord`` 
 instance (plugin, index, version, pid and the pid's start time in clock ticks since boot
 from ``/proc/PID/stat``, the token the worker uses as its ZeroMQ routing id, its output
 FIFOs, a fingerprint of its config, and its life state). The driver marks it dirty on every
-state change; it is written at most every ``WRITE_DELAY``, to a temp file renamed over the
+state change; it is written at once, or, within ``WRITE_DELAY`` of the last write, at the
+end of it (so at most 20 writes a second), to a temp file renamed over the
 old one (a reader sees the old or the new file, never half of one), on a worker thread.
 ``load`` reads it back and never raises: a missing, unreadable or foreign file means
 "nothing to adopt", logged.
@@ -24,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -45,7 +47,7 @@ __all__ = [
 log = logging.getLogger("osk.supervisor.state")
 
 STATE_FILE = "instances.json"
-WRITE_DELAY = 0.05  # seconds: changes within it make one write (500 starts: ~20 writes/s)
+WRITE_DELAY = 0.05  # s: a change is written at once, or this long after the last write
 _FORMAT = 1
 
 
@@ -61,6 +63,7 @@ class InstanceRecord:
     state: str  # its lifecycle state when the record was written
     stdout: str  # its output FIFOs
     stderr: str
+    loaded_from: str = ""  # the plugin folder, for a plugin loaded at run time (oskctl load)
 
     @property
     def leaf(self) -> str:
@@ -148,12 +151,15 @@ class StateFile:
         self._scheduled: asyncio.Handle | None = None
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="osk-state")
         self._closed = False
+        self._last = -WRITE_DELAY  # monotonic time of the last write
         self.writes = 0
 
     def dirty(self) -> None:
         """Something changed: write soon (once for everything changed meanwhile)."""
         if self._scheduled is None and not self._closed:
-            self._scheduled = asyncio.get_running_loop().call_later(WRITE_DELAY, self.write)
+            # at once after a quiet spell; within WRITE_DELAY of the last write, at its end
+            delay = max(0.0, self._last + WRITE_DELAY - time.monotonic())
+            self._scheduled = asyncio.get_running_loop().call_later(delay, self.write)
 
     def write(self) -> None:
         """Write now (also what ``dirty`` schedules); ``flush`` waits until it is done."""
@@ -162,6 +168,7 @@ class StateFile:
             self._scheduled = None
         if self._closed:
             return
+        self._last = time.monotonic()
         body = {
             "format": _FORMAT,
             "daemon_pid": os.getpid(),

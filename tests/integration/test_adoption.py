@@ -7,6 +7,8 @@ to PID 1, which reaps late here) and it reaps them by pid once they end.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import select
 import signal
@@ -96,6 +98,24 @@ def _pids(d: Daemon) -> dict[str, int]:
     return {r["plugin"]: r["pid"] for r in d.status()}
 
 
+def _wait_recorded(d: Daemon, pids: dict[str, int], timeout: float = 10.0) -> None:
+    """Until the daemon's state file records each of ``pids`` as ready (it is written at
+    most every 50 ms: a daemon killed sooner after a change leaves the older file)."""
+    path = d.runtime / "instances.json"
+    want = {(name, pid, "ready") for name, pid in pids.items()}
+    with _DirWatch(d.runtime) as watch:
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(OSError, ValueError):
+                got = json.loads(path.read_text())["instances"]
+                if want <= {(r["plugin"], r["pid"], r["state"]) for r in got}:
+                    return
+            left = deadline - time.monotonic()
+            assert left > 0, f"the state file never recorded {sorted(want)}"
+            if select.select([watch.fd], [], [], left)[0]:
+                watch.drain()
+
+
 def _wait_for_file(path: Path, timeout: float = 10.0) -> None:
     with _DirWatch(path.parent) as watch:
         deadline = time.monotonic() + timeout
@@ -117,6 +137,7 @@ def test_kill_9_the_daemon_under_load_and_its_plugins_keep_running() -> None:
                 "say_later",
                 {"text": "said while no daemon ran", "delay": 0.2, "marker": str(said)},
             )
+            _wait_recorded(d, before)
             d.kill(signal.SIGKILL)
             reap_the_rest(d, before, reap)
             last_before = max(load.counts)
@@ -157,6 +178,7 @@ def test_kill_9_the_daemon_under_load_and_its_plugins_keep_running() -> None:
 def test_a_plugin_stops_by_itself_when_no_daemon_comes_back() -> None:
     with adopting_parent() as reap, running_daemon(_config("one", orphan_timeout=0.3)) as d:
         before = _pids(d)
+        _wait_recorded(d, before)
         d.kill(signal.SIGKILL)
         reap_the_rest(d, before, reap)
         exits = reap(list(before.values()))
@@ -208,3 +230,36 @@ def test_oskctl_reexec_restarts_the_daemon_in_place_and_keeps_exact_exit_statuse
             what="counter restarted",
         )
         assert d.row("counter")["last_exit"] == "exit 7"
+
+
+def test_a_plugin_loaded_at_run_time_is_readopted_too() -> None:
+    with adopting_parent() as reap, running_daemon(_config("one")) as d:
+        folder = d.workdir / "tally"
+        folder.mkdir()
+        (folder / "tally_plugin.py").write_text(
+            "from osk_daemon.worker import Plugin, rpc\n\n\n"
+            "class Tally(Plugin):\n"
+            "    async def start(self) -> None:\n"
+            "        self.n = 0\n\n"
+            "    @rpc\n"
+            "    def incr(self) -> int:\n"
+            "        self.n += 1\n"
+            "        return self.n\n"
+        )
+        (folder / "osk-plugin.toml").write_text(
+            'name = "tally"\nversion = "0.1.0"\nentry = "tally_plugin:Tally"\n'
+        )
+        folder.chmod(0o755)
+        d.ctl("load", path=str(folder))
+        d.wait_until(d.all_ready, what="tally loaded")
+        assert d.call("tally", "incr") == 1
+        before = _pids(d)
+        _wait_recorded(d, before)
+        d.kill(signal.SIGKILL)
+        reap_the_rest(d, before, reap)
+        d.start()
+        d.wait_until(lambda: d.all_ready() and "tally" in _pids(d), what="tally back")
+        assert _pids(d) == before  # every one re-adopted, the loaded one included
+        assert d.call("tally", "incr") == 2
+        d.stop()
+        reap(list(before.values()))
