@@ -108,11 +108,11 @@ async def _reexec(sup: Supervisor, notifier: Notifier) -> None:
     """
     argv = [sys.executable, *sys.orig_argv[1:]]
     log.info("re-executing %s; the plugins keep running", " ".join(argv))
-    sup.state_file.write()
-    sup.state_file.flush()
     notifier.reloading()
     for _ in range(10):  # let the control server write its reply to oskctl
         await asyncio.sleep(0)
+    sup.state_file.write()  # last: nothing runs on the loop between this and execv
+    sup.state_file.flush()
     if sup.tracer is not None:
         sup.tracer.shutdown()
     for handler in logging.getLogger().handlers:
@@ -148,7 +148,7 @@ async def _run_locked(plan: StartPlan, on_ready: Callable[[Supervisor], None] | 
     try:
         warnings = confinement.check()  # raises ConfigError for what cannot be enforced
     except BaseException:
-        confinement.close()
+        confinement.close(keep=survivors.cgroups)  # a later, fixed start adopts them
         raise
     for warning in warnings:
         log.warning("sandbox degraded: %s", warning)
@@ -160,6 +160,7 @@ async def _run_locked(plan: StartPlan, on_ready: Callable[[Supervisor], None] | 
     watchdog = Watchdog(notifier, loop)  # WATCHDOG=1 from this loop: a stall stops it
     zygote: ZygoteSpawner | None = None
     supervisor: Supervisor | None = None
+    left_running = False  # the daemon failed and left its plugins for the next one
     try:
         watchdog.start()
         zygote = await ZygoteSpawner.open(  # boots meanwhile: re-adopting needs no zygote
@@ -210,7 +211,17 @@ async def _run_locked(plan: StartPlan, on_ready: Callable[[Supervisor], None] | 
             await supervisor.shutdown()
             tg.cancel_scope.cancel()
     except BaseException:
-        if supervisor is not None:
+        if supervisor is not None and d.orphan_timeout > 0 and not supervisor.shutting_down:
+            # a crash like any other: the plugins wait for the next daemon to adopt them
+            log.critical(
+                "the daemon failed; its plugins run on for up to %gs (daemon.orphan_timeout),"
+                " for the next daemon to re-adopt",
+                d.orphan_timeout,
+            )
+            supervisor.state_file.write()
+            supervisor.state_file.flush()
+            left_running = True
+        elif supervisor is not None:
             log.critical("the daemon failed; killing its plugins so none is orphaned")
             supervisor.kill_all()
         raise
@@ -225,7 +236,8 @@ async def _run_locked(plan: StartPlan, on_ready: Callable[[Supervisor], None] | 
             previous[signum] = signal.signal(signum, signal.SIG_IGN)
         if zygote is not None:
             await zygote.aclose()
-        confinement.close()  # kills and removes every instance cgroup left
+        # kills and removes every instance cgroup left, unless the plugins run on
+        confinement.close(keep=None if left_running else ())
         reaper.uninstall()
         zmq.Context.instance().destroy(linger=0)
         for signum, handler in previous.items():

@@ -439,8 +439,9 @@ class DaemonConfig(BaseModel):
         ge=0,
         description=(
             "how long a plugin outlives a daemon that died or was killed, waiting to be "
-            "re-adopted by the next one; 0 ties plugins to the daemon (PR_SET_PDEATHSIG): "
-            "they die with it and a restarted daemon starts them afresh"
+            "re-adopted by the next one; 0 ties plugins to the daemon: they stop as soon as "
+            "it is gone (and from sandbox level minimal get PR_SET_PDEATHSIG), and a "
+            "restarted daemon starts them afresh"
         ),
     )
 

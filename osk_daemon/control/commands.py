@@ -201,6 +201,11 @@ class DaemonCommands:
         if cmd == "reexec" and self._reexec is not None:
             if self._sup.shutting_down:
                 raise ControlError("the daemon is shutting down; nothing to re-execute")
+            if self._sup.config.daemon.orphan_timeout == 0:
+                raise ControlError(
+                    "daemon.orphan_timeout = 0 ties the plugins to the daemon: they would "
+                    "all restart; set it above 0 (default 30) to re-execute without that"
+                )
             self._reexec()
             return {"message": "re-executing; plugins keep running", "pid": os.getpid()}
         command = COMMANDS.get(cmd)

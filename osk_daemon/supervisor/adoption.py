@@ -43,6 +43,7 @@ from osk_daemon.supervisor.lifecycle import State
 from osk_daemon.supervisor.runtime_state import (
     InstanceRecord,
     config_fingerprint,
+    daemon_fingerprint,
     load,
     verify,
 )
@@ -147,6 +148,11 @@ def find_survivors(config: Config) -> Survivors:
         found.adopt[record.leaf] = Survivor(record, pidfd)
         if record.plugin not in config.plugins:
             found.reload[record.plugin] = record.loaded_from
+    for record in (*found.lost, *found.killed):  # loaded at run time: loaded again, afresh
+        if record.loaded_from and record.plugin not in config.plugins:
+            loaded = loaded_plugin(record.loaded_from)
+            if loaded is not None and loaded[0] == record.plugin:
+                found.reload.setdefault(record.plugin, record.loaded_from)
     for record in found.lost:
         log.warning(
             "%s (pid %d) died while no daemon watched it; it starts again",
@@ -179,6 +185,8 @@ def _not_adoptable(config: Config, record: InstanceRecord, found: Survivors) -> 
         return f"version {record.version}, the config now wants {cfg.version}"
     if config_fingerprint(cfg) != record.fingerprint:
         return "started with another config"
+    if record.daemon != daemon_fingerprint(config):
+        return "started under other daemon settings or another daemon version"
     if record.state != State.READY.value:
         return f"caught {record.state}"
     if record.leaf in found.adopt:

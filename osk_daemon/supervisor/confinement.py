@@ -104,9 +104,15 @@ class Confinement:
                 log.warning("cgroups unavailable, instances run without quotas: %s", exc)
         return cls(config, cgroups)
 
-    def close(self) -> None:
+    def close(self, keep: Collection[str] | None = ()) -> None:
+        """Kill and remove every instance cgroup but those in ``keep`` (plugins left
+        running for the next daemon; ``None``: all of them), and the subtree if empty."""
         self._disposer.shutdown(wait=True)
-        if self.cgroups is not None:
+        if self.cgroups is None or keep is None:
+            return
+        if keep:
+            self.cgroups.sweep(keep)
+        else:
             self.cgroups.close()
 
     # ---- at daemon start ------------------------------------------------------------

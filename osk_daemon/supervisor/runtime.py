@@ -51,7 +51,7 @@ from osk_daemon.supervisor.priority import GENTLE_NICE, renice
 from osk_daemon.supervisor.processes import InstanceProcesses, killpg, killpg_only
 from osk_daemon.supervisor.reaper import ChildReaper
 from osk_daemon.supervisor.rollouts import Rollouts
-from osk_daemon.supervisor.runtime_state import InstanceRecord, StateFile
+from osk_daemon.supervisor.runtime_state import InstanceRecord, StateFile, daemon_fingerprint
 from osk_daemon.supervisor.spawner import Spawner
 from osk_daemon.supervisor.tree import (
     LeafState,
@@ -149,6 +149,7 @@ class Supervisor:
         self.survivors = survivors or Survivors()
         self.state_file = StateFile(d.runtime_dir, self._records)
         self.loaded: dict[str, str] = {}  # plugins loaded at run time -> their folders
+        self._daemon_fingerprint = daemon_fingerprint(config)
 
     # ---- start, stop, operator commands ---------------------------------------------------
 
@@ -241,6 +242,7 @@ class Supervisor:
                     stdout=str(fifos[0]),
                     stderr=str(fifos[1]),
                     loaded_from=self.loaded.get(inst.plugin, ""),
+                    daemon=self._daemon_fingerprint,
                 )
             )
         return records

@@ -31,13 +31,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from osk_daemon.config import PluginConfig
+import osk_daemon
+from osk_daemon.config import Config, PluginConfig
 
 __all__ = [
     "STATE_FILE",
     "InstanceRecord",
     "StateFile",
     "config_fingerprint",
+    "daemon_fingerprint",
     "load",
     "parent_of",
     "start_ticks",
@@ -64,6 +66,7 @@ class InstanceRecord:
     stdout: str  # its output FIFOs
     stderr: str
     loaded_from: str = ""  # the plugin folder, for a plugin loaded at run time (oskctl load)
+    daemon: str = ""  # daemon_fingerprint() of the daemon that started it
 
     @property
     def leaf(self) -> str:
@@ -84,6 +87,23 @@ def _stat_fields(pid: int) -> list[bytes] | None:
         return None
     # "pid (comm) state ppid ..." where comm may hold spaces and parentheses
     return raw[raw.rfind(b")") + 2 :].split()
+
+
+def daemon_fingerprint(config: Config) -> str:
+    """A digest of what a worker got from the daemon besides its plugin's config (the
+    heartbeat interval, size and time limits, orphan timeout, log level, tracing) and of
+    the daemon's version: a process started under other ones is not adopted."""
+    d = config.daemon
+    facts = [
+        osk_daemon.__version__,
+        d.heartbeat_interval,
+        int(d.max_message_size),
+        d.call_timeout,
+        d.orphan_timeout,
+        str(d.log_level),
+        config.tracing.model_dump_json(),
+    ]
+    return hashlib.sha256(json.dumps(facts).encode()).hexdigest()[:16]
 
 
 def start_ticks(pid: int) -> int | None:

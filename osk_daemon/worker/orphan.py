@@ -6,12 +6,13 @@ without a supervisor either. So the worker stops its plugin cleanly (``stop()`` 
 is saved) once the daemon has been gone for ``daemon.orphan_timeout`` seconds.
 
 How: the daemon's end of the worker's DEALER socket is watched through a ZeroMQ socket
-monitor (an inproc PAIR read from the event loop, no thread): DISCONNECTED arms a timer,
-CONNECTED (a new daemon bound the same endpoint and the socket reconnected by itself)
-cancels it and tells the worker, which sends a heartbeat at once: the new daemon takes
-the process as adopted on its first frame. Only the transport is watched, not the
-daemon's pid: a sandboxed plugin in its own pid namespace cannot see that pid, and a
-daemon restarted under systemd has a new one.
+monitor (an inproc PAIR read from the event loop): DISCONNECTED arms a timer, and a
+thread ``DEADMAN_GRACE`` later in case the loop is stuck (a write to a full output pipe
+that no daemon reads blocks it); CONNECTED (a new daemon bound the same endpoint and the
+socket reconnected by itself) cancels both and tells the worker, which sends a heartbeat
+at once: the new daemon takes the process as adopted on its first frame. Only the
+transport is watched, not the daemon's pid: a sandboxed plugin in its own pid namespace
+cannot see that pid, and a daemon restarted under systemd has a new one.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +33,11 @@ __all__ = ["OrphanWatch"]
 log = logging.getLogger("osk.worker")
 
 _EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
+DEADMAN_GRACE = 10.0  # s after orphan_timeout for stop() to finish before the hard exit
+
+
+def _die() -> None:
+    os._exit(1)  # the event loop did not stop the plugin in time: it is stuck
 
 
 class OrphanWatch:
@@ -51,6 +59,7 @@ class OrphanWatch:
         self._fd = int(self._mon.getsockopt(zmq.FD))
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._deadman: threading.Timer | None = None
         self.disconnects = 0
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -61,6 +70,8 @@ class OrphanWatch:
     def close(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
+        if self._deadman is not None:
+            self._deadman.cancel()
         if self._loop is not None:
             self._loop.remove_reader(self._fd)
         with contextlib.suppress(zmq.ZMQError):
@@ -84,11 +95,19 @@ class OrphanWatch:
                         self._timeout,
                     )
                     self._timer = self._loop.call_later(self._timeout, self._expired)
+                    # if the loop is stuck (a write to a full output pipe no daemon reads
+                    # blocks it), nothing above runs: this thread ends the process anyway
+                    self._deadman = threading.Timer(self._timeout + DEADMAN_GRACE, _die)
+                    self._deadman.daemon = True
+                    self._deadman.start()
             elif event == zmq.EVENT_CONNECTED and self.disconnects:
                 log.info("connected to the daemon again")
                 if self._timer is not None:
                     self._timer.cancel()
                     self._timer = None
+                if self._deadman is not None:
+                    self._deadman.cancel()
+                    self._deadman = None
                 self._on_reconnected()
 
     def _expired(self) -> None:
