@@ -28,6 +28,7 @@ start timer bounds the wait). Its exit is seen through the pidfd, with the statu
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import signal
@@ -91,6 +92,16 @@ class Survivors:
         """Cgroup names the start-up sweep must keep."""
         return {instance_cgroup(s.record.plugin, s.record.index) for s in self.adopt.values()}
 
+    def indexes(self, config: Config) -> dict[str, list[int]]:
+        """Each plugin's instance numbers: its survivors' (a swap numbers new instances
+        on from the old ones), then the lowest free ones, up to its ``instances``."""
+        out: dict[str, list[int]] = {}
+        for name, cfg in config.plugins.items():
+            taken = sorted(s.record.index for s in self.adopt.values() if s.record.plugin == name)
+            free = (i for i in itertools.count() if i not in taken)
+            out[name] = sorted([*taken, *itertools.islice(free, cfg.instances - len(taken))])
+        return out
+
     def take(self, leaf: str) -> Survivor | None:
         return self.adopt.pop(leaf, None)
 
@@ -129,7 +140,7 @@ def find_survivors(config: Config) -> Survivors:
     ones that cannot be adopted and removes output FIFOs nobody writes any more."""
     runtime_dir = config.daemon.runtime_dir
     found = Survivors()
-    for record in load(runtime_dir):
+    for record in sorted(load(runtime_dir), key=lambda r: (r.plugin, r.index)):
         pidfd = verify(record)
         if pidfd is None:
             found.lost.append(record)
@@ -141,6 +152,19 @@ def find_survivors(config: Config) -> Survivors:
                 record.leaf,
                 record.pid,
                 why,
+            )
+            _kill(record, pidfd)
+            found.killed.append(record)
+            continue
+        cfg = config.plugins.get(record.plugin)
+        mine = sum(1 for s in found.adopt.values() if s.record.plugin == record.plugin)
+        if cfg is not None and mine >= cfg.instances:
+            log.warning(
+                "%s (pid %d) from the previous daemon is beyond the config's %d instance(s):"
+                " killing it",
+                record.leaf,
+                record.pid,
+                cfg.instances,
             )
             _kill(record, pidfd)
             found.killed.append(record)
@@ -179,8 +203,6 @@ def _not_adoptable(config: Config, record: InstanceRecord, found: Survivors) -> 
         cfg = loaded[1]
     if cfg is None:
         return "no longer in the config"
-    if record.index >= cfg.instances:
-        return f"beyond the config's {cfg.instances} instance(s)"
     if str(cfg.version) != record.version:
         return f"version {record.version}, the config now wants {cfg.version}"
     if config_fingerprint(cfg) != record.fingerprint:

@@ -120,14 +120,17 @@ class Supervisor:
             max_message_size=int(d.max_message_size),
             default_timeout=d.call_timeout,
         )
+        # what a previous daemon left running, and what the next one will find
+        self.survivors = survivors or Survivors()
+        indexes = self.survivors.indexes(config)  # adopted instances keep their numbers
         for name, pcfg in config.plugins.items():
             self.logs[name] = LogRing(d.log_buffer_lines)
             self.broker.declare(name)
-            for i in range(pcfg.instances):
+            for i in indexes[name]:
                 inst = Instance.create(name, i, pcfg)
                 self.instances[inst.leaf] = inst
                 self.broker.set_version(inst.key, str(pcfg.version))
-        self.tree: Tree = build_tree(config)
+        self.tree: Tree = build_tree(config, indexes)
         self.checks = HealthChecks(self)
         self.tracer: RpcTracer | None = None
         t = config.tracing
@@ -145,8 +148,6 @@ class Supervisor:
         self.processes = InstanceProcesses(
             self, tg, reaper, spawners, endpoints.workers, confinement
         )
-        # what a previous daemon left running, and what the next one will find
-        self.survivors = survivors or Survivors()
         self.state_file = StateFile(d.runtime_dir, self._records)
         self.loaded: dict[str, str] = {}  # plugins loaded at run time -> their folders
         self._daemon_fingerprint = daemon_fingerprint(config)

@@ -263,3 +263,28 @@ def test_a_plugin_loaded_at_run_time_is_readopted_too() -> None:
         assert d.call("tally", "incr") == 2
         d.stop()
         reap(list(before.values()))
+
+
+def test_instances_a_swap_renumbered_are_readopted_under_their_numbers() -> None:
+    with adopting_parent() as reap, running_daemon(_config("one")) as d:
+        d.config.write_text(_config("two"))  # "other" changes: swapped to a new instance
+        d.ctl("reload")
+
+        def swapped() -> bool:
+            rows = [r for r in d.status() if r["plugin"] == "other"]
+            return len(rows) == 1 and rows[0]["instance"] != 0 and rows[0]["state"] == "ready"
+
+        d.wait_until(swapped, what="other swapped")
+        before = {(r["plugin"], r["instance"]): r["pid"] for r in d.status()}
+        _wait_recorded(d, _pids(d))
+        d.kill(signal.SIGKILL)
+        reap_the_rest(d, _pids_of(before), reap)
+        d.start()
+        d.wait_until(d.all_ready, what="all ready after the restart")
+        assert {(r["plugin"], r["instance"]): r["pid"] for r in d.status()} == before
+        d.stop()
+        reap(list(before.values()))
+
+
+def _pids_of(rows: dict[tuple[str, int], int]) -> dict[str, int]:
+    return {f"{plugin}/{index}": pid for (plugin, index), pid in rows.items()}
