@@ -95,7 +95,7 @@ def secure_sockets(runtime_dir: Path) -> None:
     (runtime_dir / "workers.sock").chmod(0o666)
 
 
-async def _reexec(sup: Supervisor, notifier: Notifier) -> None:
+async def _reexec(sup: Supervisor, notifier: Notifier, wanted: Callable[[], bool]) -> None:
     """Replace this process with a fresh start of the daemon (an upgraded one, if it was
     upgraded), keeping the pid and every plugin: ``oskctl reexec``.
 
@@ -104,13 +104,15 @@ async def _reexec(sup: Supervisor, notifier: Notifier) -> None:
     FIFOs, the lock), so the new image starts clean: it re-adopts the plugins, which are
     still its children (their exits keep their exact status), and binds the same sockets.
     The old zygote sees EOF and exits; the new image reaps it. systemd sees the same main
-    pid reloading, then READY=1 again.
+    pid reloading, then READY=1 again. Returns (without exec) if a SIGTERM came meanwhile.
     """
     argv = [sys.executable, *sys.orig_argv[1:]]
     log.info("re-executing %s; the plugins keep running", " ".join(argv))
     notifier.reloading()
     for _ in range(10):  # let the control server write its reply to oskctl
         await asyncio.sleep(0)
+    if not wanted():  # SIGTERM meanwhile: stop instead
+        return
     sup.state_file.write()  # last: nothing runs on the loop between this and execv
     sup.state_file.flush()
     if sup.tracer is not None:
@@ -179,6 +181,10 @@ async def _run_locked(plan: StartPlan, on_ready: Callable[[Supervisor], None] | 
             reexec.append(True)
             stop.set()
 
+        def ask_stop() -> None:  # SIGTERM/SIGINT: a stop wins over a re-exec asked before
+            reexec.clear()
+            stop.set()
+
         async with anyio.create_task_group() as tg:
             supervisor = sup = Supervisor(
                 plan, tg, reaper, spawners, endpoints(d.runtime_dir), confinement, survivors
@@ -193,7 +199,7 @@ async def _run_locked(plan: StartPlan, on_ready: Callable[[Supervisor], None] | 
             supervisor.start(request_stop=stop.set)
             tg.start_soon(announce, notifier, sup)  # READY=1 once critical plugins are up
             for signum in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(signum, stop.set)
+                loop.add_signal_handler(signum, ask_stop)
             loop.add_signal_handler(signal.SIGHUP, tg.start_soon, _reload_on_signal, sup)
             log.info(
                 "osk-daemon running %d plugin(s); control socket %s; cgroups %s",
@@ -205,7 +211,7 @@ async def _run_locked(plan: StartPlan, on_ready: Callable[[Supervisor], None] | 
                 on_ready(supervisor)
             await stop.wait()
             if reexec and not sup.shutting_down:
-                await _reexec(sup, notifier)  # never returns
+                await _reexec(sup, notifier, lambda: bool(reexec))  # returns if stopped
             log.info("shutting down")
             notifier.stopping(sup.deps.boot_failure or "")
             await supervisor.shutdown()

@@ -73,6 +73,7 @@ async def reload_config(sup: Supervisor) -> dict[str, Any]:
     merged = dict(sup.config.plugins)
     for name in diff.removed:
         merged.pop(name, None)
+        sup.loaded.pop(name, None)  # loaded at run time, now gone: not to be loaded again
     for name in diff.added:
         merged[name] = new.plugins[name]
     for name in diff.retune:
