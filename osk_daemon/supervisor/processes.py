@@ -141,7 +141,9 @@ class InstanceProcesses:
         inst.adopting = True
         generation = inst.generation
         self._sup.feed(inst, lc.Adopted(record.pid))
-        if parent_of(record.pid) == os.getpid():  # after oskctl reexec: still our child
+        pid = record.pid
+        # after oskctl reexec it is still our child (or was, and we reaped it meanwhile)
+        if parent_of(pid) == os.getpid() or self._reaper.stashed(pid):
             os.close(pidfd)
             self._reaper.watch(record.pid, lambda st: self._child_exited(inst, generation, st))
         else:

@@ -138,6 +138,10 @@ class ChildReaper:
             self._loop.remove_signal_handler(signal.SIGCHLD)
             self._loop = None
 
+    def stashed(self, pid: int) -> bool:
+        """Has ``pid`` exited, with its status kept for a ``watch`` to come?"""
+        return pid in self._stash
+
     def watch(self, pid: int, callback: ExitCallback) -> None:
         """Call ``callback(status)`` once when child ``pid`` has exited.
 
