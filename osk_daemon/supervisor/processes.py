@@ -62,13 +62,7 @@ class InstanceProcesses:
 
     def spawn(self, inst: Instance) -> None:
         """Start a new life of ``inst``; the outcome arrives as lifecycle events."""
-        inst.generation += 1
-        inst.token = secrets.token_hex(16)
-        inst.spawned_at = inst.last_seen = time.monotonic()
-        inst.exited = asyncio.Event()
-        inst.usage = {}
-        inst.adopting = False
-        inst.sandbox_degraded = self._confinement.degradation(inst.plugin)
+        self._new_life(inst, secrets.token_hex(16))
         try:
             inst.prepared = self._confinement.prepare(inst.plugin, inst.config, inst.index)
         except OskError as exc:
@@ -117,13 +111,8 @@ class InstanceProcesses:
         through its pidfd, with the status unknown, unless it is still our child (the
         daemon re-executed itself): then the reaper has its exact status, as for a spawn."""
         record, pidfd = survivor.record, survivor.pidfd
-        inst.generation += 1
-        inst.token = record.token
-        inst.spawned_at = inst.last_seen = time.monotonic()
-        inst.exited = asyncio.Event()
-        inst.usage = {}
+        self._new_life(inst, record.token)
         inst.start_ticks = record.start_ticks
-        inst.sandbox_degraded = self._confinement.degradation(inst.plugin)
         inst.prepared = self._confinement.adopt(inst.plugin, inst.config, inst.index)
         inst.fifos = (Path(record.stdout), Path(record.stderr))
         try:
@@ -155,6 +144,16 @@ class InstanceProcesses:
         os.close(pidfd)
         pid = inst.life.pid or 0
         self._child_exited(inst, generation, ExitStatus(pid, None, None))
+
+    def _new_life(self, inst: Instance, token: str) -> None:
+        """Reset what belongs to one life of ``inst`` (spawned or adopted)."""
+        inst.generation += 1
+        inst.token = token
+        inst.spawned_at = inst.last_seen = time.monotonic()
+        inst.exited = asyncio.Event()
+        inst.usage = {}
+        inst.adopting = False
+        inst.sandbox_degraded = self._confinement.degradation(inst.plugin)
 
     def signal(self, inst: Instance, signum: int) -> None:
         if inst.life.pid is not None:

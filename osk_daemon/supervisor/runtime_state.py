@@ -79,16 +79,6 @@ def config_fingerprint(cfg: PluginConfig) -> str:
     return hashlib.sha256(raw).hexdigest()[:16]
 
 
-def _stat_fields(pid: int) -> list[bytes] | None:
-    """``/proc/PID/stat`` after the name, from field 3 (state) on; None if no such pid."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return None
-    # "pid (comm) state ppid ..." where comm may hold spaces and parentheses
-    return raw[raw.rfind(b")") + 2 :].split()
-
-
 def daemon_fingerprint(config: Config) -> str:
     """A digest of what a worker got from the daemon besides its plugin's config (the
     heartbeat interval, size and time limits, orphan timeout, log level, tracing) and of
@@ -106,22 +96,29 @@ def daemon_fingerprint(config: Config) -> str:
     return hashlib.sha256(json.dumps(facts).encode()).hexdigest()[:16]
 
 
-def start_ticks(pid: int) -> int | None:
-    """When ``pid`` started (clock ticks since boot), or None if there is no such process."""
-    fields = _stat_fields(pid)
+def _stat_field(pid: int, field: int) -> int | None:
+    """Numeric field ``field`` (1-based, as in proc(5)) of ``/proc/PID/stat``; None if
+    there is no such process."""
     try:
-        return int(fields[19]) if fields else None  # field 22
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    # "pid (comm) state ppid ..." where comm may hold spaces and parentheses
+    after_comm = raw[raw.rfind(b")") + 2 :].split()  # from field 3 on
+    try:
+        return int(after_comm[field - 3])
     except (IndexError, ValueError):
         return None
+
+
+def start_ticks(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot), or None if there is no such process."""
+    return _stat_field(pid, 22)
 
 
 def parent_of(pid: int) -> int | None:
     """``pid``'s parent pid, or None if there is no such process."""
-    fields = _stat_fields(pid)
-    try:
-        return int(fields[1]) if fields else None  # field 4
-    except (IndexError, ValueError):
-        return None
+    return _stat_field(pid, 4)
 
 
 def verify(record: InstanceRecord) -> int | None:

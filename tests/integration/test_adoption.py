@@ -7,7 +7,6 @@ to PID 1, which reaps late here) and it reaps them by pid once they end.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import select
@@ -16,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -98,32 +98,30 @@ def _pids(d: Daemon) -> dict[str, int]:
     return {r["plugin"]: r["pid"] for r in d.status()}
 
 
-def _wait_recorded(d: Daemon, pids: dict[str, int], timeout: float = 10.0) -> None:
+def _wait_in(directory: Path, done: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    """Re-check ``done`` whenever a name is created or renamed into ``directory``."""
+    with _DirWatch(directory) as watch:
+        deadline = time.monotonic() + timeout
+        while not done():
+            left = deadline - time.monotonic()
+            assert left > 0, f"timed out waiting for {what}"
+            if select.select([watch.fd], [], [], left)[0]:
+                watch.drain()
+
+
+def _wait_recorded(d: Daemon, pids: dict[str, int]) -> None:
     """Until the daemon's state file records each of ``pids`` as ready (it is written at
     most every 50 ms: a daemon killed sooner after a change leaves the older file)."""
-    path = d.runtime / "instances.json"
     want = {(name, pid, "ready") for name, pid in pids.items()}
-    with _DirWatch(d.runtime) as watch:
-        deadline = time.monotonic() + timeout
-        while True:
-            with contextlib.suppress(OSError, ValueError):
-                got = json.loads(path.read_text())["instances"]
-                if want <= {(r["plugin"], r["pid"], r["state"]) for r in got}:
-                    return
-            left = deadline - time.monotonic()
-            assert left > 0, f"the state file never recorded {sorted(want)}"
-            if select.select([watch.fd], [], [], left)[0]:
-                watch.drain()
 
+    def recorded() -> bool:
+        try:
+            got = json.loads((d.runtime / "instances.json").read_text())["instances"]
+        except (OSError, ValueError):
+            return False
+        return want <= {(r["plugin"], r["pid"], r["state"]) for r in got}
 
-def _wait_for_file(path: Path, timeout: float = 10.0) -> None:
-    with _DirWatch(path.parent) as watch:
-        deadline = time.monotonic() + timeout
-        while not path.exists():
-            left = deadline - time.monotonic()
-            assert left > 0, f"{path} never appeared"
-            if select.select([watch.fd], [], [], left)[0]:
-                watch.drain()
+    _wait_in(d.runtime, recorded, f"the state file to record {sorted(want)}")
 
 
 def test_kill_9_the_daemon_under_load_and_its_plugins_keep_running() -> None:
@@ -144,7 +142,8 @@ def test_kill_9_the_daemon_under_load_and_its_plugins_keep_running() -> None:
             assert all(alive(pid) for pid in before.values()), "plugins died with the daemon"
             os.kill(before["echo"], signal.SIGKILL)  # dies while no daemon watches it
             assert reap([before["echo"]]) == {before["echo"]: -signal.SIGKILL}
-            _wait_for_file(said)  # the counter printed while no daemon read its output
+            # the counter printed while no daemon read its output
+            _wait_in(said.parent, said.exists, f"{said}")
             d.config.write_text(_config("two"))  # and "other" now has another config
             d.start()
             d.wait_until(d.all_ready, what="all plugins ready after the restart")
@@ -155,9 +154,7 @@ def test_kill_9_the_daemon_under_load_and_its_plugins_keep_running() -> None:
         assert after["other"] != before["other"]  # its config changed: replaced
         # its memory survived: the count went on from where the load left it
         assert any(c > last_before for c in load.counts)
-        assert sorted(load.counts) == list(range(1, len(load.counts) + 1)) or len(
-            set(load.counts)
-        ) == len(load.counts), "a count came back twice: the state was reset"
+        assert len(set(load.counts)) == len(load.counts), "a count came twice: state reset"
         assert d.call("counter", "incr") > max(load.counts)
         assert load.slowest < load.timeout + 1.5, f"a call hung for {load.slowest:.1f}s"
         lines = [x["line"] for x in d.ctl("logs", name="counter", lines=1000)]
