@@ -33,6 +33,7 @@ from pydantic import (
 )
 
 from osk_daemon.config.sizes import parse_size
+from osk_daemon.isolation.levels import SandboxLevel  # the one definition, re-exported
 
 __all__ = [
     "NAME_PATTERN",
@@ -143,21 +144,6 @@ Size = Annotated[
 ]
 
 _MODEL = ConfigDict(frozen=True, extra="forbid", strict=True)
-
-
-class SandboxLevel(StrEnum):
-    """How tightly a plugin is confined; each level adds to the one before (README)."""
-
-    NONE = "none"
-    MINIMAL = "minimal"
-    STANDARD = "standard"
-    STRICT = "strict"
-    PARANOID = "paranoid"
-
-    @property
-    def rank(self) -> int:
-        """0 for none ... 4 for paranoid: a higher level includes every lower one."""
-        return list(SandboxLevel).index(self)
 
 
 OptSize = Annotated[

@@ -37,8 +37,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from osk_daemon.config.models import SandboxLevel  # the one definition, re-exported
 from osk_daemon.errors import SandboxError
+from osk_daemon.isolation.levels import SandboxLevel  # the one definition, re-exported
 from osk_daemon.isolation.probe import KernelFeatures, probe_kernel
 
 __all__ = [

@@ -20,7 +20,7 @@ from osk_daemon.config import Config, PluginConfig, StateStrategy
 from osk_daemon.supervisor.confinement import Prepared
 from osk_daemon.supervisor.health import HealthPolicy, HealthTracker
 from osk_daemon.supervisor.lifecycle import Lifecycle, State, Timer, describe_exit
-from osk_daemon.supervisor.runtime_state import config_fingerprint
+from osk_daemon.supervisor.runtime_state import InstanceRecord, config_fingerprint
 
 WORKER_TARGET = "osk_daemon.worker.runtime:run_worker"
 NO_STATE: Any = object()  # no hand-over state (None is a state a plugin may export)
@@ -62,12 +62,40 @@ class Instance:
     fifos: tuple[Path, Path] | None = None
     adopting: bool = False
     _fingerprint: tuple[PluginConfig, str] | None = None
+    _record: tuple[tuple[object, ...], str] | None = None  # what it was made of, encoded
 
     def fingerprint(self) -> str:
         """``config_fingerprint`` of its config, computed once per config object."""
         cached = self._fingerprint
         if cached is None or cached[0] is not self.config:
             cached = self._fingerprint = (self.config, config_fingerprint(self.config))
+        return cached[1]
+
+    def state_record(self, loaded_from: str, daemon: str) -> str | None:
+        """This life as the state file keeps it (``InstanceRecord.encode``), or None if
+        it is not a live process; encoded again only when one of its fields changed."""
+        pid, fifos = self.life.pid, self.fifos
+        if not self.live or pid is None or self.start_ticks is None or fifos is None:
+            return None
+        state = self.life.state.value
+        made_of = (pid, self.start_ticks, self.token, state, fifos, self.config, loaded_from)
+        cached = self._record
+        if cached is None or cached[0] != made_of:
+            record = InstanceRecord(
+                plugin=self.plugin,
+                index=self.index,
+                version=str(self.config.version),
+                pid=pid,
+                start_ticks=self.start_ticks,
+                token=self.token,
+                fingerprint=self.fingerprint(),
+                state=state,
+                stdout=str(fifos[0]),
+                stderr=str(fifos[1]),
+                loaded_from=loaded_from,
+                daemon=daemon,
+            )
+            cached = self._record = (made_of, record.encode())
         return cached[1]
 
     @classmethod

@@ -51,7 +51,7 @@ from osk_daemon.supervisor.priority import GENTLE_NICE, renice
 from osk_daemon.supervisor.processes import InstanceProcesses, killpg, killpg_only
 from osk_daemon.supervisor.reaper import ChildReaper
 from osk_daemon.supervisor.rollouts import Rollouts
-from osk_daemon.supervisor.runtime_state import InstanceRecord, StateFile, daemon_fingerprint
+from osk_daemon.supervisor.runtime_state import StateFile, daemon_fingerprint
 from osk_daemon.supervisor.spawner import Spawner
 from osk_daemon.supervisor.tree import (
     LeafState,
@@ -223,30 +223,14 @@ class Supervisor:
         self.survivors.abandon()
         self.state_file.remove()
 
-    def _records(self) -> list[InstanceRecord]:
+    def _records(self) -> list[str]:
         """The live instances, as the state file keeps them for the next daemon."""
-        records = []
-        for inst in self.instances.values():
-            pid, fifos = inst.life.pid, inst.fifos
-            if not inst.live or pid is None or inst.start_ticks is None or fifos is None:
-                continue
-            records.append(
-                InstanceRecord(
-                    plugin=inst.plugin,
-                    index=inst.index,
-                    version=str(inst.config.version),
-                    pid=pid,
-                    start_ticks=inst.start_ticks,
-                    token=inst.token,
-                    fingerprint=inst.fingerprint(),
-                    state=inst.life.state.value,
-                    stdout=str(fifos[0]),
-                    stderr=str(fifos[1]),
-                    loaded_from=self.loaded.get(inst.plugin, ""),
-                    daemon=self._daemon_fingerprint,
-                )
-            )
-        return records
+        daemon = self._daemon_fingerprint
+        records = (
+            inst.state_record(self.loaded.get(inst.plugin, ""), daemon)
+            for inst in self.instances.values()
+        )
+        return [r for r in records if r is not None]
 
     def status(self, plugin: str | None = None) -> list[dict[str, Any]]:
         if plugin is not None and plugin not in self.config.plugins:

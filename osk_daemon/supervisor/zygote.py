@@ -41,8 +41,12 @@ double-fork per request:
 
     zygote --fork--> A --fork--> B (runs launch.child_main: setsid, ..., the target)
                      A waits until B has called setsid, sends {"id", "pid": B}, exits 0
-    zygote waitpid(A)
 
+A writes B's pid into a pipe instead, and the zygote sends the reply when A's pidfd says
+A exited (``_Middles``): it does not wait for A in between but forks the next request, so
+a burst of cold spawns (a boot of hundreds of plugins) is forked back to back while the
+A and B of earlier ones run on the other core. Warm children are forked the same way, and
+their hello is read when it comes (``_Pool``), never waited for.
 Either way, when A exits, B is re-parented to the nearest child subreaper, which is the
 daemon, so the daemon reaps B and reads its exact exit status. Errors come back as
 ``{"id", "error"}``. EOF on the daemon socket (the daemon closed its end or died) ends the
@@ -241,51 +245,112 @@ def _warm_main(zygote_fd: int, requests_fd: int, warm_up: _WarmUp | None) -> NoR
     child_main(req, in_session=True, keep_fds=keep)
 
 
+class _Hatching(NamedTuple):
+    """A warm child forked but not yet heard from (its ``{"pid"}`` hello)."""
+
+    sock: socket.socket  # the zygote's end of the child's socket
+    requests: socket.socket  # the daemon's end of its request socket
+    middle: int  # the pid of A, which exits as soon as it forked B
+    deadline: float  # monotonic: given up on after WARM_HELLO_TIMEOUT
+
+
 class _Pool:
-    """Up to ``size`` warm children announced to the daemon and not used yet."""
+    """Up to ``size`` warm children announced to the daemon and not used yet.
+
+    A refill never blocks the zygote: ``fill`` forks and returns; the child's hello arrives
+    on its socket, which ``serve`` polls with the others (``hatched``), and only then is it
+    announced. Until then it counts towards ``size`` (``hatching``), so it is forked once.
+    """
 
     def __init__(self, daemon: socket.socket, size: int, warm_up: _WarmUp | None) -> None:
         self.daemon = daemon
         self.size = size
         self.warm_up = warm_up
         self.ready: dict[int, _Warm] = {}  # by the zygote's socket fd
+        self.hatching: dict[int, _Hatching] = {}  # by the zygote's socket fd
         self.refill_at: float | None = None  # monotonic; None: at once when short
+
+    def settle(self) -> None:
+        """Wait until every warm child forked so far said hello or was given up on (the
+        first fill, before the zygote says it is ready: the pool is full from the start)."""
+        while self.hatching:
+            poller = select.poll()
+            for fd in self.hatching:
+                poller.register(fd, select.POLLIN)
+            for fd, _ in poller.poll(self.wait_ms()):
+                self.event(fd)
+            self.expire()
+
+    def watched(self) -> set[int]:
+        """The fds ``serve`` polls for the pool: every warm child's socket to us."""
+        return self.ready.keys() | self.hatching.keys()
 
     def fill(self) -> None:
         """Fork warm children until there are ``size``; after a failure, retry later."""
         self.refill_at = None
-        while len(self.ready) < self.size:
+        while len(self.ready) + len(self.hatching) < self.size:
             child = self._fork()
             if child is None:
                 self.refill_at = time.monotonic() + REFILL_RETRY
                 return
-            self.ready[child.sock.fileno()] = child
-            try:
-                message = msgpack.packb({"warm": child.pid}, use_bin_type=True)
-                socket.send_fds(self.daemon, [message], [child.requests.fileno()])
-            finally:
-                child.requests.close()  # the daemon has its own copy now
+            self.hatching[child.sock.fileno()] = child
 
-    def wait_ms(self) -> float | None:
-        """How long ``serve`` may wait for a request before ``fill`` is due (None: no fill)."""
-        if len(self.ready) >= self.size:
-            return None
-        if self.refill_at is None:
-            return 0.0
-        return max(0.0, (self.refill_at - time.monotonic()) * 1000)
-
-    def drop(self, fd: int) -> None:
-        """Forget a warm child whose socket had an event: it took a request, or died."""
+    def event(self, fd: int) -> None:
+        """A warm child's socket had an event: its hello, or it took a request or died."""
+        if fd in self.hatching:
+            self._hatched(self.hatching.pop(fd))
+            return
         child = self.ready.pop(fd, None)
         if child is not None:
             child.sock.close()
             self._refill_by(REFILL_DELAY if self.ready else 0.0)
 
+    def expire(self) -> None:
+        """Give up on warm children that did not say hello in time (and retry later)."""
+        now = time.monotonic()
+        for fd, child in list(self.hatching.items()):
+            if now >= child.deadline:
+                del self.hatching[fd]
+                os.waitpid(child.middle, 0)
+                self._discard(child, "did not start within WARM_HELLO_TIMEOUT")
+
+    def wait_ms(self) -> float | None:
+        """How long ``serve`` may wait before ``fill`` or ``expire`` is due (None: forever)."""
+        due = [child.deadline for child in self.hatching.values()]
+        if len(self.ready) + len(self.hatching) < self.size:
+            due.append(time.monotonic() if self.refill_at is None else self.refill_at)
+        if not due:
+            return None
+        return max(0.0, (min(due) - time.monotonic()) * 1000)
+
+    def _hatched(self, child: _Hatching) -> None:
+        # reaped first (at most a moment's wait: A exits right after its fork), so B is the
+        # daemon's child before the daemon hears of it
+        os.waitpid(child.middle, 0)
+        try:
+            hello = msgpack.unpackb(child.sock.recv(256, socket.MSG_DONTWAIT), raw=False)
+            warm = _Warm(int(hello["pid"]), child.sock, child.requests)
+        except Exception as exc:
+            self._discard(child, repr(exc))
+            return
+        self.ready[warm.sock.fileno()] = warm
+        try:
+            message = msgpack.packb({"warm": warm.pid}, use_bin_type=True)
+            socket.send_fds(self.daemon, [message], [warm.requests.fileno()])
+        finally:
+            warm.requests.close()  # the daemon has its own copy now
+
+    def _discard(self, child: _Hatching, why: str) -> None:
+        child.sock.close()  # its EOF ends the child, if it lives
+        child.requests.close()
+        self._refill_by(REFILL_RETRY)
+        _log(f"warm child did not start: {why}")
+
     def _refill_by(self, delay: float) -> None:
         due = time.monotonic() + delay
         self.refill_at = due if self.refill_at is None else min(self.refill_at, due)
 
-    def _fork(self) -> _Warm | None:
+    def _fork(self) -> _Hatching | None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         daemons, childs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
@@ -303,42 +368,76 @@ class _Pool:
                 os._exit(0)
         theirs.close()
         childs.close()
-        os.waitpid(pid, 0)
-        try:
-            ours.settimeout(WARM_HELLO_TIMEOUT)
-            hello = msgpack.unpackb(ours.recv(256), raw=False)
-            ours.settimeout(None)
-            return _Warm(int(hello["pid"]), ours, daemons)
-        except Exception as exc:
-            ours.close()
-            daemons.close()
-            _log(f"warm child did not start: {exc!r}")
-            return None
+        return _Hatching(ours, daemons, pid, time.monotonic() + WARM_HELLO_TIMEOUT)
 
 
-def _middle(sock: socket.socket, req_id: int, msg: dict[str, Any], fds: list[int]) -> NoReturn:
-    """Process A: fork B, wait until B leads its own session, report B's pid, exit."""
+def _middle(result: int, msg: dict[str, Any], fds: list[int]) -> NoReturn:
+    """Process A: fork B, wait until B leads its own session, write B's pid (or an error)
+    to ``result`` for the zygote, exit."""
     try:
         req = request_from_wire(msg, stdout=fds[0], stderr=fds[1])
         ready_r, ready_w = os.pipe()
         pid = os.fork()
         if pid == 0:
             os.close(ready_r)
-            sock.detach()  # B closes fd 3 itself; the object must not close a reused fd
-            child_main(req, started_fd=ready_w)
+            child_main(req, started_fd=ready_w)  # closes fd 3 and ``result`` with the rest
         os.close(ready_w)
         os.read(ready_r, 1)  # b"\0" after B's setsid, or b"" if B died first
-        _send(sock, {"id": req_id, "pid": pid})
+        os.write(result, msgpack.packb({"pid": pid}))
     except BaseException as exc:
         try:
-            _send(sock, {"id": req_id, "error": f"fork of the plugin process failed: {exc}"})
+            os.write(result, msgpack.packb({"error": f"fork of the plugin process failed: {exc}"}))
         except BaseException:
             pass
     finally:
         os._exit(0)
 
 
-def _handle(sock: socket.socket, data: bytes, fds: list[int], flags: int) -> None:
+class _Middles:
+    """The middle processes A of cold spawns in flight, by a pidfd of each.
+
+    The daemon must learn B's pid only once A is gone, so that B is already the daemon's
+    child (re-parented when A exits) when the daemon starts to watch it. So A writes B's
+    pid into a pipe and exits, and the zygote, which does not wait for it in between
+    (it forks the next request meanwhile), sends the reply when A's pidfd says A exited
+    (by then the kernel has re-parented B) and it reaped A.
+    """
+
+    def __init__(self, daemon: socket.socket) -> None:
+        self.daemon = daemon
+        self.running: dict[int, tuple[int, int, int]] = {}  # pidfd -> (id, pid of A, pipe)
+
+    def start(self, req_id: int, msg: dict[str, Any], fds: list[int]) -> None:
+        result_r, result_w = os.pipe()
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            os.close(result_r)
+            os.close(result_w)
+            _send(self.daemon, {"id": req_id, "error": f"zygote fork failed: {exc}"})
+            return
+        if pid == 0:
+            os.close(result_r)
+            _middle(result_w, msg, fds)
+        os.close(result_w)
+        self.running[os.pidfd_open(pid)] = (req_id, pid, result_r)
+
+    def exited(self, pidfd: int) -> None:
+        """A's pidfd is readable: reap A, send its report (B's pid, or why not)."""
+        req_id, pid, result = self.running.pop(pidfd)
+        os.close(pidfd)
+        os.waitpid(pid, 0)
+        try:
+            report = msgpack.unpackb(os.read(result, 4096), raw=False)
+        except Exception:
+            report = {"error": "the zygote's middle process died before it forked the plugin"}
+        finally:
+            os.close(result)
+        _send(self.daemon, {"id": req_id, **report})
+
+
+def _handle(middles: _Middles, data: bytes, fds: list[int], flags: int) -> None:
+    sock = middles.daemon
     try:
         msg = msgpack.unpackb(data, raw=False)
     except Exception as exc:
@@ -358,42 +457,40 @@ def _handle(sock: socket.socket, data: bytes, fds: list[int], flags: int) -> Non
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    try:
-        pid = os.fork()
-    except OSError as exc:
-        _send(sock, {"id": req_id, "error": f"zygote fork failed: {exc}"})
-        return
-    if pid == 0:
-        _middle(sock, req_id, msg, fds)
-    os.waitpid(pid, 0)
+    middles.start(req_id, msg, fds)
 
 
 def serve(sock: socket.socket, pool: _Pool) -> None:
     """Answer spawn requests on ``sock`` until EOF, keeping ``pool`` full."""
+    middles = _Middles(sock)
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLIN)
     polled: set[int] = set()
     while True:
-        for fd in polled - pool.ready.keys():
+        watched = pool.watched() | middles.running.keys()
+        for fd in polled - watched:
             poller.unregister(fd)
-        for fd in pool.ready.keys() - polled:
+        for fd in watched - polled:
             poller.register(fd, select.POLLIN)
-        polled = set(pool.ready)
+        polled = watched
         events = poller.poll(pool.wait_ms())
         for fd, _ in events:
-            if fd != sock.fileno():
-                pool.drop(fd)
+            if fd in middles.running:
+                middles.exited(fd)
+            elif fd != sock.fileno():
+                pool.event(fd)
         if any(fd == sock.fileno() for fd, _ in events):
             data, fds, flags, _ = socket.recv_fds(sock, MAX_MESSAGE, 2)
             try:
                 if not data and not fds:
                     return
-                _handle(sock, data, fds, flags)
+                _handle(middles, data, fds, flags)
             finally:
                 for fd in fds:
                     os.close(fd)
         sys.stdout.flush()
         sys.stderr.flush()
+        pool.expire()
         if pool.wait_ms() == 0:
             pool.fill()
 
@@ -415,6 +512,7 @@ def main(argv: list[str]) -> int:
     gc.freeze()  # keep preloaded objects out of later collections: fewer copy-on-write pages
     pool = _Pool(sock, args.warm, warm_up)
     pool.fill()
+    pool.settle()
     _send(sock, {"ready": True, "pid": os.getpid(), "preloaded": loaded, "failed": failed})
     try:
         serve(sock, pool)

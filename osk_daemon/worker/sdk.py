@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import enum
 import importlib
-import importlib.metadata
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -250,7 +249,9 @@ def load_plugin_class(entry: str, path: list[str]) -> type[Plugin]:
             for part in qualname.split("."):
                 obj = getattr(obj, part)
         else:
-            found = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP, name=entry)
+            from importlib import metadata  # only here: keeps email & co. out of the zygote
+
+            found = metadata.entry_points(group=ENTRY_POINT_GROUP, name=entry)
             if not found:
                 raise PluginLoadError(
                     f"no entry point {entry!r} in group {ENTRY_POINT_GROUP!r}; "

@@ -75,7 +75,7 @@ async def test_changes_make_one_write_and_the_state_file_reads_back(
     tmp_path: Path,
 ) -> None:
     records = [record(1, 2), replace(record(3, 4), index=1)]
-    sf = StateFile(tmp_path, lambda: records)
+    sf = StateFile(tmp_path, lambda: [r.encode() for r in records])
     for _ in range(5):
         sf.dirty()
     sf.write()  # what the timer dirty() armed would do (and it cancels that timer)
