@@ -122,6 +122,8 @@ class HealthChecks:
     def _watch(self) -> None:
         now = time.monotonic()
         for inst in list(self._sup.instances.values()):
+            if inst.beat is not None:  # beats in shared memory (ipc.beats), not as frames
+                inst.last_seen = max(inst.last_seen, inst.beat.last())
             if inst.life.state in (lc.State.READY, lc.State.INITIALIZING) and (
                 now - inst.last_seen > self._hb_timeout
             ):

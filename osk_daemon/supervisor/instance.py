@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from osk_daemon.config import Config, PluginConfig, StateStrategy
+from osk_daemon.ipc.beats import Beat
 from osk_daemon.supervisor.confinement import Prepared
 from osk_daemon.supervisor.health import HealthPolicy, HealthTracker
 from osk_daemon.supervisor.lifecycle import Lifecycle, State, Timer, describe_exit
@@ -47,6 +48,7 @@ class Instance:
     health_sent_at: float = 0.0  # monotonic, the last probe
     restart_span: Any = None  # tracing: from a crash to the replacement's readiness
     close_output: Callable[[], None] | None = None
+    beat: Beat | None = None  # this life's heartbeat page, if its worker has one
     prepared: Prepared | None = None  # its cgroup and launch plan, while it lives
     usage: dict[str, Any] = field(default_factory=dict)  # last cgroup sample
     # what its sandbox does not enforce (require = false), as Confinement.check found it

@@ -29,7 +29,7 @@ import resource
 import signal
 import sys
 import traceback
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -49,6 +49,7 @@ __all__ = [
 EXIT_TARGET_RAISED = 70
 EXIT_BAD_REQUEST = 64
 REQUEST_ENV = "OSK_SPAWN_REQUEST"
+EXEC_BEAT_FD = 3  # where the exec path puts the beat page's fd
 RESET_SIGNALS = (
     signal.SIGTERM,
     signal.SIGINT,
@@ -67,7 +68,9 @@ class SpawnRequest:
     ``os.environ`` at spawn time; the spawners resolve that before sending). ``sys_path``
     entries are prepended to ``sys.path`` before the target is imported.
     ``stdout``/``stderr`` are fds *in the spawning process* that become the child's 1 and 2;
-    the caller keeps ownership of them. stdin is ``/dev/null``.
+    the caller keeps ownership of them. stdin is ``/dev/null``. ``beat``, if given, is an fd
+    (also the caller's) of the life's heartbeat page (``ipc.beats``): it stays open in the
+    child, which finds its number as ``spec["beat_fd"]``.
     """
 
     target: str
@@ -78,6 +81,7 @@ class SpawnRequest:
     stdout: int = 1
     stderr: int = 2
     launch: dict[str, Any] | None = None  # an isolation LaunchPlan in wire form
+    beat: int | None = None
 
 
 def request_to_wire(req: SpawnRequest, *, env: Mapping[str, str] | None) -> dict[str, Any]:
@@ -89,10 +93,13 @@ def request_to_wire(req: SpawnRequest, *, env: Mapping[str, str] | None) -> dict
         "cwd": req.cwd,
         "sys_path": list(req.sys_path),
         "launch": req.launch,
+        "beat": req.beat is not None,  # the exec path finds it as fd 3; the zygote's get it
     }
 
 
-def request_from_wire(data: Any, *, stdout: int, stderr: int) -> SpawnRequest:
+def request_from_wire(
+    data: Any, *, stdout: int, stderr: int, beat: int | None = None
+) -> SpawnRequest:
     """Rebuild a request from ``request_to_wire`` output; raises ``ValueError`` if malformed."""
     if not isinstance(data, dict):
         raise ValueError(f"spawn request must be a map, got {type(data).__name__}")
@@ -114,7 +121,22 @@ def request_from_wire(data: Any, *, stdout: int, stderr: int) -> SpawnRequest:
     launch = data.get("launch")
     if launch is not None and not isinstance(launch, dict):
         raise ValueError("spawn launch plan must be a map")
-    return SpawnRequest(target, spec, env, cwd, tuple(sys_path), stdout, stderr, launch)
+    return SpawnRequest(target, spec, env, cwd, tuple(sys_path), stdout, stderr, launch, beat)
+
+
+def request_from_fds(data: Any, fds: Sequence[int]) -> SpawnRequest:
+    """``request_from_wire`` for a request that came with its fds attached (stdout,
+    stderr and, if there is one, the beat page), as the zygote and its warm children get
+    them; raises ``ValueError`` if malformed or without them."""
+    if len(fds) not in (2, 3):
+        raise ValueError(f"a spawn request comes with 2 or 3 fds, got {len(fds)}")
+    beat = fds[2] if len(fds) == 3 else None
+    return request_from_wire(data, stdout=fds[0], stderr=fds[1], beat=beat)
+
+
+def request_fds(req: SpawnRequest) -> list[int]:
+    """The fds to attach to ``req`` for ``request_from_fds`` at the other end."""
+    return [req.stdout, req.stderr] + ([] if req.beat is None else [req.beat])
 
 
 def encode_env_request(req: SpawnRequest) -> str:
@@ -235,6 +257,10 @@ def child_main(
     try:
         if not in_session:
             enter_session(started_fd)
+        spec = req.spec
+        if req.beat is not None:
+            keep_fds |= {req.beat}
+            spec = {**spec, "beat_fd": req.beat}
         _setup_fds(req.stdout, req.stderr, keep_fds)
         for stream in (sys.stdout, sys.stderr):
             if isinstance(stream, io.TextIOWrapper):
@@ -251,7 +277,7 @@ def child_main(
         if req.launch:
             _confine(req.launch)
         sys.argv = [req.target]
-        target(req.spec)
+        target(spec)
         code = 0
     except SystemExit as exc:
         code = _exit_code(exc)
@@ -282,7 +308,8 @@ def main() -> NoReturn:
         if raw is None:
             raise ValueError(f"{REQUEST_ENV} is not set")
         data = msgpack.unpackb(base64.b64decode(raw), raw=False)
-        req = request_from_wire(data, stdout=1, stderr=2)
+        beat = EXEC_BEAT_FD if data.get("beat") else None
+        req = request_from_wire(data, stdout=1, stderr=2, beat=beat)
     except Exception as exc:
         print(f"osk launch: bad spawn request: {exc}", file=sys.stderr, flush=True)
         os._exit(EXIT_BAD_REQUEST)

@@ -25,6 +25,7 @@ from anyio.abc import TaskGroup
 
 from osk_daemon.config import SandboxLevel, SpawnMode
 from osk_daemon.errors import OskError
+from osk_daemon.ipc.beats import Beat, beat_path
 from osk_daemon.supervisor import lifecycle as lc
 from osk_daemon.supervisor.adoption import Survivor, output_dir
 from osk_daemon.supervisor.confinement import Confinement
@@ -81,6 +82,11 @@ class InstanceProcesses:
             log.error("%s: cannot make its output pipes, not starting it: %s", inst.leaf, exc)
             self._loop.call_soon(self._spawn_failed, inst, inst.generation, str(exc))
             return
+        beat_fd = None
+        try:
+            inst.beat, beat_fd = Beat.create(beat_path(inst.fifos[0]))
+        except OSError as exc:  # its worker then sends its heartbeats as frames
+            log.warning("%s: no heartbeat page (%s); heartbeats come as frames", inst.leaf, exc)
         request = SpawnRequest(
             target=WORKER_TARGET,
             spec=inst.worker_spec(self._sup.config, self._endpoint),
@@ -90,6 +96,7 @@ class InstanceProcesses:
             stdout=out_w,
             stderr=err_w,
             launch=inst.prepared.wire,
+            beat=beat_fd,
         )
         spawner = self._spawner_for(inst)
         try:  # a warm zygote child takes it now, without a task switch on the restart path
@@ -115,6 +122,7 @@ class InstanceProcesses:
         inst.start_ticks = record.start_ticks
         inst.prepared = self._confinement.adopt(inst.plugin, inst.config, inst.index)
         inst.fifos = (Path(record.stdout), Path(record.stderr))
+        inst.beat = Beat.attach(beat_path(inst.fifos[0]))
         try:
             _, _, inst.close_output = open_output(
                 self._loop,
@@ -147,6 +155,7 @@ class InstanceProcesses:
 
     def _new_life(self, inst: Instance, token: str) -> None:
         """Reset what belongs to one life of ``inst`` (spawned or adopted)."""
+        self.drop_beat(inst)
         inst.generation += 1
         inst.token = token
         inst.spawned_at = inst.last_seen = time.monotonic()
@@ -164,8 +173,16 @@ class InstanceProcesses:
             except OskError as exc:
                 log.warning("%s: cgroup kill failed: %s", inst.leaf, exc)
 
+    @staticmethod
+    def drop_beat(inst: Instance) -> None:
+        """Unmap and remove the heartbeat page of a life that ended."""
+        if inst.beat is not None:
+            inst.beat.close()
+            inst.beat = None
+
     def release(self, inst: Instance, *, final: bool) -> bool:
         """Clean up after a life; True if it was OOM-killed."""
+        self.drop_beat(inst)
         prepared, inst.prepared = inst.prepared, None
         if prepared is None:
             return False
@@ -200,6 +217,8 @@ class InstanceProcesses:
     def _spawn_ended(request: SpawnRequest) -> None:
         os.close(request.stdout)  # the child has its own copies
         os.close(request.stderr)
+        if request.beat is not None:
+            os.close(request.beat)
 
     async def _do_spawn(
         self, inst: Instance, generation: int, spawner: Spawner, request: SpawnRequest

@@ -41,10 +41,12 @@ import msgpack
 
 from osk_daemon.errors import OskInternalError, PluginLoadError
 from osk_daemon.supervisor.launch import (
+    EXEC_BEAT_FD,
     REQUEST_ENV,
     RESET_SIGNALS,
     SpawnRequest,
     encode_env_request,
+    request_fds,
     request_from_wire,
     request_to_wire,
 )
@@ -122,7 +124,10 @@ class ExecSpawner:
         env[REQUEST_ENV] = encode_env_request(req)
         argv = [self._python, "-P", "-m", LAUNCH_MODULE]
         try:
-            return _posix_spawn(argv, env, [(req.stdout, 1), (req.stderr, 2)])
+            dup2 = [(req.stdout, 1), (req.stderr, 2)]
+            if req.beat is not None:
+                dup2.append((req.beat, EXEC_BEAT_FD))
+            return _posix_spawn(argv, env, dup2)
         except OSError as exc:
             raise PluginLoadError(
                 f"could not exec {self._python} for target {req.target!r}: {exc}"
@@ -286,7 +291,7 @@ class ZygoteSpawner:
             fut: asyncio.Future[int] = zygote.loop.create_future()
             try:
                 async with asyncio.timeout(self._spawn_timeout):  # the send too: never hang
-                    await zygote.send(data, [req.stdout, req.stderr])
+                    await zygote.send(data, request_fds(req))
                     # Registered only now: no reply can be read before this task yields.
                     zygote.pending[req_id] = fut
                     return await fut
@@ -315,7 +320,7 @@ class ZygoteSpawner:
 
     def _hand(self, zygote: Zygote, message: dict[str, Any], req: SpawnRequest) -> int | None:
         data = msgpack.packb(message, use_bin_type=True)
-        pid = self._warm.hand(zygote.loop, data, [req.stdout, req.stderr])
+        pid = self._warm.hand(zygote.loop, data, request_fds(req))
         if pid is not None:
             self._warm_spawns += 1
         return pid

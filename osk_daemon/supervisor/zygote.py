@@ -72,7 +72,7 @@ from osk_daemon.supervisor.launch import (
     child_main,
     close_fds_except,
     enter_session,
-    request_from_wire,
+    request_from_fds,
 )
 
 SOCKET_FD = 3
@@ -213,7 +213,7 @@ def _wait_request(zygote: socket.socket, requests: socket.socket) -> tuple[bytes
     events = {fd for fd, _ in poller.poll()}
     if requests.fileno() not in events:
         requests.shutdown(socket.SHUT_RD)
-    data, fds, flags, _ = socket.recv_fds(requests, MAX_MESSAGE, 2, socket.MSG_DONTWAIT)
+    data, fds, flags, _ = socket.recv_fds(requests, MAX_MESSAGE, 3, socket.MSG_DONTWAIT)
     return data, fds, flags
 
 
@@ -230,9 +230,9 @@ def _warm_main(zygote_fd: int, requests_fd: int, warm_up: _WarmUp | None) -> NoR
         data, fds, flags = _wait_request(zygote, requests)
         if not data:
             os._exit(0)
-        if flags & _TRUNCATED or len(fds) != 2:
-            raise ValueError("request truncated or without its two fds")
-        req = request_from_wire(msgpack.unpackb(data, raw=False), stdout=fds[0], stderr=fds[1])
+        if flags & _TRUNCATED:
+            raise ValueError("request truncated")
+        req = request_from_fds(msgpack.unpackb(data, raw=False), fds)
         zygote.detach()  # child_main closes both with every other fd
         requests.detach()
         if prepared is not None:
@@ -375,7 +375,7 @@ def _middle(result: int, msg: dict[str, Any], fds: list[int]) -> NoReturn:
     """Process A: fork B, wait until B leads its own session, write B's pid (or an error)
     to ``result`` for the zygote, exit."""
     try:
-        req = request_from_wire(msg, stdout=fds[0], stderr=fds[1])
+        req = request_from_fds(msg, fds)
         ready_r, ready_w = os.pipe()
         pid = os.fork()
         if pid == 0:
@@ -447,11 +447,11 @@ def _handle(middles: _Middles, data: bytes, fds: list[int], flags: int) -> None:
     if not isinstance(req_id, int):
         _log("request without an integer id dropped")
         return
-    if flags & _TRUNCATED or len(fds) != 2:
-        _send(sock, {"id": req_id, "error": "request truncated or without its two fds"})
+    if flags & _TRUNCATED:
+        _send(sock, {"id": req_id, "error": "request truncated"})
         return
     try:
-        request_from_wire(msg, stdout=fds[0], stderr=fds[1])
+        request_from_fds(msg, fds)
     except ValueError as exc:
         _send(sock, {"id": req_id, "error": f"malformed spawn request: {exc}"})
         return
@@ -480,7 +480,7 @@ def serve(sock: socket.socket, pool: _Pool) -> None:
             elif fd != sock.fileno():
                 pool.event(fd)
         if any(fd == sock.fileno() for fd, _ in events):
-            data, fds, flags, _ = socket.recv_fds(sock, MAX_MESSAGE, 2)
+            data, fds, flags, _ = socket.recv_fds(sock, MAX_MESSAGE, 3)
             try:
                 if not data and not fds:
                     return

@@ -37,6 +37,7 @@ import errno
 import inspect
 import itertools
 import logging
+import mmap
 import os
 import signal
 import sys
@@ -58,6 +59,7 @@ from osk_daemon.errors import (
     Unavailable,
     error_from_wire,
 )
+from osk_daemon.ipc.beats import BEAT_SIZE, write_beat
 from osk_daemon.ipc.codec import (
     Encoder,
     Header,
@@ -168,6 +170,20 @@ def _take_prepared() -> _Prepared | None:
     return prepared if prepared is not None and prepared.pid == os.getpid() else None
 
 
+def _map_beat(fd: Any) -> mmap.mmap | None:
+    """Map the heartbeat page the daemon passed (``ipc.beats``); None without one."""
+    if not isinstance(fd, int):
+        return None
+    try:
+        return mmap.mmap(fd, BEAT_SIZE)
+    except (OSError, ValueError) as exc:  # beats then go out as frames
+        log.warning("cannot map the heartbeat page (fd %d): %s", fd, exc)
+        return None
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
 def run_worker(spec: dict[str, Any]) -> NoReturn:
     """Run one plugin process to completion and exit; never returns.
 
@@ -227,6 +243,7 @@ class _Worker:
         self.ids = itertools.count(1)
         self.stopping = asyncio.Event()
         self.broken = False
+        self.beat = _map_beat(spec.get("beat_fd"))  # heartbeats go there, not as frames
         self.tracer: Any = None  # an OpenTelemetry tracer when [tracing] is on
         self.spans: dict[int, Any] = {}  # request id -> its handler's span
         tracing = spec.get("tracing")
@@ -373,8 +390,12 @@ class _Worker:
 
     async def heartbeat_loop(self) -> None:
         interval = float(self.spec["heartbeat_interval"])
+        beat = self.beat
         while True:
-            self.send(Kind.HEARTBEAT)
+            if beat is not None:
+                write_beat(beat, time.monotonic())  # one store; the daemon reads it
+            else:
+                self.send(Kind.HEARTBEAT)
             await asyncio.sleep(interval)
 
     def on_frames(self, sock: LoopSocket, frames: list[bytes]) -> None:
