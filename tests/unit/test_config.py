@@ -114,7 +114,7 @@ def test_defaults(tmp_path: Path) -> None:
     assert d.log_format is LogFormat.TEXT
     assert d.log_level is LogLevel.INFO
     assert d.log_buffer_lines == 1000
-    assert (d.heartbeat_interval, d.heartbeat_timeout) == (0.5, 3.0)
+    assert (d.heartbeat_interval, d.heartbeat_timeout) == (1.0, 3.0)
     assert d.max_message_size == 16 * 1024 * 1024
     assert (d.call_timeout, d.shutdown_timeout) == (10.0, 30.0)
 
