@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import anyio
-from watchfiles import Change, awatch
 
 from osk_daemon.errors import ControlError
 from osk_daemon.supervisor.rollouts import spec_for
@@ -54,6 +53,7 @@ async def watch_plugin(sup: Supervisor, plugin: str) -> None:
         log.warning("%s: watch is set but no path folder exists; not watching", plugin)
         return
     globs = list(cfg.watch)
+    from watchfiles import Change, awatch  # here: a daemon with nothing to watch skips it
 
     def wanted(change: Change, path: str) -> bool:
         return change is not Change.deleted and _matches(path, roots, globs)

@@ -24,8 +24,6 @@ import datetime as dt
 import logging
 from typing import TYPE_CHECKING, Any
 
-from watchfiles import awatch
-
 from osk_daemon.config import UpdateMode
 from osk_daemon.errors import ConfigError, ControlError
 from osk_daemon.rollout.window import in_window, parse_window
@@ -54,6 +52,8 @@ class Updates:
         plugins_dir = self._sup.config.daemon.plugins_dir
         if plugins_dir is None:
             return
+        from watchfiles import awatch  # here: without a plugins_dir it is never needed
+
         self.check(dt.datetime.now())
         async for _ in awatch(
             plugins_dir,
