@@ -415,9 +415,12 @@ class DaemonConfig(BaseModel):
     log_format: Annotated[LogFormat, Strict(False)] = LogFormat.TEXT
     log_level: Annotated[LogLevel, Strict(False)] = LogLevel.INFO
     log_buffer_lines: int = Field(default=1000, gt=0)
-    # 3 beats per heartbeat_timeout; a beat wakes an idle worker (~0.35 ms of CPU each on a
-    # small VM), so 500 idle plugins at 0.5 s cost a third of a core for nothing more
-    heartbeat_interval: float = Field(default=1.0, gt=0)
+    # unset: 1 s, or heartbeat_timeout / 3 if that is less (3 beats per timeout); a beat
+    # wakes an idle worker (~0.35 ms of CPU each on a small VM), so 500 idle plugins at
+    # 0.5 s cost a third of a core for nothing more
+    heartbeat_interval: float = Field(
+        default=1.0, gt=0, description="default: min(1.0, heartbeat_timeout / 3)"
+    )
     heartbeat_timeout: float = Field(default=3.0, gt=0)
     max_message_size: Size = Field(default=16 * 1024 * 1024, ge=1024)
     call_timeout: float = Field(default=10.0, gt=0)
@@ -432,6 +435,15 @@ class DaemonConfig(BaseModel):
             "restarted daemon starts them afresh"
         ),
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_heartbeat_interval(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("heartbeat_interval") is None:
+            timeout = data.get("heartbeat_timeout", 3.0)
+            if isinstance(timeout, int | float) and not isinstance(timeout, bool) and timeout > 0:
+                return {**data, "heartbeat_interval": min(1.0, float(timeout) / 3)}
+        return data
 
     @model_validator(mode="before")
     @classmethod

@@ -6,13 +6,13 @@ every worker a send and an I/O-thread wake-up per beat. Written into memory both
 beat costs the worker one store and the daemon nothing until it looks.
 
 How: for each life the daemon creates ``<stem>.beat`` next to its output FIFOs (the
-runtime dir: tmpfs under systemd), ``BEAT_SIZE`` bytes of zeros, maps it and hands the
-worker an fd of it with the spawn request (``SpawnRequest.beat``; ``spec["beat_fd"]``
+runtime dir: tmpfs under systemd), ``BEAT_SIZE`` bytes of zeros, and hands the worker an
+fd of it with the spawn request (``SpawnRequest.beat``; ``spec["beat_fd"]``
 names it in the worker). The worker maps it and, from its event loop every
 ``heartbeat_interval``, stores ``time.monotonic()`` there (CLOCK_MONOTONIC: one clock for
 every process of the machine) as a little-endian double; ``Beat.last`` reads it back.
 An aligned 8-byte store is atomic on the machines we run on, and a torn read would only
-look like an old beat. A re-adopting daemon maps the same file by its path (the state
+look like an old beat. A re-adopting daemon opens the same file by its path (the state
 file keeps the FIFOs' paths; the beat file's name follows theirs). The file is removed
 when the life ends. A worker without one (adopted from a daemon that gave it none, or the
 file could not be made) sends HEARTBEAT frames as before.
@@ -43,51 +43,55 @@ def write_beat(page: mmap.mmap, now: float) -> None:
 
 
 class Beat:
-    """The daemon's map of one life's beat file."""
+    """The daemon's handle on one life's beat file.
 
-    def __init__(self, path: Path, page: mmap.mmap) -> None:
+    The daemon reads it with ``pread`` on an fd it keeps, not through a mapping: a file
+    truncated under a mapping raises SIGBUS in whoever reads it, and the daemon must not
+    die of a stray ``truncate``. (The worker maps it; the page is allocated up front, so a
+    full tmpfs fails ``create``, not the worker's first store.)"""
+
+    def __init__(self, path: Path, fd: int) -> None:
         self.path = path
-        self._page = page
+        self._fd = fd
 
     @classmethod
     def create(cls, path: Path) -> tuple[Beat, int]:
-        """A new zeroed beat file at ``path``, mapped; also an fd of it for the child (the
+        """A new zeroed beat file at ``path``; also another fd of it for the child (the
         caller closes that once the child has its copy). Raises ``OSError``."""
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            os.ftruncate(fd, BEAT_SIZE)
-            page = mmap.mmap(fd, BEAT_SIZE)
+            os.posix_fallocate(fd, 0, BEAT_SIZE)
+            child = os.dup(fd)
         except OSError:
             os.close(fd)
             with contextlib.suppress(OSError):
                 path.unlink()
             raise
-        return cls(path, page), fd
+        return cls(path, fd), child
 
     @classmethod
     def attach(cls, path: Path) -> Beat | None:
-        """Map the beat file a previous daemon made for a life we adopt; None if it is not
+        """Open the beat file a previous daemon made for a life we adopt; None if it is not
         there (then that worker's HEARTBEAT frames are all there is)."""
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            return cls(path, os.open(path, os.O_RDONLY | os.O_CLOEXEC))
         except OSError:
             return None
-        try:
-            if os.fstat(fd).st_size < BEAT_SIZE:
-                return None
-            return cls(path, mmap.mmap(fd, BEAT_SIZE))
-        except OSError:
-            return None
-        finally:
-            os.close(fd)
 
     def last(self) -> float:
-        """The monotonic time of the worker's last beat; 0.0 before the first one."""
-        value: float = _STAMP.unpack_from(self._page, 0)[0]
+        """The monotonic time of the worker's last beat; 0.0 before the first one (or if
+        the file was cut short: then only frames count)."""
+        try:
+            raw = os.pread(self._fd, BEAT_SIZE, 0)
+        except OSError:
+            return 0.0
+        if len(raw) < BEAT_SIZE:
+            return 0.0
+        value: float = _STAMP.unpack(raw)[0]
         return value
 
     def close(self) -> None:
-        """Unmap and remove the file: the life it belonged to is over."""
-        self._page.close()
+        """Close and remove the file: the life it belonged to is over."""
+        os.close(self._fd)
         with contextlib.suppress(OSError):
             self.path.unlink()

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 
 from osk_daemon.config import Config
 from osk_daemon.errors import ControlError
+from osk_daemon.ipc.beats import beat_path
 from osk_daemon.supervisor.confinement import instance_cgroup
 from osk_daemon.supervisor.dynamic_load import load_plugin, loaded_plugin
 from osk_daemon.supervisor.lifecycle import State
@@ -183,7 +184,11 @@ def find_survivors(config: Config) -> Survivors:
             record.leaf,
             record.pid,
         )
-    keep = {p for s in found.adopt.values() for p in (s.record.stdout, s.record.stderr)}
+    keep = {  # an adopted life's FIFOs and heartbeat page; nothing else survives
+        p
+        for s in found.adopt.values()
+        for p in (s.record.stdout, s.record.stderr, str(beat_path(Path(s.record.stdout))))
+    }
     out = output_dir(runtime_dir)
     if out.is_dir():
         for path in out.iterdir():

@@ -83,14 +83,23 @@ class InstanceProcesses:
         self._start_life(inst)
 
     def _next_batch(self) -> None:
-        for _ in range(min(SPAWN_BATCH, len(self._queued))):
-            inst, generation = self._queued.popleft()
-            if generation == inst.generation:  # a stop meanwhile is the lifecycle's to handle
-                self._start_life(inst)
-        if self._queued:
-            self._loop.call_soon(self._next_batch)
-        else:
-            self._busy = False
+        try:
+            for _ in range(min(SPAWN_BATCH, len(self._queued))):
+                inst, generation = self._queued.popleft()
+                if generation == inst.generation:  # a stop meanwhile: the lifecycle's to handle
+                    self._start_queued(inst, generation)
+        finally:  # whatever happened, the queue keeps moving
+            if self._queued:
+                self._loop.call_soon(self._next_batch)
+            else:
+                self._busy = False
+
+    def _start_queued(self, inst: Instance, generation: int) -> None:
+        try:
+            self._start_life(inst)
+        except Exception as exc:  # a bug in one spawn must not stop every later one
+            log.exception("%s: spawn failed", inst.leaf)
+            self._loop.call_soon(self._spawn_failed, inst, generation, f"spawn failed: {exc}")
 
     def _start_life(self, inst: Instance) -> None:
         try:

@@ -40,13 +40,13 @@ Cold path (requests the zygote gets; the daemon sends them when it has no warm c
 double-fork per request:
 
     zygote --fork--> A --fork--> B (runs launch.child_main: setsid, ..., the target)
-                     A waits until B has called setsid, sends {"id", "pid": B}, exits 0
+                     A waits until B has called setsid, sends {"id", "pid": B, "middle": A}, exits 0
 
-A writes B's pid into a pipe instead, and the zygote sends the reply when A's pidfd says
-A exited (``_Middles``): it does not wait for A in between but forks the next request, so
-a burst of cold spawns (a boot of hundreds of plugins) is forked back to back while the
-A and B of earlier ones run on the other core. Warm children are forked the same way, and
-their hello is read when it comes (``_Pool``), never waited for.
+The zygote does not wait for A: it reaps A when A's pidfd says it exited (``_Middles``)
+and forks the next request meanwhile, so a burst of cold spawns (a boot of hundreds of
+plugins) is forked back to back. A's reply carries A's pid too; the daemon takes B as
+spawned only once A is gone (``zygote_client``), so B is the daemon's child by then.
+Warm children are forked the same way, and their hello is read when it comes (``_Pool``).
 Either way, when A exits, B is re-parented to the nearest child subreaper, which is the
 daemon, so the daemon reaps B and reads its exact exit status. Errors come back as
 ``{"id", "error"}``. EOF on the daemon socket (the daemon closed its end or died) ends the
@@ -277,7 +277,8 @@ class _Pool:
             poller = select.poll()
             for fd in self.hatching:
                 poller.register(fd, select.POLLIN)
-            for fd, _ in poller.poll(self.wait_ms()):
+            due = min(child.deadline for child in self.hatching.values())
+            for fd, _ in poller.poll(max(0.0, (due - time.monotonic()) * 1000)):
                 self.event(fd)
             self.expire()
 
@@ -313,6 +314,11 @@ class _Pool:
                 del self.hatching[fd]
                 os.waitpid(child.middle, 0)
                 self._discard(child, "did not start within WARM_HELLO_TIMEOUT")
+
+    def fill_due(self) -> bool:
+        """Short of ``size`` and past any retry delay: ``fill`` should run now."""
+        short = len(self.ready) + len(self.hatching) < self.size
+        return short and (self.refill_at is None or time.monotonic() >= self.refill_at)
 
     def wait_ms(self) -> float | None:
         """How long ``serve`` may wait before ``fill`` or ``expire`` is due (None: forever)."""
@@ -371,22 +377,27 @@ class _Pool:
         return _Hatching(ours, daemons, pid, time.monotonic() + WARM_HELLO_TIMEOUT)
 
 
-def _middle(result: int, msg: dict[str, Any], fds: list[int]) -> NoReturn:
-    """Process A: fork B, wait until B leads its own session, write B's pid (or an error)
-    to ``result`` for the zygote, exit."""
+def _middle(sock: socket.socket, req_id: int, msg: dict[str, Any], fds: list[int]) -> NoReturn:
+    """Process A: fork B, wait until B leads its own session, report B's pid, exit.
+
+    The report goes to the daemon straight from A (the daemon keeps a dead zygote's socket
+    open until every A has closed its copy), with A's own pid: the daemon waits for A to
+    be gone before it watches B, so B is its child by then (``zygote_client``).
+    """
     try:
         req = request_from_fds(msg, fds)
         ready_r, ready_w = os.pipe()
         pid = os.fork()
         if pid == 0:
             os.close(ready_r)
-            child_main(req, started_fd=ready_w)  # closes fd 3 and ``result`` with the rest
+            sock.detach()  # B closes fd 3 itself; the object must not close a reused fd
+            child_main(req, started_fd=ready_w)
         os.close(ready_w)
         os.read(ready_r, 1)  # b"\0" after B's setsid, or b"" if B died first
-        os.write(result, msgpack.packb({"pid": pid}))
+        _send(sock, {"id": req_id, "pid": pid, "middle": os.getpid()})
     except BaseException as exc:
         try:
-            os.write(result, msgpack.packb({"error": f"fork of the plugin process failed: {exc}"}))
+            _send(sock, {"id": req_id, "error": f"fork of the plugin process failed: {exc}"})
         except BaseException:
             pass
     finally:
@@ -394,46 +405,32 @@ def _middle(result: int, msg: dict[str, Any], fds: list[int]) -> NoReturn:
 
 
 class _Middles:
-    """The middle processes A of cold spawns in flight, by a pidfd of each.
+    """The middle processes A of cold spawns, reaped when their pidfd says they exited.
 
-    The daemon must learn B's pid only once A is gone, so that B is already the daemon's
-    child (re-parented when A exits) when the daemon starts to watch it. So A writes B's
-    pid into a pipe and exits, and the zygote, which does not wait for it in between
-    (it forks the next request meanwhile), sends the reply when A's pidfd says A exited
-    (by then the kernel has re-parented B) and it reaped A.
+    The zygote does not wait for an A: it forks the next request meanwhile, so a burst of
+    cold spawns is forked back to back while earlier A and B run on the other core.
     """
 
     def __init__(self, daemon: socket.socket) -> None:
         self.daemon = daemon
-        self.running: dict[int, tuple[int, int, int]] = {}  # pidfd -> (id, pid of A, pipe)
+        self.running: dict[int, int] = {}  # pidfd -> pid of A
 
     def start(self, req_id: int, msg: dict[str, Any], fds: list[int]) -> None:
-        result_r, result_w = os.pipe()
         try:
             pid = os.fork()
         except OSError as exc:
-            os.close(result_r)
-            os.close(result_w)
             _send(self.daemon, {"id": req_id, "error": f"zygote fork failed: {exc}"})
             return
         if pid == 0:
-            os.close(result_r)
-            _middle(result_w, msg, fds)
-        os.close(result_w)
-        self.running[os.pidfd_open(pid)] = (req_id, pid, result_r)
+            _middle(self.daemon, req_id, msg, fds)
+        try:
+            self.running[os.pidfd_open(pid)] = pid
+        except OSError:  # no pidfd (fds exhausted): wait for A the old way
+            os.waitpid(pid, 0)
 
     def exited(self, pidfd: int) -> None:
-        """A's pidfd is readable: reap A, send its report (B's pid, or why not)."""
-        req_id, pid, result = self.running.pop(pidfd)
+        os.waitpid(self.running.pop(pidfd), 0)
         os.close(pidfd)
-        os.waitpid(pid, 0)
-        try:
-            report = msgpack.unpackb(os.read(result, 4096), raw=False)
-        except Exception:
-            report = {"error": "the zygote's middle process died before it forked the plugin"}
-        finally:
-            os.close(result)
-        _send(self.daemon, {"id": req_id, **report})
 
 
 def _handle(middles: _Middles, data: bytes, fds: list[int], flags: int) -> None:
@@ -491,7 +488,7 @@ def serve(sock: socket.socket, pool: _Pool) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         pool.expire()
-        if pool.wait_ms() == 0:
+        if pool.fill_due():
             pool.fill()
 
 

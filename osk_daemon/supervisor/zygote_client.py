@@ -30,6 +30,7 @@ import msgpack
 
 from osk_daemon.errors import PluginLoadError
 from osk_daemon.supervisor.reaper import ChildReaper, ExitStatus
+from osk_daemon.supervisor.runtime_state import parent_of
 
 __all__ = ["WarmChildren", "Zygote", "ZygoteLost"]
 
@@ -258,6 +259,37 @@ class Zygote:
                     os.killpg(pid, signal.SIGKILL)
             return
         if isinstance(pid, int):
-            fut.set_result(pid)
+            middle = msg.get("middle")
+            self._when_ours(fut, pid, middle if isinstance(middle, int) else None)
         else:
             fut.set_exception(PluginLoadError(str(msg.get("error", "zygote: bad reply"))))
+
+    def _when_ours(self, fut: asyncio.Future[int], pid: int, middle: int | None) -> None:
+        """Resolve ``fut`` with ``pid`` once the plugin is our child: once its middle
+        process (the zygote's child that forked it and reported it) has exited, since
+        only then is the plugin re-parented to us, and only then can the reaper watch it."""
+        me = os.getpid()
+        if middle is None or parent_of(pid) == me:
+            fut.set_result(pid)
+            return
+        try:
+            pidfd = os.pidfd_open(middle)
+        except OSError:  # the middle is gone already
+            fut.set_result(pid)
+            return
+        if parent_of(pid) == me:  # it exited meanwhile (its pid may be another's now)
+            os.close(pidfd)
+            fut.set_result(pid)
+            return
+
+        def middle_gone() -> None:
+            self.loop.remove_reader(pidfd)
+            os.close(pidfd)
+            if not fut.done():
+                fut.set_result(pid)
+            else:  # the caller gave up meanwhile: nobody would own this child
+                log.warning("killing plugin process %d spawned for a cancelled request", pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
+
+        self.loop.add_reader(pidfd, middle_gone)

@@ -16,6 +16,7 @@ import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -234,6 +235,13 @@ def _inode(path: Path) -> tuple[int, int] | None:
     except FileNotFoundError:
         return None
     return st.st_ino, st.st_ctime_ns
+
+
+def beat_in(page: Path) -> float:
+    """The last heartbeat a worker stored in its page (``ipc.beats``), read without taking
+    the page from the daemon; 0.0 before the first."""
+    raw = page.read_bytes()[:8]
+    return float(struct.unpack("<d", raw)[0]) if len(raw) == 8 else 0.0
 
 
 def alive(pid: int) -> bool:

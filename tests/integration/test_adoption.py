@@ -26,6 +26,7 @@ from tests.integration.harness import (
     _DirWatch,
     adopting_parent,
     alive,
+    beat_in,
     daemon_config,
     plugin_block,
     reap_the_rest,
@@ -212,6 +213,12 @@ def test_oskctl_reexec_restarts_the_daemon_in_place_and_keeps_exact_exit_statuse
         reply = d.reexec()
         assert reply["pid"] == d.proc.pid and d.proc.poll() is None  # the same process
         d.wait_until(d.all_ready, what="all plugins ready after the re-exec")
+        assert _pids(d) == before
+        # the new daemon reads the same heartbeat pages: past heartbeat_timeout (1 s here)
+        # the adopted plugins are not taken for hung
+        back = time.monotonic()
+        (page,) = (d.runtime / "output").glob("counter-0-*.beat")
+        d.wait_until(lambda: beat_in(page) > back + 1.5, what="beats past heartbeat_timeout")
         assert _pids(d) == before
         assert d.call("counter", "incr") == 2  # same memory
         events = d.ctl("events", lines=1000)

@@ -7,8 +7,13 @@ import signal
 
 import pytest
 
-from osk_daemon.ipc.beats import Beat
-from tests.integration.harness import alive, daemon_config, plugin_block, running_daemon
+from tests.integration.harness import (
+    alive,
+    beat_in,
+    daemon_config,
+    plugin_block,
+    running_daemon,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -95,10 +100,8 @@ def test_heartbeats_go_through_the_shared_page_which_goes_with_the_life() -> Non
         d.wait_until(lambda: d.row("b")["state"] == "ready")
         pages = list((d.runtime / "output").glob("b-0-*.beat"))
         assert len(pages) == 1
-        first = Beat.attach(pages[0])
-        assert first is not None
-        stamp = d.wait_until(lambda: first.last() or None, what="a first beat")
-        d.wait_until(lambda: first.last() > stamp, what="a later beat")  # the loop runs on
+        stamp = d.wait_until(lambda: beat_in(pages[0]) or None, what="a first beat")
+        d.wait_until(lambda: beat_in(pages[0]) > stamp, what="a later beat")  # the loop runs on
         d.ctl("stop", name="b")
         assert d.row("b")["state"] == "unloaded"
         assert not pages[0].exists()  # removed with the life it belonged to

@@ -22,7 +22,7 @@ def test_a_beat_written_through_the_childs_fd_is_read_by_the_daemon(tmp_path: Pa
         worker = mmap.mmap(fd, BEAT_SIZE)  # what the worker maps from the fd it was given
         write_beat(worker, 1234.5)
         assert beat.last() == 1234.5
-        adopted = Beat.attach(path)  # a restarted daemon maps the same page by its path
+        adopted = Beat.attach(path)  # a restarted daemon opens the same page by its path
         assert adopted is not None and adopted.last() == 1234.5
         write_beat(worker, 1240.25)
         assert adopted.last() == 1240.25
@@ -33,8 +33,20 @@ def test_a_beat_written_through_the_childs_fd_is_read_by_the_daemon(tmp_path: Pa
     assert not path.exists()  # the life is over: its page goes
 
 
-def test_attach_without_a_usable_page_is_none(tmp_path: Path) -> None:
+def test_a_missing_or_cut_short_page_reads_as_no_beat(tmp_path: Path) -> None:
     assert Beat.attach(tmp_path / "missing.beat") is None
     short = tmp_path / "short.beat"
     short.write_bytes(b"\0\0")
-    assert Beat.attach(short) is None  # not a page this daemon made
+    beat = Beat.attach(short)
+    assert beat is not None and beat.last() == 0.0
+    beat.close()
+    path = tmp_path / "cut.beat"
+    live, fd = Beat.create(path)
+    worker = mmap.mmap(fd, BEAT_SIZE)
+    write_beat(worker, 5.0)
+    assert live.last() == 5.0
+    os.truncate(path, 0)  # cut under the worker's map: the daemon reads "no beat", no SIGBUS
+    assert live.last() == 0.0
+    worker.close()
+    os.close(fd)
+    live.close()

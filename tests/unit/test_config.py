@@ -134,6 +134,15 @@ def test_defaults(tmp_path: Path) -> None:
     assert (b.base, b.factor, b.max, b.jitter, b.reset_after) == (0.1, 2.0, 30.0, 0.1, 10.0)
 
 
+@pytest.mark.parametrize(("timeout", "interval"), [("0.6", 0.2), ("1.5", 0.5), ("9.0", 1.0)])
+def test_an_unset_heartbeat_interval_fits_the_timeout(
+    tmp_path: Path, timeout: str, interval: float
+) -> None:
+    daemon = f"[daemon]\nheartbeat_timeout = {timeout}\n"
+    d = load(tmp_path, {"osk.toml": daemon + MINIMAL}).daemon
+    assert d.heartbeat_interval == pytest.approx(interval)  # 3 beats per timeout, at most 1 s
+
+
 def test_models_are_frozen(tmp_path: Path) -> None:
     config = load(tmp_path, {"osk.toml": MINIMAL})
     with pytest.raises(ValueError, match="frozen"):
