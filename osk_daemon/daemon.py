@@ -21,6 +21,7 @@ import asyncio
 import fcntl
 import logging
 import os
+import resource
 import signal
 import sys
 from collections.abc import Callable
@@ -34,6 +35,7 @@ from osk_daemon.config import Config, SpawnMode
 from osk_daemon.control.commands import DaemonCommands
 from osk_daemon.control.server import serve_control
 from osk_daemon.errors import BootFailed, ControlError, OskError
+from osk_daemon.isolation.rlimits import inherited_open_files, raise_open_files
 from osk_daemon.observability.notify import Notifier, Watchdog, announce, service_notifier
 from osk_daemon.supervisor.adoption import find_survivors, output_dir
 from osk_daemon.supervisor.confinement import Confinement
@@ -119,6 +121,9 @@ async def _reexec(sup: Supervisor, notifier: Notifier, wanted: Callable[[], bool
         sup.tracer.shutdown()
     for handler in logging.getLogger().handlers:
         handler.flush()
+    inherited = inherited_open_files()
+    if inherited is not None:  # the new image raises it again and knows what plugins get
+        resource.setrlimit(resource.RLIMIT_NOFILE, inherited)
     os.execv(sys.executable, argv)
 
 
@@ -132,6 +137,14 @@ async def run_daemon(
     config = plan.config
     d = config.daemon
     os.umask(0o077)  # sockets and files the daemon creates are its own until it says else
+    raised = raise_open_files()  # a few fds per plugin; systemd's soft limit is 1024
+    if raised is not None:
+        log.info(
+            "open files limit raised from %d to %d (plugins keep %d)",
+            raised[0],
+            resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+            raised[0],
+        )
     prepare_runtime_dir(d.runtime_dir)
     lock = lock_runtime_dir(d.runtime_dir)
     try:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import resource
 from collections.abc import Iterable
 
-__all__ = ["apply_rlimits", "clamp"]
+__all__ = ["apply_rlimits", "clamp", "inherited_open_files", "raise_open_files"]
 
 INFINITY = resource.RLIM_INFINITY
 
@@ -55,3 +55,35 @@ def apply_rlimits(limits: Iterable[tuple[str, int, int]]) -> list[tuple[str, int
         resource.setrlimit(rid, (new_soft, new_hard))
         applied.append((name, new_soft, new_hard))
     return applied
+
+
+# The daemon's side: its own open-files limit (see raise_open_files).
+OPEN_FILES_CAP = 1 << 20  # when the hard limit is unlimited
+_before_raise: tuple[int, int] | None = None
+
+
+def raise_open_files() -> tuple[int, int] | None:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit; the limits it had, or
+    None if there was nothing to raise.
+
+    Why: the daemon holds a few fds per plugin instance (its output FIFOs, its heartbeat
+    page, pidfds), and systemd starts services with a soft limit of 1024 (the hard one
+    is 524288): 300-odd plugins would run out. systemd's advice is for a program that
+    needs more to raise its own soft limit, and to give its children the old one back
+    (a program using ``select()`` cannot use fds above 1024): the launch plans do that
+    (``inherited_open_files``).
+    """
+    global _before_raise
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = OPEN_FILES_CAP if hard == INFINITY else hard
+    if soft == INFINITY or soft >= target:
+        return None
+    resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    _before_raise = (soft, hard)
+    return _before_raise
+
+
+def inherited_open_files() -> tuple[int, int] | None:
+    """The NOFILE limits this process had before ``raise_open_files`` raised them (what a
+    plugin gets back, unless its config sets ``limits.open_files``), or None."""
+    return _before_raise

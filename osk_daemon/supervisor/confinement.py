@@ -43,6 +43,7 @@ from osk_daemon.isolation.plan import (
     plan_for_level,
     probe_kernel,
 )
+from osk_daemon.isolation.rlimits import inherited_open_files
 
 log = logging.getLogger("osk.isolation")
 
@@ -281,6 +282,9 @@ class Confinement:
             value = getattr(plugin.limits, field_name)
             if value is not None:
                 rlimits.append((rname, int(value), int(value)))
+        inherited = inherited_open_files()  # the daemon raised its own: plugins get theirs
+        if plugin.limits.open_files is None and inherited is not None:
+            rlimits.append(("NOFILE", *inherited))
         uid = gid = None
         if sandbox.level.rank >= SandboxLevel.STANDARD.rank:
             uid, gid = resolve_user(name, sandbox.user, sandbox.group, file=str(self.config.source))

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import resource
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -101,3 +105,29 @@ def test_unknown_group_is_refused_with_require_false(tmp_path: Path) -> None:
 def test_cgroup_subtree_is_named_per_runtime_dir() -> None:
     assert cgroup_name(Path("/run/a")) != cgroup_name(Path("/run/b"))
     assert cgroup_name(Path("/run/a")) == cgroup_name(Path("/run/a"))
+
+
+def test_plugins_get_back_the_open_files_limit_the_daemon_raised(tmp_path: Path) -> None:
+    # in a child process: raising the limit is for good in the process that does it
+    code = textwrap.dedent(
+        """
+        import resource, sys
+        from pathlib import Path
+        sys.path[:0] = [{root!r}]
+        from tests.unit.test_confinement import confinement, NOTHING
+        from osk_daemon.isolation.rlimits import raise_open_files
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))
+        assert raise_open_files() == (min(256, hard), hard)
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == hard
+        assert raise_open_files() is None  # nothing left to raise
+        conf = confinement(Path({tmp!r}), 'level = "none"', NOTHING)
+        plan = conf._plan("p", conf.config.plugins["p"], 0, ())
+        print(plan.rlimits)
+        """
+    ).format(root=str(Path(__file__).resolve().parents[2]), tmp=str(tmp_path))
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True
+    )
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    assert out.stdout.strip() == str((("NOFILE", min(256, hard), hard),))
