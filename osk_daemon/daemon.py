@@ -72,10 +72,18 @@ def prepare_runtime_dir(path: Path) -> None:
     output_dir(path).mkdir(mode=0o700, exist_ok=True)
 
 
+LOCK_FD_ENV = "OSK_DAEMON_LOCK_FD"  # the lock's fd, across the execv of oskctl reexec
+
+
 def lock_runtime_dir(path: Path) -> int:
     """Hold ``runtime_dir/daemon.lock`` for the daemon's life (the kernel drops it when
     the process dies, however it dies). A second daemon on the same runtime dir is refused
-    before it touches anything: the first one's plugins, cgroups and sockets are its own."""
+    before it touches anything: the first one's plugins, cgroups and sockets are its own.
+    After ``oskctl reexec`` the new image takes the lock the old one passed it
+    (``LOCK_FD_ENV``): it was never free, so no other daemon could start in between."""
+    inherited = _inherited_lock(path, os.environ.pop(LOCK_FD_ENV, None))
+    if inherited is not None:
+        return inherited
     fd = os.open(path / "daemon.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -91,19 +99,43 @@ def lock_runtime_dir(path: Path) -> int:
     return fd
 
 
+def _inherited_lock(path: Path, value: str | None) -> int | None:
+    """The fd of ``path/daemon.lock`` the image before an execv held, if ``value`` names
+    one that still holds the lock; None otherwise (then the lock is taken afresh)."""
+    if value is None:
+        return None
+    try:
+        fd = int(value)
+        got, lock = os.fstat(fd), (path / "daemon.lock").stat()
+    except (ValueError, OSError):
+        return None
+    if (got.st_dev, got.st_ino) != (lock.st_dev, lock.st_ino):
+        return None  # not the lock file: not ours to close either
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held through this fd: a no-op
+    except OSError:
+        os.close(fd)
+        return None
+    os.set_inheritable(fd, False)
+    return fd
+
+
 def secure_sockets(runtime_dir: Path) -> None:
     """Callers' socket for root/owner only; the workers' socket open to plugin uids."""
     (runtime_dir / "broker.sock").chmod(0o600)
     (runtime_dir / "workers.sock").chmod(0o666)
 
 
-async def _reexec(sup: Supervisor, notifier: Notifier, wanted: Callable[[], bool]) -> None:
+async def _reexec(
+    sup: Supervisor, notifier: Notifier, wanted: Callable[[], bool], lock: int
+) -> None:
     """Replace this process with a fresh start of the daemon (an upgraded one, if it was
     upgraded), keeping the pid and every plugin: ``oskctl reexec``.
 
     The state file is written now, the control reply is let out, and ``execv`` runs the
     same command line again. Every fd of ours is close-on-exec (sockets, pidfds, output
-    FIFOs, the lock), so the new image starts clean: it re-adopts the plugins, which are
+    FIFOs) but the lock's, which the new image takes over (``lock_runtime_dir``), so it
+    starts clean and no other daemon can start meanwhile: it re-adopts the plugins, which are
     still its children (their exits keep their exact status), and binds the same sockets.
     The old zygote sees EOF and exits; the new image reaps it. systemd sees the same main
     pid reloading, then READY=1 again. Returns (without exec) if a SIGTERM came meanwhile.
@@ -124,6 +156,8 @@ async def _reexec(sup: Supervisor, notifier: Notifier, wanted: Callable[[], bool
     inherited = inherited_open_files()
     if inherited is not None:  # the new image raises it again and knows what plugins get
         resource.setrlimit(resource.RLIMIT_NOFILE, inherited)
+    os.set_inheritable(lock, True)
+    os.environ[LOCK_FD_ENV] = str(lock)
     os.execv(sys.executable, argv)
 
 
@@ -148,12 +182,14 @@ async def run_daemon(
     prepare_runtime_dir(d.runtime_dir)
     lock = lock_runtime_dir(d.runtime_dir)
     try:
-        await _run_locked(plan, on_ready)
+        await _run_locked(plan, on_ready, lock)
     finally:
         os.close(lock)
 
 
-async def _run_locked(plan: StartPlan, on_ready: Callable[[Supervisor], None] | None) -> None:
+async def _run_locked(
+    plan: StartPlan, on_ready: Callable[[Supervisor], None] | None, lock: int
+) -> None:
     import asyncio
 
     config = plan.config
@@ -224,7 +260,7 @@ async def _run_locked(plan: StartPlan, on_ready: Callable[[Supervisor], None] | 
                 on_ready(supervisor)
             await stop.wait()
             if reexec and not sup.shutting_down:
-                await _reexec(sup, notifier, lambda: bool(reexec))  # returns if stopped
+                await _reexec(sup, notifier, lambda: bool(reexec), lock)  # returns if stopped
             log.info("shutting down")
             notifier.stopping(sup.deps.boot_failure or "")
             await supervisor.shutdown()

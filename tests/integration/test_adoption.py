@@ -292,3 +292,38 @@ def test_instances_a_swap_renumbered_are_readopted_under_their_numbers() -> None
 
 def _pids_of(rows: dict[tuple[str, int], int]) -> dict[str, int]:
     return {f"{plugin}/{index}": pid for (plugin, index), pid in rows.items()}
+
+
+def test_the_runtime_dir_lock_is_held_across_the_reexec_execv(tmp_path: Path) -> None:
+    from osk_daemon.daemon import LOCK_FD_ENV, lock_runtime_dir
+
+    lock = lock_runtime_dir(tmp_path)
+    os.set_inheritable(lock, True)
+    # what the new image does: before its own lock_runtime_dir, another opener is refused
+    code = (
+        "import fcntl, os, sys\n"
+        "from pathlib import Path\n"
+        "from osk_daemon.daemon import lock_runtime_dir\n"
+        f"other = os.open({str(tmp_path / 'daemon.lock')!r}, os.O_RDWR)\n"
+        "try:\n"
+        "    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+        "    print('free')\n"
+        "except BlockingIOError:\n"
+        "    print('held')\n"
+        f"fd = lock_runtime_dir(Path({str(tmp_path)!r}))\n"
+        f"print(fd, os.get_inheritable(fd), {LOCK_FD_ENV!r} in os.environ)\n"
+    )
+    env = {**os.environ, LOCK_FD_ENV: str(lock)}
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            env=env,
+            pass_fds=[lock],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+    finally:
+        os.close(lock)
+    assert out.stdout.split() == ["held", str(lock), "False", "False"]
