@@ -12,7 +12,8 @@ A plugin must outlive the daemon (it is re-adopted after a restart), and so must
 output: the daemon's supervised instances get *named* pipes (FIFOs) in the runtime dir
 instead, one per stream, and the child's end is opened read-write. The child is then a
 reader of its own pipe too, so while no daemon reads it a write never fails with EPIPE: the
-lines wait in the pipe (1 MiB where the kernel allows) and a writer blocks once it is full.
+lines wait in the pipe (1 MiB for a root daemon, else the default 64 KiB) and a writer
+blocks once it is full.
 A restarted daemon opens the same FIFOs by name (``adopt=True``) and reads on from where
 the dead one stopped. The FIFO files are removed once both streams reached EOF.
 
@@ -252,8 +253,13 @@ def _open_fifo(path: Path, *, create: bool) -> tuple[int, int]:
     except OSError:
         os.close(r)
         raise
-    with contextlib.suppress(OSError):  # a smaller pipe only means less slack
-        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
+    if os.geteuid() == 0:
+        # Root only: for another user the kernel counts every pipe's pages against
+        # pipe-user-pages-soft (64 MiB), so 1 MiB FIFOs would use it up at ~32 instances
+        # and shrink every later pipe of that user (its plugins' included) to one page.
+        # Elsewhere a FIFO keeps the default 64 KiB of slack.
+        with contextlib.suppress(OSError):  # a smaller pipe only means less slack
+            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
     return r, w
 
 
