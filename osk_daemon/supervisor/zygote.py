@@ -258,7 +258,7 @@ class _Pool:
     """Up to ``size`` warm children announced to the daemon and not used yet.
 
     A refill never blocks the zygote: ``fill`` forks and returns; the child's hello arrives
-    on its socket, which ``serve`` polls with the others (``hatched``), and only then is it
+    on its socket, which ``serve`` polls with the others (``event``), and only then is it
     announced. Until then it counts towards ``size`` (``hatching``), so it is forked once.
     """
 
@@ -289,7 +289,7 @@ class _Pool:
     def fill(self) -> None:
         """Fork warm children until there are ``size``; after a failure, retry later."""
         self.refill_at = None
-        while len(self.ready) + len(self.hatching) < self.size:
+        while self._short():
             child = self._fork()
             if child is None:
                 self.refill_at = time.monotonic() + REFILL_RETRY
@@ -317,17 +317,20 @@ class _Pool:
 
     def fill_due(self) -> bool:
         """Short of ``size`` and past any retry delay: ``fill`` should run now."""
-        short = len(self.ready) + len(self.hatching) < self.size
-        return short and (self.refill_at is None or time.monotonic() >= self.refill_at)
+        return self._short() and (self.refill_at is None or time.monotonic() >= self.refill_at)
 
     def wait_ms(self) -> float | None:
         """How long ``serve`` may wait before ``fill`` or ``expire`` is due (None: forever)."""
         due = [child.deadline for child in self.hatching.values()]
-        if len(self.ready) + len(self.hatching) < self.size:
+        if self._short():
             due.append(time.monotonic() if self.refill_at is None else self.refill_at)
         if not due:
             return None
         return max(0.0, (min(due) - time.monotonic()) * 1000)
+
+    def _short(self) -> bool:
+        """Fewer than ``size`` warm children, counting those still hatching."""
+        return len(self.ready) + len(self.hatching) < self.size
 
     def _hatched(self, child: _Hatching) -> None:
         # reaped first (at most a moment's wait: A exits right after its fork), so B is the

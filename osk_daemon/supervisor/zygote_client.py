@@ -40,6 +40,14 @@ _MAX_REPLY = 64 * 1024
 _PEER_GONE = (errno.EPIPE, errno.ECONNRESET, errno.ECONNREFUSED, errno.ENOTCONN)
 
 
+def _kill_unowned(pid: int) -> None:
+    """The caller of a spawn gave up (cancelled or timed out) before its pid arrived:
+    nobody would own this plugin process."""
+    log.warning("killing plugin process %d spawned for a cancelled request", pid)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+
+
 class ZygoteLost(Exception):
     """The zygote went away before answering; the request may be retried."""
 
@@ -253,10 +261,7 @@ class Zygote:
             self.cold_spawns += 1
         if fut is None or fut.done():
             if isinstance(pid, int):
-                # The caller gave up (cancelled or timed out): nobody would own this child.
-                log.warning("killing plugin process %d spawned for a cancelled request", pid)
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(pid, signal.SIGKILL)
+                _kill_unowned(pid)
             return
         if isinstance(pid, int):
             middle = msg.get("middle")
@@ -287,9 +292,7 @@ class Zygote:
             os.close(pidfd)
             if not fut.done():
                 fut.set_result(pid)
-            else:  # the caller gave up meanwhile: nobody would own this child
-                log.warning("killing plugin process %d spawned for a cancelled request", pid)
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(pid, signal.SIGKILL)
+            else:
+                _kill_unowned(pid)
 
         self.loop.add_reader(pidfd, middle_gone)
