@@ -9,7 +9,10 @@ learned of the death, it is answered with a plugin error and re-sent; such round
 counted as ``retried`` (their time includes the retry).
 
 Pass 1 (many rounds): backoff without delay and a group intensity high enough that the
-benchmark is not throttled. Pass 2 (default backoff): only the first restart after a stable
+benchmark is not throttled; the replacement comes from the zygote's warm pool. Pass 2: the
+same with ``standby = true``: each round first waits until the instance's standby is armed
+(its ``plugin:standby`` event), and the crash promotes it. Pass 3 (default backoff): only
+the first restart after a stable
 period is immediate, and waiting ``reset_after`` (10 s) between rounds is too slow, so each
 of a few fresh daemons is killed twice: the first restart (immediate) and, right after, a
 second one (delayed by ``backoff.base`` +- jitter).
@@ -54,6 +57,16 @@ FAST_CONFIG = daemon_config(
     },
     groups={"root": {"intensity": 1000, "period": 1.0}},
 )
+STANDBY_CONFIG = daemon_config(
+    plugins={
+        PLUGIN: bench_plugin(
+            restart="permanent",
+            standby=True,
+            backoff={"base": 0.0, "max": 0.0, "jitter": 0.0},
+        )
+    },
+    groups={"root": {"intensity": 1000, "period": 1.0}},
+)
 DEFAULT_CONFIG = daemon_config(plugins={PLUGIN: bench_plugin(restart="permanent")})
 
 
@@ -88,11 +101,18 @@ def kill_and_call(daemon: BenchDaemon, client: Client) -> dict[str, Any]:
     }
 
 
-def fast_pass(rounds: int) -> list[dict[str, Any]]:
+def armed(daemon: BenchDaemon) -> bool:
+    standby = daemon.row(PLUGIN)["standby"]
+    return bool(standby and standby["armed"])
+
+
+def fast_pass(rounds: int, config: str, standby: bool) -> list[dict[str, Any]]:
     results = []
-    with open_daemon(FAST_CONFIG) as daemon, Client(daemon.broker) as client:
+    with open_daemon(config) as daemon, Client(daemon.broker) as client:
         client.call(PLUGIN, "stamp")
         for _ in range(rounds):
+            if standby:
+                daemon.wait_until(lambda: armed(daemon))
             results.append(kill_and_call(daemon, client))
             if daemon.row(PLUGIN)["pid"] != results[-1]["new_pid"]:
                 raise RuntimeError("status does not show the replacement that answered")
@@ -123,35 +143,46 @@ def rows_for(label: str, results: list[dict[str, Any]], goals: bool) -> list[lis
 
 def main() -> None:
     args = parse_args(__doc__.split("\n")[0], 40)
-    fast = fast_pass(args.rounds)
+    fast = fast_pass(args.rounds, FAST_CONFIG, standby=False)
+    hot = fast_pass(args.rounds, STANDBY_CONFIG, standby=True)
     first, second = default_pass(FRESH_DAEMONS)
 
-    code_p50 = summarize([r["code"] for r in fast])["p50"]
-    answer_p50 = summarize([r["answer"] for r in fast])["p50"]
+    p50 = {
+        (label, key): summarize([r[key] for r in results])["p50"]
+        for label, results in (("warm", fast), ("standby", hot))
+        for key in ("code", "answer")
+    }
     rows = [
         *rows_for("no-delay backoff", fast, True),
+        *rows_for("no-delay, standby", hot, True),
         *rows_for("default, 1st restart", first, True),
         *rows_for("default, 2nd restart", second, False),
     ]
-    everything = [*fast, *first, *second]
+    everything = [*fast, *hot, *first, *second]
     retried = [r for r in everything if r["retries"]]
     text = "\n".join(
         [
-            f"restart: SIGKILL -> replacement; pass 1 {args.rounds} rounds on one daemon; "
-            f"pass 2 {FRESH_DAEMONS} fresh daemons, killed twice each",
+            f"restart: SIGKILL -> replacement; passes 1 and 2 {args.rounds} rounds on one "
+            f"daemon each; pass 3 {FRESH_DAEMONS} fresh daemons, killed twice each",
             f"percentiles: {PERCENTILE_METHOD}",
             "",
             "pass 1 config:",
             *(f"    {line}".rstrip() for line in FAST_CONFIG.strip().splitlines()),
-            "pass 2 config: the same plugin with default backoff "
+            "pass 2 config: the same with standby = true in [plugins.stamp]",
+            "pass 3 config: the same plugin with default backoff "
             "(base 0.1, factor 2, max 30, jitter 0.1, reset_after 10) and default root group",
             "",
             table(["pass", "metric", "n", "p50", "p99", "max", "goal"], rows),
             "",
-            f"goal crash -> code p50 <= {ms(GOAL_CODE)}: {ms(code_p50)} "
-            f"-> {verdict(code_p50 <= GOAL_CODE)}",
-            f"goal crash -> answering p50 <= {ms(GOAL_ANSWER)}: {ms(answer_p50)} "
-            f"-> {verdict(answer_p50 <= GOAL_ANSWER)}",
+            *(
+                f"goal crash -> {what} p50 <= {ms(goal)}: standby {ms(p50['standby', key])} "
+                f"-> {verdict(p50['standby', key] <= goal)}; warm zygote child "
+                f"{ms(p50['warm', key])} -> {verdict(p50['warm', key] <= goal)}"
+                for key, what, goal in (
+                    ("code", "code", GOAL_CODE),
+                    ("answer", "answering", GOAL_ANSWER),
+                )
+            ),
             f"rounds whose first call reached the dead instance and was re-sent: "
             f"{len(retried)} of {len(everything)}"
             + (f" (the error: {retried[0]['errors'][0]})" if retried else ""),
@@ -164,10 +195,16 @@ def main() -> None:
         "unit": "seconds",
         "fast_config": FAST_CONFIG,
         "default_config": DEFAULT_CONFIG,
+        "standby_config": STANDBY_CONFIG,
         "fast": {
             "code": summarize([r["code"] for r in fast]),
             "answer": summarize([r["answer"] for r in fast]),
             "rounds": fast,
+        },
+        "standby": {
+            "code": summarize([r["code"] for r in hot]),
+            "answer": summarize([r["answer"] for r in hot]),
+            "rounds": hot,
         },
         "default_first": {
             "code": summarize([r["code"] for r in first]),
@@ -180,8 +217,9 @@ def main() -> None:
             "rounds": second,
         },
         "goals": {
-            f"crash -> code p50 <= {GOAL_CODE}s": code_p50 <= GOAL_CODE,
-            f"crash -> answering p50 <= {GOAL_ANSWER}s": answer_p50 <= GOAL_ANSWER,
+            f"crash -> {key} p50 <= {goal}s, {label}": p50[label, key] <= goal
+            for label in ("standby", "warm")
+            for key, goal in (("code", GOAL_CODE), ("answer", GOAL_ANSWER))
         },
         "not_measured_comparison": {"pm2": 0.018, "supervisord": 1.0},
     }

@@ -321,6 +321,12 @@ class PluginConfig(BaseModel):
     shutdown_timeout: float = Field(default=5.0, gt=0)
     start_timeout: float = Field(default=10.0, gt=0)
     spawn: Annotated[SpawnMode, Strict(False)] = SpawnMode.ZYGOTE
+    standby: bool = Field(
+        default=False,
+        description="keep a started spare process per instance (its module imported, "
+        "confined, connected) that a crash promotes: restarts in a few ms, at the cost "
+        "of one idle process per instance",
+    )
     config: dict[str, Any] = Field(default_factory=dict)
     env: dict[str, str] = Field(default_factory=dict)
     health_check: HealthCheckConfig = Field(default_factory=HealthCheckConfig)

@@ -91,7 +91,10 @@ class Survivors:
     @property
     def cgroups(self) -> set[str]:
         """Cgroup names the start-up sweep must keep."""
-        return {instance_cgroup(s.record.plugin, s.record.index) for s in self.adopt.values()}
+        return {
+            instance_cgroup(s.record.plugin, s.record.index, s.record.slot)
+            for s in self.adopt.values()
+        }
 
     def indexes(self, config: Config) -> dict[str, list[int]]:
         """Each plugin's instance numbers: its survivors' (a swap numbers new instances

@@ -173,13 +173,14 @@ class Confinement:
 
     # ---- per spawn ------------------------------------------------------------------
 
-    def prepare(self, name: str, plugin: PluginConfig, index: int) -> Prepared:
-        """The instance's cgroup, state dir and launch plan.
+    def prepare(self, name: str, plugin: PluginConfig, index: int, slot: int = 0) -> Prepared:
+        """The instance's cgroup (in ``slot``: 0, or 1 for a standby's turn, see
+        ``instance_cgroup``), state dir and launch plan.
 
         Made on the first start and kept across restarts (a restart is on the crash
         path, where every millisecond counts); ``release(final=True)`` drops them.
         """
-        key = instance_cgroup(name, index)
+        key = instance_cgroup(name, index, slot)
         self._settle(key)
         kept = self._kept.get(key)
         if kept is not None:
@@ -199,10 +200,10 @@ class Confinement:
         self._kept[key] = prepared
         return prepared
 
-    def adopt(self, name: str, plugin: PluginConfig, index: int) -> Prepared:
+    def adopt(self, name: str, plugin: PluginConfig, index: int, slot: int = 0) -> Prepared:
         """What a re-adopted instance runs in: its existing cgroup (nothing is written to
         it; limits are the ones it was created with) and the plan it would get now."""
-        key = instance_cgroup(name, index)
+        key = instance_cgroup(name, index, slot)
         self._settle(key)
         cgroup = None
         if self.cgroups is not None:
@@ -321,9 +322,11 @@ def _dispose(cgroup: InstanceCgroup) -> None:
         log.warning("could not remove cgroup %s: %s", cgroup.name, exc)
 
 
-def instance_cgroup(plugin: str, index: int) -> str:
-    """The name of an instance's cgroup under the daemon's subtree."""
-    return f"{plugin}-{index}"
+def instance_cgroup(plugin: str, index: int, slot: int = 0) -> str:
+    """The name of an instance's cgroup under the daemon's subtree. An instance with a
+    standby has two, taken in turn (slot 0 and 1): the standby waits in the one the live
+    process is not in. Plugin names have no ".", so the names never collide."""
+    return f"{plugin}-{index}" if slot == 0 else f"{plugin}-{index}.{slot}"
 
 
 def cgroup_name(runtime_dir: Path) -> str:

@@ -63,6 +63,7 @@ class Instance:
     start_ticks: int | None = None
     fifos: tuple[Path, Path] | None = None
     adopting: bool = False
+    slot: int = 0  # the cgroup slot of this life (two, taken in turn, with a standby)
     _fingerprint: tuple[PluginConfig, str] | None = None
     _record: tuple[tuple[object, ...], str] | None = None  # what it was made of, encoded
 
@@ -80,7 +81,16 @@ class Instance:
         if not self.live or pid is None or self.start_ticks is None or fifos is None:
             return None
         state = self.life.state.value
-        made_of = (pid, self.start_ticks, self.token, state, fifos, self.config, loaded_from)
+        made_of = (
+            pid,
+            self.start_ticks,
+            self.token,
+            state,
+            fifos,
+            self.config,
+            loaded_from,
+            self.slot,
+        )
         cached = self._record
         if cached is None or cached[0] != made_of:
             record = InstanceRecord(
@@ -96,6 +106,7 @@ class Instance:
                 stderr=str(fifos[1]),
                 loaded_from=loaded_from,
                 daemon=daemon,
+                slot=self.slot,
             )
             cached = self._record = (made_of, record.encode())
         return cached[1]
@@ -135,12 +146,15 @@ class Instance:
                 handle.cancel()
         self.health_handle = self.health_timeout = None
 
-    def worker_spec(self, config: Config, endpoint: str) -> dict[str, Any]:
+    def worker_spec(
+        self, config: Config, endpoint: str, *, token: str | None = None
+    ) -> dict[str, Any]:
         """What the worker needs to run this instance. Takes the hand-over state: a later
-        respawn of the same instance starts from its own saved state, not this one."""
+        respawn of the same instance starts from its own saved state, not this one. With
+        ``token`` (a standby's, not this life's) the hand-over state is left alone."""
         d = config.daemon
         extra: dict[str, Any] = {}
-        if self.handover is not NO_STATE:
+        if self.handover is not NO_STATE and token is None:
             extra["state"], self.handover = self.handover, NO_STATE
         if self.config.preserve_state and self.config.state_strategy is StateStrategy.DISK:
             extra["state_file"] = f"state-{self.index}.msgpack"  # in its state dir (cwd)
@@ -161,7 +175,7 @@ class Instance:
             "path": [str(p) for p in self.config.path],
             "config": dict(self.config.config),
             "endpoint": endpoint,
-            "token": self.token,
+            "token": self.token if token is None else token,
             "heartbeat_interval": d.heartbeat_interval,
             "orphan_timeout": d.orphan_timeout,
             "max_message_size": int(d.max_message_size),

@@ -50,6 +50,8 @@ EXIT_TARGET_RAISED = 70
 EXIT_BAD_REQUEST = 64
 REQUEST_ENV = "OSK_SPAWN_REQUEST"
 EXEC_BEAT_FD = 3  # where the exec path puts the beat page's fd
+EXEC_GO_FD = 4  # and a standby's go socket
+MAX_REQUEST_FDS = 4  # stdout, stderr, beat page, go socket
 RESET_SIGNALS = (
     signal.SIGTERM,
     signal.SIGINT,
@@ -70,7 +72,9 @@ class SpawnRequest:
     ``stdout``/``stderr`` are fds *in the spawning process* that become the child's 1 and 2;
     the caller keeps ownership of them. stdin is ``/dev/null``. ``beat``, if given, is an fd
     (also the caller's) of the life's heartbeat page (``ipc.beats``): it stays open in the
-    child, which finds its number as ``spec["beat_fd"]``.
+    child, which finds its number as ``spec["beat_fd"]``. ``go``, if given, makes the child
+    a standby (``worker.runtime``): its end of a socket pair (the caller's fd) on which the
+    daemon promotes it; the child finds its number as ``spec["go_fd"]``.
     """
 
     target: str
@@ -82,6 +86,7 @@ class SpawnRequest:
     stderr: int = 2
     launch: dict[str, Any] | None = None  # an isolation LaunchPlan in wire form
     beat: int | None = None
+    go: int | None = None
 
 
 def request_to_wire(req: SpawnRequest, *, env: Mapping[str, str] | None) -> dict[str, Any]:
@@ -93,12 +98,15 @@ def request_to_wire(req: SpawnRequest, *, env: Mapping[str, str] | None) -> dict
         "cwd": req.cwd,
         "sys_path": list(req.sys_path),
         "launch": req.launch,
-        "beat": req.beat is not None,  # the exec path finds it as fd 3; the zygote's get it
+        # which fds follow stdout and stderr: the exec path finds them as fds 3 and 4,
+        # the zygote's children get them attached in this order
+        "beat": req.beat is not None,
+        "go": req.go is not None,
     }
 
 
 def request_from_wire(
-    data: Any, *, stdout: int, stderr: int, beat: int | None = None
+    data: Any, *, stdout: int, stderr: int, beat: int | None = None, go: int | None = None
 ) -> SpawnRequest:
     """Rebuild a request from ``request_to_wire`` output; raises ``ValueError`` if malformed."""
     if not isinstance(data, dict):
@@ -121,22 +129,26 @@ def request_from_wire(
     launch = data.get("launch")
     if launch is not None and not isinstance(launch, dict):
         raise ValueError("spawn launch plan must be a map")
-    return SpawnRequest(target, spec, env, cwd, tuple(sys_path), stdout, stderr, launch, beat)
+    return SpawnRequest(target, spec, env, cwd, tuple(sys_path), stdout, stderr, launch, beat, go)
 
 
 def request_from_fds(data: Any, fds: Sequence[int]) -> SpawnRequest:
     """``request_from_wire`` for a request that came with its fds attached (stdout,
-    stderr and, if there is one, the beat page), as the zygote and its warm children get
-    them; raises ``ValueError`` if malformed or without them."""
-    if len(fds) not in (2, 3):
-        raise ValueError(f"a spawn request comes with 2 or 3 fds, got {len(fds)}")
-    beat = fds[2] if len(fds) == 3 else None
-    return request_from_wire(data, stdout=fds[0], stderr=fds[1], beat=beat)
+    stderr, then the beat page and the go socket if its flags say so), as the zygote and its
+    warm children get them; raises ``ValueError`` if malformed or the fds do not match."""
+    flags = (data.get("beat"), data.get("go")) if isinstance(data, dict) else (None, None)
+    wanted = 2 + sum(1 for flag in flags if flag)
+    if len(fds) != wanted:
+        raise ValueError(f"this spawn request comes with {wanted} fds, got {len(fds)}")
+    extra = iter(fds[2:])
+    beat = next(extra) if flags[0] else None
+    go = next(extra) if flags[1] else None
+    return request_from_wire(data, stdout=fds[0], stderr=fds[1], beat=beat, go=go)
 
 
 def request_fds(req: SpawnRequest) -> list[int]:
     """The fds to attach to ``req`` for ``request_from_fds`` at the other end."""
-    return [req.stdout, req.stderr] + ([] if req.beat is None else [req.beat])
+    return [req.stdout, req.stderr, *(fd for fd in (req.beat, req.go) if fd is not None)]
 
 
 def encode_env_request(req: SpawnRequest) -> str:
@@ -258,9 +270,10 @@ def child_main(
         if not in_session:
             enter_session(started_fd)
         spec = req.spec
-        if req.beat is not None:
-            keep_fds |= {req.beat}
-            spec = {**spec, "beat_fd": req.beat}
+        for fd, key in ((req.beat, "beat_fd"), (req.go, "go_fd")):
+            if fd is not None:
+                keep_fds |= {fd}
+                spec = {**spec, key: fd}
         _setup_fds(req.stdout, req.stderr, keep_fds)
         for stream in (sys.stdout, sys.stderr):
             if isinstance(stream, io.TextIOWrapper):
@@ -309,7 +322,8 @@ def main() -> NoReturn:
             raise ValueError(f"{REQUEST_ENV} is not set")
         data = msgpack.unpackb(base64.b64decode(raw), raw=False)
         beat = EXEC_BEAT_FD if data.get("beat") else None
-        req = request_from_wire(data, stdout=1, stderr=2, beat=beat)
+        go = EXEC_GO_FD if data.get("go") else None
+        req = request_from_wire(data, stdout=1, stderr=2, beat=beat, go=go)
     except Exception as exc:
         print(f"osk launch: bad spawn request: {exc}", file=sys.stderr, flush=True)
         os._exit(EXIT_BAD_REQUEST)

@@ -19,6 +19,8 @@ import os
 import secrets
 import time
 from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,7 +31,7 @@ from osk_daemon.errors import OskError
 from osk_daemon.ipc.beats import Beat, beat_path
 from osk_daemon.supervisor import lifecycle as lc
 from osk_daemon.supervisor.adoption import Survivor, output_dir
-from osk_daemon.supervisor.confinement import Confinement
+from osk_daemon.supervisor.confinement import Confinement, Prepared
 from osk_daemon.supervisor.instance import WORKER_TARGET, Instance
 from osk_daemon.supervisor.output import open_output, output_fifos
 from osk_daemon.supervisor.reaper import ChildReaper, ExitStatus
@@ -38,10 +40,28 @@ from osk_daemon.supervisor.spawner import Spawner, SpawnRequest
 
 if TYPE_CHECKING:
     from osk_daemon.supervisor.runtime import Supervisor
+    from osk_daemon.supervisor.standby import Standby
 
 log = logging.getLogger("osk.supervisor")
 
 SPAWN_BATCH = 8  # spawns prepared per loop pass beyond the first (see spawn)
+
+
+class LifeError(OskError):
+    """What a life could not be given (its cgroup, its output pipes)."""
+
+
+@dataclass
+class LifeParts:
+    """What one life runs in (``InstanceProcesses.life_parts``), before it is the
+    instance's: a spawn makes them its own at once, a standby when it is promoted."""
+
+    slot: int
+    prepared: Prepared
+    fifos: tuple[Path, Path]
+    close_output: Callable[[], None]
+    beat: Beat | None
+    request: SpawnRequest
 
 
 class InstanceProcesses:
@@ -69,11 +89,16 @@ class InstanceProcesses:
     def spawn(self, inst: Instance) -> None:
         """Start a new life of ``inst``; the outcome arrives as lifecycle events.
 
-        The first spawn of a loop pass starts at once (a restart never waits); more in the
-        same pass (a boot of hundreds) go ``SPAWN_BATCH`` per later pass, so the first ones
-        reach the zygote while the rest are still being prepared, and the loop keeps
-        serving meanwhile (each costs the daemon a few ms: cgroup, FIFOs, request).
+        An instance's standby (``standby``), if it has one, becomes the new life at once.
+        Otherwise the first spawn of a loop pass starts at once (a restart never waits);
+        more in the same pass (a boot of hundreds) go ``SPAWN_BATCH`` per later pass, so
+        the first ones reach the zygote while the rest are still being prepared, and the
+        loop keeps serving meanwhile (each costs the daemon a few ms: cgroup, FIFOs,
+        request).
         """
+        standby = self._sup.standbys.take(inst)
+        if standby is not None and self._promote(inst, standby):
+            return
         self._new_life(inst, secrets.token_hex(16))
         if self._busy:
             self._queued.append((inst, inst.generation))
@@ -103,52 +128,109 @@ class InstanceProcesses:
 
     def _start_life(self, inst: Instance) -> None:
         try:
-            inst.prepared = self._confinement.prepare(inst.plugin, inst.config, inst.index)
-        except OskError as exc:
-            log.error("%s: cannot confine it, not starting it: %s", inst.leaf, exc)
+            parts = self.life_parts(inst, inst.token, inst.slot)
+        except LifeError as exc:
+            log.error("%s: %s, not starting it", inst.leaf, exc)
             self._loop.call_soon(self._spawn_failed, inst, inst.generation, str(exc))
             return
-        self._sup.broker.expect(inst.token, inst.key)
-        if inst.close_output is not None:
-            inst.close_output()
-        inst.fifos = output_fifos(self._output_dir, inst.plugin, inst.index, inst.token)
+        self._begin_life(inst, parts)
+        generation = inst.generation
+
+        def spawned(pid: int) -> None:
+            self._spawned(inst, generation, pid)
+            self._reaper.watch(pid, lambda st: self.child_exited(inst, generation, st))
+
+        def failed(reason: str) -> None:
+            self._spawn_failed(inst, generation, reason)
+
+        self.start_process(inst, parts.request, spawned, failed)
+
+    def life_parts(self, inst: Instance, token: str, slot: int, go: int | None = None) -> LifeParts:
+        """What one life of ``inst`` runs in and with: its cgroup (``slot``), output FIFOs
+        and their readers, heartbeat page, and the spawn request (a standby's, with
+        ``go``). Raises ``LifeError`` saying what could not be made."""
         try:
-            out_w, err_w, inst.close_output = open_output(
-                self._loop, inst.plugin, inst.index, self._sup.logs[inst.plugin], inst.fifos
+            prepared = self._confinement.prepare(inst.plugin, inst.config, inst.index, slot)
+        except OskError as exc:
+            raise LifeError(f"cannot confine it: {exc}") from exc
+        fifos = output_fifos(self._output_dir, inst.plugin, inst.index, token)
+        try:
+            out_w, err_w, close_output = open_output(
+                self._loop, inst.plugin, inst.index, self._sup.logs[inst.plugin], fifos
             )
         except OSError as exc:
-            log.error("%s: cannot make its output pipes, not starting it: %s", inst.leaf, exc)
-            self._loop.call_soon(self._spawn_failed, inst, inst.generation, str(exc))
-            return
-        beat_fd = None
+            raise LifeError(f"cannot make its output pipes: {exc}") from exc
+        beat, beat_fd = None, None
         try:
-            inst.beat, beat_fd = Beat.create(beat_path(inst.fifos[0]))
+            beat, beat_fd = Beat.create(beat_path(fifos[0]))
         except OSError as exc:  # its worker then sends its heartbeats as frames
             log.warning("%s: no heartbeat page (%s); heartbeats come as frames", inst.leaf, exc)
         request = SpawnRequest(
             target=WORKER_TARGET,
-            spec=inst.worker_spec(self._sup.config, self._endpoint),
+            spec=inst.worker_spec(
+                self._sup.config, self._endpoint, token=None if go is None else token
+            ),
             env=inst.worker_env(),
             cwd=str(self._confinement.state_dir(inst.plugin)),
             sys_path=tuple(str(p) for p in inst.config.path),
             stdout=out_w,
             stderr=err_w,
-            launch=inst.prepared.wire,
+            launch=prepared.wire,
             beat=beat_fd,
+            go=go,
         )
+        return LifeParts(slot, prepared, fifos, close_output, beat, request)
+
+    def _begin_life(self, inst: Instance, parts: LifeParts) -> None:
+        """Make ``parts`` the current life's: the broker expects its token from now on,
+        and the previous life's output readers close."""
+        self._sup.broker.expect(inst.token, inst.key)
+        if inst.close_output is not None:
+            inst.close_output()
+        inst.slot, inst.prepared = parts.slot, parts.prepared
+        inst.fifos, inst.close_output, inst.beat = parts.fifos, parts.close_output, parts.beat
+
+    def start_process(
+        self,
+        inst: Instance,
+        request: SpawnRequest,
+        spawned: Callable[[int], None],
+        failed: Callable[[str], None],
+        *,
+        warm: bool = True,
+    ) -> None:
+        """Hand ``request`` to the instance's spawner; ``spawned(pid)`` or ``failed(why)``
+        follows on a later loop pass (never inside the caller's ``feed``). ``warm=False``:
+        not from a warm zygote child (``Spawner.spawn``)."""
         spawner = self._spawner_for(inst)
+        if not warm:
+            self._tg.start_soon(self._do_spawn, inst, spawner, request, spawned, failed, warm)
+            return
         try:  # a warm zygote child takes it now, without a task switch on the restart path
             pid = spawner.spawn_now(request)
         except OskError as exc:
             self._spawn_ended(request)
             log.error("%s: could not spawn: %s", inst.leaf, exc)
-            self._loop.call_soon(self._spawn_failed, inst, inst.generation, str(exc))
+            self._loop.call_soon(failed, str(exc))
             return
         if pid is None:
-            self._tg.start_soon(self._do_spawn, inst, inst.generation, spawner, request)
+            self._tg.start_soon(self._do_spawn, inst, spawner, request, spawned, failed)
             return
         self._spawn_ended(request)
-        self._loop.call_soon(self._spawned, inst, inst.generation, pid)  # not inside feed()
+        self._loop.call_soon(spawned, pid)
+
+    def _promote(self, inst: Instance, standby: Standby) -> bool:
+        """Make ``standby`` the new life of ``inst`` (one byte on its go pipe); False if it
+        is gone (the caller spawns as usual)."""
+        if not standby.promote():
+            self._sup.standbys.discard(standby, "it was gone when needed")
+            return False
+        self._new_life(inst, standby.token)
+        self._begin_life(inst, standby.parts)
+        generation = standby.generation = inst.generation  # its exits are this life's now
+        assert standby.pid is not None
+        self._loop.call_soon(self._spawned, inst, generation, standby.pid)
+        return True
 
     def adopt(self, inst: Instance, survivor: Survivor) -> None:
         """Take over a process a previous daemon started (``adoption``): its cgroup, its
@@ -158,7 +240,8 @@ class InstanceProcesses:
         record, pidfd = survivor.record, survivor.pidfd
         self._new_life(inst, record.token)
         inst.start_ticks = record.start_ticks
-        inst.prepared = self._confinement.adopt(inst.plugin, inst.config, inst.index)
+        inst.slot = record.slot
+        inst.prepared = self._confinement.adopt(inst.plugin, inst.config, inst.index, inst.slot)
         inst.fifos = (Path(record.stdout), Path(record.stderr))
         inst.beat = Beat.attach(beat_path(inst.fifos[0]))
         try:
@@ -180,7 +263,7 @@ class InstanceProcesses:
         # after oskctl reexec it is still our child (or was, and we reaped it meanwhile)
         if parent_of(pid) == os.getpid() or self._reaper.stashed(pid):
             os.close(pidfd)
-            self._reaper.watch(record.pid, lambda st: self._child_exited(inst, generation, st))
+            self._reaper.watch(record.pid, lambda st: self.child_exited(inst, generation, st))
         else:
             self._loop.add_reader(pidfd, self._foreign_exited, inst, generation, pidfd)
         log.info("%s: re-adopted pid %d", inst.leaf, record.pid)
@@ -189,7 +272,7 @@ class InstanceProcesses:
         self._loop.remove_reader(pidfd)
         os.close(pidfd)
         pid = inst.life.pid or 0
-        self._child_exited(inst, generation, ExitStatus(pid, None, None))
+        self.child_exited(inst, generation, ExitStatus(pid, None, None))
 
     def _new_life(self, inst: Instance, token: str) -> None:
         """Reset what belongs to one life of ``inst`` (spawned or adopted)."""
@@ -255,21 +338,28 @@ class InstanceProcesses:
     def _spawn_ended(request: SpawnRequest) -> None:
         os.close(request.stdout)  # the child has its own copies
         os.close(request.stderr)
-        if request.beat is not None:
-            os.close(request.beat)
+        for fd in (request.beat, request.go):
+            if fd is not None:
+                os.close(fd)
 
     async def _do_spawn(
-        self, inst: Instance, generation: int, spawner: Spawner, request: SpawnRequest
+        self,
+        inst: Instance,
+        spawner: Spawner,
+        request: SpawnRequest,
+        spawned: Callable[[int], None],
+        failed: Callable[[str], None],
+        warm: bool = True,
     ) -> None:
         try:
-            pid = await spawner.spawn(request)
+            pid = await spawner.spawn(request, warm=warm)
         except OskError as exc:
             log.error("%s: could not spawn: %s", inst.leaf, exc)
-            self._spawn_failed(inst, generation, str(exc))
+            failed(str(exc))
             return
         finally:
             self._spawn_ended(request)
-        self._spawned(inst, generation, pid)
+        spawned(pid)
 
     def _spawned(self, inst: Instance, generation: int, pid: int) -> None:
         if generation != inst.generation:  # pragma: no cover - a newer life began meanwhile
@@ -277,9 +367,8 @@ class InstanceProcesses:
             return
         inst.start_ticks = start_ticks(pid)  # with the pid, it names this process for good
         self._sup.feed(inst, lc.Spawned(pid))
-        self._reaper.watch(pid, lambda st: self._child_exited(inst, generation, st))
 
-    def _child_exited(self, inst: Instance, generation: int, status: ExitStatus) -> None:
+    def child_exited(self, inst: Instance, generation: int, status: ExitStatus) -> None:
         if generation == inst.generation and inst.live:
             oom = self._sup.release(inst)
             if oom:

@@ -53,6 +53,7 @@ from osk_daemon.supervisor.reaper import ChildReaper
 from osk_daemon.supervisor.rollouts import Rollouts
 from osk_daemon.supervisor.runtime_state import StateFile, daemon_fingerprint
 from osk_daemon.supervisor.spawner import Spawner
+from osk_daemon.supervisor.standby import Standbys
 from osk_daemon.supervisor.tree import (
     LeafState,
     Tree,
@@ -148,6 +149,7 @@ class Supervisor:
         self.processes = InstanceProcesses(
             self, tg, reaper, spawners, endpoints.workers, confinement
         )
+        self.standbys = Standbys(self, reaper)
         self.state_file = StateFile(d.runtime_dir, self._records)
         self.loaded: dict[str, str] = {}  # plugins loaded at run time -> their folders
         self._daemon_fingerprint = daemon_fingerprint(config)
@@ -188,6 +190,7 @@ class Supervisor:
         self.stopping.set()  # file watchers end at once (they block in a thread)
         if not self._shutting_down:
             self._shutting_down = True
+            self.standbys.drop_all("the daemon is shutting down")
             self.events.publish("kernel:shutdown", reason=self.deps.boot_failure or "requested")
             self.apply_tree_effects(self.tree.shutdown(time.monotonic()))
         self.check_all_stopped()
@@ -220,6 +223,7 @@ class Supervisor:
         for inst in self.instances.values():
             if inst.live and inst.life.pid is not None:
                 killpg(inst.life.pid, 9)
+        self.standbys.kill_all()
         self.survivors.abandon()
         self.state_file.remove()
 
@@ -245,6 +249,7 @@ class Supervisor:
         """An instance's row for ``oskctl status``, with what its dependencies do to it."""
         row = self.deps.overlay(inst, inst.status(self.tree.restarts(inst.leaf)))
         row["calls"], row["errors"] = self.broker.counts(inst.key)
+        row["standby"] = self.standbys.status(inst)
         return row
 
     async def changed(self) -> None:
@@ -314,6 +319,7 @@ class Supervisor:
         self.broker.set_ready(inst.key, True)
         self.checks.schedule(inst)
         self.apply_tree_effects(self.tree.child_started(inst.leaf, now))
+        self.standbys.ready(inst)  # its next life is made ahead (standby = true)
 
     def _life_ended(self, inst: Instance) -> None:
         now = time.monotonic()
@@ -321,6 +327,8 @@ class Supervisor:
         inst.cancel_timers()
         inst.cancel_health()
         inst.ready_at = None
+        if life.stop_requested or self._shutting_down:  # a restart asked for starts afresh
+            self.standbys.drop(inst, "its instance was stopped")
         self.release(inst)
         self.broker.detach(inst.key, "exited" if life.last_exit else "failed")
         if life.stop_requested and not life.failure:
@@ -445,7 +453,9 @@ class Supervisor:
         self.broker.set_accepting(plugin, accepting and not self._shutting_down)
 
     def check_all_stopped(self) -> None:
-        if self._shutting_down and not any(i.live for i in self.instances.values()):
+        if not self._shutting_down or self.standbys.running:
+            return
+        if not any(i.live for i in self.instances.values()):
             self._all_stopped.set()
 
 

@@ -67,6 +67,7 @@ class InstanceRecord:
     stderr: str
     loaded_from: str = ""  # the plugin folder, for a plugin loaded at run time (oskctl load)
     daemon: str = ""  # daemon_fingerprint() of the daemon that started it
+    slot: int = 0  # its cgroup slot (confinement.instance_cgroup)
 
     @property
     def leaf(self) -> str:

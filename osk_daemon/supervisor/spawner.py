@@ -42,6 +42,7 @@ import msgpack
 from osk_daemon.errors import OskInternalError, PluginLoadError
 from osk_daemon.supervisor.launch import (
     EXEC_BEAT_FD,
+    EXEC_GO_FD,
     REQUEST_ENV,
     RESET_SIGNALS,
     SpawnRequest,
@@ -70,7 +71,9 @@ class Spawner(Protocol):
         """Start it without waiting if that is possible: the pid, or None (then ``spawn``)."""
         ...
 
-    async def spawn(self, req: SpawnRequest) -> int: ...
+    async def spawn(self, req: SpawnRequest, *, warm: bool = True) -> int:
+        """Start it; ``warm=False``: not from a warm zygote child (kept for restarts)."""
+        ...
 
     async def aclose(self) -> None: ...
 
@@ -115,7 +118,7 @@ class ExecSpawner:
         """The same as ``spawn``: ``posix_spawn`` does not wait for the child."""
         return self._start(req)
 
-    async def spawn(self, req: SpawnRequest) -> int:
+    async def spawn(self, req: SpawnRequest, *, warm: bool = True) -> int:
         """Start the launcher; raises ``PluginLoadError`` if ``posix_spawn`` fails."""
         return self._start(req)
 
@@ -127,6 +130,8 @@ class ExecSpawner:
             dup2 = [(req.stdout, 1), (req.stderr, 2)]
             if req.beat is not None:
                 dup2.append((req.beat, EXEC_BEAT_FD))
+            if req.go is not None:
+                dup2.append((req.go, EXEC_GO_FD))
             return _posix_spawn(argv, env, dup2)
         except OSError as exc:
             raise PluginLoadError(
@@ -259,8 +264,10 @@ class ZygoteSpawner:
             return None
         return self._hand(zygote, self._message(req), req)
 
-    async def spawn(self, req: SpawnRequest) -> int:
+    async def spawn(self, req: SpawnRequest, *, warm: bool = True) -> int:
         """Start a plugin process from a warm zygote child, else the zygote; returns its pid.
+        ``warm=False`` always asks the zygote (a standby: the warm children are kept for
+        restarts, and none is refilled in the middle of one).
 
         Raises ``PluginLoadError`` when the request is malformed, the fork failed, the zygote
         cannot be (re)started, or no answer came within ``spawn_timeout`` (the zygote is then
@@ -270,12 +277,12 @@ class ZygoteSpawner:
         message = self._message(req)
         async with self._lock:  # no wait unless the zygote is down: it restarts first
             zygote = await self._ensure_zygote()
-        pid = self._hand(zygote, message, req)
+        pid = self._hand(zygote, message, req) if warm else None
         if pid is not None:
             return pid
         async with self._window:
             current = self._current  # a warm child may have come while this one waited
-            if current is not None and current.usable:
+            if warm and current is not None and current.usable:
                 pid = self._hand(current, message, req)
                 if pid is not None:
                     return pid

@@ -69,6 +69,7 @@ import msgpack
 
 from osk_daemon.supervisor.launch import (
     EXIT_BAD_REQUEST,
+    MAX_REQUEST_FDS,
     child_main,
     close_fds_except,
     enter_session,
@@ -213,7 +214,9 @@ def _wait_request(zygote: socket.socket, requests: socket.socket) -> tuple[bytes
     events = {fd for fd, _ in poller.poll()}
     if requests.fileno() not in events:
         requests.shutdown(socket.SHUT_RD)
-    data, fds, flags, _ = socket.recv_fds(requests, MAX_MESSAGE, 3, socket.MSG_DONTWAIT)
+    data, fds, flags, _ = socket.recv_fds(
+        requests, MAX_MESSAGE, MAX_REQUEST_FDS, socket.MSG_DONTWAIT
+    )
     return data, fds, flags
 
 
@@ -480,7 +483,7 @@ def serve(sock: socket.socket, pool: _Pool) -> None:
             elif fd != sock.fileno():
                 pool.event(fd)
         if any(fd == sock.fileno() for fd, _ in events):
-            data, fds, flags, _ = socket.recv_fds(sock, MAX_MESSAGE, 3)
+            data, fds, flags, _ = socket.recv_fds(sock, MAX_MESSAGE, MAX_REQUEST_FDS)
             try:
                 if not data and not fds:
                     return

@@ -27,6 +27,13 @@ How (theory of operation):
 6. The daemon may die and come back: the socket's routing id is the token, so the new
    daemon knows this process when the socket reconnects by itself; a daemon gone for
    longer than ``orphan_timeout`` stops the plugin as STOP would (``worker.orphan``).
+7. A standby (``spec["go_fd"]``, a socket to the daemon; ``supervisor.standby``) is the
+   next life of an instance made before it is needed: it imports the plugin's module,
+   connects and starts its loop, says ``ARMED`` on that socket and waits without a word to
+   the broker. One byte from the daemon promotes it: HELLO, then step 3 (the plugin is
+   instantiated and started only now, from the state saved by then). EOF (the daemon
+   dropped it or died) or SIGTERM ends it with 0 before any plugin code beyond its module
+   ran.
 """
 
 from __future__ import annotations
@@ -89,6 +96,7 @@ LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 LINGER_MS = 500
 RECONNECT_MS = 20  # how soon a restarted daemon's endpoint is tried again (no back-off)
 CALL_GRACE = 0.5  # seconds past a call's deadline before giving up locally
+ARMED = b"a"  # a standby's word to the daemon on its go socket: ready to be promoted
 
 log = logging.getLogger("osk.worker")
 
@@ -237,6 +245,8 @@ class _Worker:
         self.zctx = zctx
         self.sock: LoopSocket | None = None
         self.plugin: Plugin | None = None
+        self.plugin_class: type[Plugin] | None = None  # a standby loads it before its go
+        self.promotion: asyncio.Future[bytes] | None = None  # what a standby waits for
         self.methods: dict[str, Callable[..., Any]] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
         self.pending: dict[int, asyncio.Future[tuple[Kind, bytes]]] = {}
@@ -267,6 +277,15 @@ class _Worker:
         task.add_done_callback(self.tasks.discard)
 
     async def run(self) -> int:
+        go_fd = self.spec.get("go_fd")
+        go = go_fd if isinstance(go_fd, int) else None
+        standby = go is not None
+        if standby:  # a failure here ends the standby (exit 1), its traceback in the log
+            try:
+                self.plugin_class = self.load_class()
+            except PluginLoadError as exc:
+                log.error("standby not armed, exiting: %s\n%s", exc, traceback.format_exc())
+                return 1
         raw: zmq.Socket[bytes] = self.zctx.socket(zmq.DEALER)
         raw.setsockopt(zmq.MAXMSGSIZE, self.max_size + 8192)
         raw.setsockopt(zmq.LINGER, LINGER_MS)
@@ -283,22 +302,30 @@ class _Worker:
             on_orphaned=self.stopping.set,
             on_reconnected=lambda: self.send(Kind.HEARTBEAT),
         )
-        hello = {
-            "plugin": self.name,
-            "instance": self.spec["instance"],
-            "token": self.spec["token"],
-            "pid": os.getpid(),
-            "version": self.spec["version"],
-        }
-        self.send(Kind.HELLO, pack(hello), target=self.name)
+        hello = pack(
+            {
+                "plugin": self.name,
+                "instance": self.spec["instance"],
+                "token": self.spec["token"],
+                "pid": os.getpid(),
+                "version": self.spec["version"],
+            }
+        )
+        if not standby:
+            self.send(Kind.HELLO, hello, target=self.name)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.on_sigterm)
         sock.start(loop)
         orphans.start(loop)
-        heartbeat = loop.create_task(self.heartbeat_loop(), name="heartbeat")
-        heartbeat.add_done_callback(self.on_loop_died)
+        heartbeat: asyncio.Task[None] | None = None
         code = 0
         try:
+            if go is not None:
+                if not await self.promoted(go):
+                    return 0
+                self.send(Kind.HELLO, hello, target=self.name)
+            heartbeat = loop.create_task(self.heartbeat_loop(), name="heartbeat")
+            heartbeat.add_done_callback(self.on_loop_died)
             if await self.load_and_start():
                 self.send(Kind.READY, pack({"methods": sorted(self.methods)}))
                 await self.stopping.wait()
@@ -308,13 +335,42 @@ class _Worker:
             if self.broken:
                 code = 1
         finally:
-            for task in (heartbeat, *self.tasks):
+            tasks = [*self.tasks] if heartbeat is None else [heartbeat, *self.tasks]
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(heartbeat, *self.tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
             loop.remove_signal_handler(signal.SIGTERM)
             orphans.close()
             sock.close(linger=LINGER_MS)
         return code
+
+    async def promoted(self, fd: int) -> bool:
+        """A standby's wait: says ARMED on ``fd``, then True once the daemon wrote its byte
+        there; False on EOF (the daemon dropped this standby, or died) or a stop (SIGTERM).
+        Closes ``fd``."""
+        with contextlib.suppress(OSError):  # armed; a daemon gone shows as EOF below
+            os.write(fd, ARMED)
+        loop = asyncio.get_running_loop()
+        woken = self.promotion = loop.create_future()
+
+        def readable() -> None:
+            if not woken.done():
+                try:
+                    woken.set_result(os.read(fd, 1))
+                except OSError:
+                    woken.set_result(b"")
+
+        loop.add_reader(fd, readable)
+        try:
+            data = await woken
+        finally:
+            self.promotion = None
+            loop.remove_reader(fd)
+            os.close(fd)
+        return bool(data) and not self.stopping.is_set()
+
+    def load_class(self) -> type[Plugin]:
+        return load_plugin_class(self.spec["entry"], list(self.spec.get("path") or []))
 
     async def load_and_start(self) -> bool:
         """Load, instantiate and start the plugin; False if it failed or STOP came first."""
@@ -344,7 +400,7 @@ class _Worker:
         return False
 
     async def start_plugin(self) -> None:
-        cls = load_plugin_class(self.spec["entry"], list(self.spec.get("path") or []))
+        cls = self.plugin_class or self.load_class()
         ctx = Context(
             self.name,
             int(self.spec["instance"]),
@@ -387,6 +443,8 @@ class _Worker:
             _flush_std()
             os._exit(1)
         self.stopping.set()
+        if self.promotion is not None and not self.promotion.done():
+            self.promotion.set_result(b"")  # a standby stopped before its go
 
     async def heartbeat_loop(self) -> None:
         interval = float(self.spec["heartbeat_interval"])

@@ -237,6 +237,32 @@ def _inode(path: Path) -> tuple[int, int] | None:
     return st.st_ino, st.st_ctime_ns
 
 
+def wait_in(directory: Path, done: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    """Re-check ``done`` whenever a name is created or renamed into ``directory``."""
+    with _DirWatch(directory) as watch:
+        deadline = time.monotonic() + timeout
+        while not done():
+            left = deadline - time.monotonic()
+            assert left > 0, f"timed out waiting for {what}"
+            if select.select([watch.fd], [], [], left)[0]:
+                watch.drain()
+
+
+def wait_recorded(d: Daemon, pids: dict[str, int]) -> None:
+    """Until the daemon's state file records each of ``pids`` as ready (it is written at
+    most every 50 ms: a daemon killed sooner after a change leaves the older file)."""
+    want = {(name, pid, "ready") for name, pid in pids.items()}
+
+    def recorded() -> bool:
+        try:
+            got = json.loads((d.runtime / "instances.json").read_text())["instances"]
+        except (OSError, ValueError):
+            return False
+        return want <= {(r["plugin"], r["pid"], r["state"]) for r in got}
+
+    wait_in(d.runtime, recorded, f"the state file to record {sorted(want)}")
+
+
 def beat_in(page: Path) -> float:
     """The last heartbeat a worker stored in its page (``ipc.beats``), read without taking
     the page from the daemon; 0.0 before the first."""

@@ -7,15 +7,12 @@ to PID 1, which reaps late here) and it reaps them by pid once they end.
 
 from __future__ import annotations
 
-import json
 import os
-import select
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,7 +20,6 @@ import pytest
 from tests.integration.harness import (
     ControlError,
     Daemon,
-    _DirWatch,
     adopting_parent,
     alive,
     beat_in,
@@ -31,6 +27,8 @@ from tests.integration.harness import (
     plugin_block,
     reap_the_rest,
     running_daemon,
+    wait_in,
+    wait_recorded,
 )
 
 pytestmark = pytest.mark.timeout(120)
@@ -99,32 +97,6 @@ def _pids(d: Daemon) -> dict[str, int]:
     return {r["plugin"]: r["pid"] for r in d.status()}
 
 
-def _wait_in(directory: Path, done: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    """Re-check ``done`` whenever a name is created or renamed into ``directory``."""
-    with _DirWatch(directory) as watch:
-        deadline = time.monotonic() + timeout
-        while not done():
-            left = deadline - time.monotonic()
-            assert left > 0, f"timed out waiting for {what}"
-            if select.select([watch.fd], [], [], left)[0]:
-                watch.drain()
-
-
-def _wait_recorded(d: Daemon, pids: dict[str, int]) -> None:
-    """Until the daemon's state file records each of ``pids`` as ready (it is written at
-    most every 50 ms: a daemon killed sooner after a change leaves the older file)."""
-    want = {(name, pid, "ready") for name, pid in pids.items()}
-
-    def recorded() -> bool:
-        try:
-            got = json.loads((d.runtime / "instances.json").read_text())["instances"]
-        except (OSError, ValueError):
-            return False
-        return want <= {(r["plugin"], r["pid"], r["state"]) for r in got}
-
-    _wait_in(d.runtime, recorded, f"the state file to record {sorted(want)}")
-
-
 def test_kill_9_the_daemon_under_load_and_its_plugins_keep_running() -> None:
     with adopting_parent() as reap, running_daemon(_config("one")) as d:
         before = _pids(d)
@@ -136,7 +108,7 @@ def test_kill_9_the_daemon_under_load_and_its_plugins_keep_running() -> None:
                 "say_later",
                 {"text": "said while no daemon ran", "delay": 0.2, "marker": str(said)},
             )
-            _wait_recorded(d, before)
+            wait_recorded(d, before)
             d.kill(signal.SIGKILL)
             reap_the_rest(d, before, reap)
             last_before = max(load.counts)
@@ -144,7 +116,7 @@ def test_kill_9_the_daemon_under_load_and_its_plugins_keep_running() -> None:
             os.kill(before["echo"], signal.SIGKILL)  # dies while no daemon watches it
             assert reap([before["echo"]]) == {before["echo"]: -signal.SIGKILL}
             # the counter printed while no daemon read its output
-            _wait_in(said.parent, said.exists, f"{said}")
+            wait_in(said.parent, said.exists, f"{said}")
             d.config.write_text(_config("two"))  # and "other" now has another config
             d.start()
             d.wait_until(d.all_ready, what="all plugins ready after the restart")
@@ -176,7 +148,7 @@ def test_kill_9_the_daemon_under_load_and_its_plugins_keep_running() -> None:
 def test_a_plugin_stops_by_itself_when_no_daemon_comes_back() -> None:
     with adopting_parent() as reap, running_daemon(_config("one", orphan_timeout=0.3)) as d:
         before = _pids(d)
-        _wait_recorded(d, before)
+        wait_recorded(d, before)
         d.kill(signal.SIGKILL)
         reap_the_rest(d, before, reap)
         exits = reap(list(before.values()))
@@ -258,7 +230,7 @@ def test_a_plugin_loaded_at_run_time_is_readopted_too() -> None:
         d.wait_until(d.all_ready, what="tally loaded")
         assert d.call("tally", "incr") == 1
         before = _pids(d)
-        _wait_recorded(d, before)
+        wait_recorded(d, before)
         d.kill(signal.SIGKILL)
         reap_the_rest(d, before, reap)
         d.start()
@@ -280,7 +252,7 @@ def test_instances_a_swap_renumbered_are_readopted_under_their_numbers() -> None
 
         d.wait_until(swapped, what="other swapped")
         before = {(r["plugin"], r["instance"]): r["pid"] for r in d.status()}
-        _wait_recorded(d, _pids(d))
+        wait_recorded(d, _pids(d))
         d.kill(signal.SIGKILL)
         reap_the_rest(d, _pids_of(before), reap)
         d.start()

@@ -126,6 +126,7 @@ def test_defaults(tmp_path: Path) -> None:
     assert p.restart is Restart.PERMANENT
     assert (p.shutdown_timeout, p.start_timeout) == (5.0, 10.0)
     assert p.spawn is SpawnMode.ZYGOTE
+    assert p.standby is False
     assert (p.config, p.env) == ({}, {})
     hc = p.health_check
     assert (hc.enabled, hc.interval, hc.timeout) == (True, 1.0, 0.5)
@@ -324,6 +325,7 @@ PLUGIN_ERRORS = [
         "must be >= 1, got 0",
     ),
     ("health_check = { enabled = 1 }", "plugins.echo.health_check.enabled", "expected true or"),
+    ("standby = 'yes'", "plugins.echo.standby", "expected true or"),
     ("backoff = { factor = 0.5 }", "plugins.echo.backoff.factor", "must be >= 1, got 0.5"),
     ("backoff = { jitter = 2 }", "plugins.echo.backoff.jitter", "must be <= 1, got 2"),
     ("backoff = { base = -0.1 }", "plugins.echo.backoff.base", "must be >= 0, got -0.1"),
