@@ -24,6 +24,7 @@ import contextlib
 import mmap
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 __all__ = ["BEAT_SIZE", "Beat", "beat_path", "write_beat"]
@@ -90,8 +91,17 @@ class Beat:
         value: float = _STAMP.unpack(raw)[0]
         return value
 
-    def close(self) -> None:
-        """Close and remove the file: the life it belonged to is over."""
+    def close(self, later: Callable[..., object] | None = None) -> None:
+        """Close and remove the file: the life it belonged to is over. ``later`` (such as
+        ``loop.call_soon``) removes it after what the caller does next: an unlink on a
+        disk-backed runtime dir costs ~75 us, which a restart need not wait for."""
         os.close(self._fd)
-        with contextlib.suppress(OSError):
-            self.path.unlink()
+        if later is None:
+            _remove(self.path)
+        else:
+            later(_remove, self.path)
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()

@@ -294,11 +294,10 @@ class InstanceProcesses:
             except OskError as exc:
                 log.warning("%s: cgroup kill failed: %s", inst.leaf, exc)
 
-    @staticmethod
-    def drop_beat(inst: Instance) -> None:
-        """Unmap and remove the heartbeat page of a life that ended."""
+    def drop_beat(self, inst: Instance) -> None:
+        """Close the heartbeat page of a life that ended; its file goes a moment later."""
         if inst.beat is not None:
-            inst.beat.close()
+            inst.beat.close(later=self._loop.call_soon)
             inst.beat = None
 
     def release(self, inst: Instance, *, final: bool) -> bool:
