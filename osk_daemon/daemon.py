@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import gc
 import logging
 import os
 import resource
@@ -37,6 +38,7 @@ from osk_daemon.control.server import serve_control
 from osk_daemon.errors import BootFailed, ControlError, OskError
 from osk_daemon.isolation.rlimits import inherited_open_files, raise_open_files
 from osk_daemon.observability.notify import Notifier, Watchdog, announce, service_notifier
+from osk_daemon.supervisor import unlinker
 from osk_daemon.supervisor.adoption import find_survivors, output_dir
 from osk_daemon.supervisor.confinement import Confinement
 from osk_daemon.supervisor.reaper import ChildReaper, become_subreaper
@@ -246,6 +248,11 @@ async def _run_locked(
                 partial(serve_control, allowed_group=d.control_group), d.control_socket, commands
             )
             supervisor.start(request_stop=stop.set)
+            # what exists now (modules, config models, the tree) lives as long as the
+            # daemon: out of the collector's sight, a full collection no longer walks it
+            # (35-40 ms measured, every broker call waiting meanwhile)
+            gc.collect()
+            gc.freeze()
             tg.start_soon(announce, notifier, sup)  # READY=1 once critical plugins are up
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, ask_stop)
@@ -264,6 +271,7 @@ async def _run_locked(
             log.info("shutting down")
             notifier.stopping(sup.deps.boot_failure or "")
             await supervisor.shutdown()
+            unlinker.flush()  # every ended life's files are gone before we are
             tg.cancel_scope.cancel()
     except BaseException:
         if supervisor is not None and d.orphan_timeout > 0 and not supervisor.shutting_down:

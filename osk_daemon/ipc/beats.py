@@ -91,15 +91,12 @@ class Beat:
         value: float = _STAMP.unpack(raw)[0]
         return value
 
-    def close(self, later: Callable[..., object] | None = None) -> None:
-        """Close and remove the file: the life it belonged to is over. ``later`` (such as
-        ``loop.call_soon``) removes it after what the caller does next: an unlink on a
-        disk-backed runtime dir costs ~75 us, which a restart need not wait for."""
+    def close(self, remove: Callable[[Path], object] | None = None) -> None:
+        """Close and remove the file: the life it belonged to is over. ``remove``, if
+        given, removes it instead of an unlink here (the daemon's ``unlinker``: an unlink
+        on a disk-backed runtime dir can take milliseconds)."""
         os.close(self._fd)
-        if later is None:
-            _remove(self.path)
-        else:
-            later(_remove, self.path)
+        (remove or _remove)(self.path)
 
 
 def _remove(path: Path) -> None:

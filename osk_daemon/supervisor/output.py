@@ -38,6 +38,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from osk_daemon.supervisor import unlinker
+
 __all__ = ["MAX_LINE", "LogLine", "LogRing", "OutputPipes", "open_output", "output_fifos"]
 
 MAX_LINE = 64 * 1024
@@ -222,7 +224,7 @@ class OutputPipes:
         if not self._readers:
             self._closed.set()
             for path in self._fifos or ():
-                path.unlink(missing_ok=True)
+                unlinker.remove(path)  # off the loop: milliseconds on a disk-backed dir
 
     def _emit(self, stream: str, raw: bytes) -> None:
         text = raw.decode("utf-8", errors="replace").removesuffix("\r")

@@ -30,6 +30,7 @@ from osk_daemon.config import SandboxLevel, SpawnMode
 from osk_daemon.errors import OskError
 from osk_daemon.ipc.beats import Beat, beat_path
 from osk_daemon.supervisor import lifecycle as lc
+from osk_daemon.supervisor import unlinker
 from osk_daemon.supervisor.adoption import Survivor, output_dir
 from osk_daemon.supervisor.confinement import Confinement, Prepared
 from osk_daemon.supervisor.instance import WORKER_TARGET, Instance
@@ -295,9 +296,10 @@ class InstanceProcesses:
                 log.warning("%s: cgroup kill failed: %s", inst.leaf, exc)
 
     def drop_beat(self, inst: Instance) -> None:
-        """Close the heartbeat page of a life that ended; its file goes a moment later."""
+        """Close the heartbeat page of a life that ended; its file goes on the unlink
+        thread (``unlinker``)."""
         if inst.beat is not None:
-            inst.beat.close(later=self._loop.call_soon)
+            inst.beat.close(remove=unlinker.remove)
             inst.beat = None
 
     def release(self, inst: Instance, *, final: bool) -> bool:

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from osk_daemon.config import PluginConfig
+from osk_daemon.supervisor import unlinker
 from osk_daemon.supervisor.instance import NO_STATE, Instance
 from osk_daemon.supervisor.lifecycle import State
 from osk_daemon.supervisor.processes import LifeError, LifeParts, killpg
@@ -251,5 +252,5 @@ class Standbys:
         parts = standby.parts
         parts.close_output()
         if parts.beat is not None:
-            parts.beat.close()
+            parts.beat.close(remove=unlinker.remove)
         self._sup.confinement.release(parts.prepared, final=True)
