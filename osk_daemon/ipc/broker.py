@@ -130,7 +130,7 @@ class Broker:
         self._default_timeout = default_timeout
         self._ctx = ctx or zmq.Context.instance()
         self._enc = Encoder()
-        group = FlushGroup()
+        group = self._group = FlushGroup()
         self._clients = RouterEndpoint(
             self._ctx,
             client_endpoint,
@@ -387,7 +387,7 @@ class Broker:
             elif kind is Kind.REPLY or kind is Kind.ERROR:
                 self._reply(route, kind, header.id, body)
             elif kind in _WORKER_KINDS:
-                self._listener(route.key, header, body)
+                self._tell(route.key, header, body)
             else:
                 self.stats.dropped_malformed += 1
                 log.warning("dropped %s: not a kind a worker may send", kind.name)
@@ -428,6 +428,13 @@ class Broker:
         route = Route(key, rid, ep, version=entry.versions.get(key[1], ""))
         entry.routes[key[1]] = route
         self._by_rid[rid] = route
+        self._tell(key, header, body)
+
+    def _tell(self, key: InstanceKey, header: Header, body: bytes) -> None:
+        """Hand a worker's frame to the supervisor. What was routed so far leaves first:
+        a READY or HELLO may cost it milliseconds of bookkeeping (a rollout's next step),
+        which the calls and replies read before it need not wait for."""
+        self._group.flush()
         self._listener(key, header, body)
 
     # ---- requests and replies ---------------------------------------------------------

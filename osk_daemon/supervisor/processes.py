@@ -95,12 +95,16 @@ class InstanceProcesses:
         more in the same pass (a boot of hundreds) go ``SPAWN_BATCH`` per later pass, so
         the first ones reach the zygote while the rest are still being prepared, and the
         loop keeps serving meanwhile (each costs the daemon a few ms: cgroup, FIFOs,
-        request).
+        request). A gentle start (other instances of the plugin serve meanwhile: a
+        rollout's) is split into two steps on later passes (``_confine_first``).
         """
         standby = self._sup.standbys.take(inst)
         if standby is not None and self._promote(inst, standby):
             return
         self._new_life(inst, secrets.token_hex(16))
+        if inst.gentle_start:  # others of its plugin serve: it starts in smaller steps
+            self._loop.call_soon(self._confine_first, inst, inst.generation)
+            return
         if self._busy:
             self._queued.append((inst, inst.generation))
             return
@@ -111,16 +115,29 @@ class InstanceProcesses:
     def _next_batch(self) -> None:
         try:
             for _ in range(min(SPAWN_BATCH, len(self._queued))):
-                inst, generation = self._queued.popleft()
-                if generation == inst.generation:  # a stop meanwhile: the lifecycle's to handle
-                    self._start_queued(inst, generation)
+                self._start_queued(*self._queued.popleft())
         finally:  # whatever happened, the queue keeps moving
             if self._queued:
                 self._loop.call_soon(self._next_batch)
             else:
                 self._busy = False
 
+    def _confine_first(self, inst: Instance, generation: int) -> None:
+        """A gentle start's first step: its cgroup, state dir and plan (kept, so the next
+        step finds them made), then the rest on the next loop pass. Each step costs the
+        loop well under a millisecond, so calls to the instances that serve meanwhile
+        wait for neither for long."""
+        if generation != inst.generation:
+            return
+        try:
+            self._confinement.prepare(inst.plugin, inst.config, inst.index, inst.slot)
+        except OskError:
+            pass  # the next step says why, as for any spawn
+        self._loop.call_soon(self._start_queued, inst, generation)
+
     def _start_queued(self, inst: Instance, generation: int) -> None:
+        if generation != inst.generation:  # a newer life began meanwhile
+            return
         try:
             self._start_life(inst)
         except Exception as exc:  # a bug in one spawn must not stop every later one
