@@ -212,7 +212,11 @@ def plans(base: Path) -> tuple[Plan, Plan, dict[str, str]]:
     ready: Plan = [
         ("s6 + notification-fd", (lambda w, s, n: under_s6(w, s, True, n)) if s6 else None, s6_note)
     ]
-    return [("osk-daemon", under_osk, ""), *peers, *ready], peers, peer_versions(venv, pm2, s6)
+    standby: Plan = [
+        ("osk-daemon+standby", lambda w, s, n: under_osk(w, s, n, standby=True), ""),
+    ]
+    crash = [("osk-daemon", under_osk, ""), *standby, *peers, *ready]
+    return crash, peers, peer_versions(venv, pm2, s6)
 
 
 def main() -> None:
@@ -252,10 +256,14 @@ def main() -> None:
     report(crash, scale, versions, args)
 
 
-def report_crash(results: list[dict[str, Any]], args: Any) -> tuple[list[str], bool | None]:
+def report_crash(
+    results: list[dict[str, Any]], args: Any
+) -> tuple[list[str], dict[str, bool | None]]:
+    """The crash table and the goal per osk-daemon row (plain, and with a standby)."""
     measured = [r for r in results if "respawn" in r]
-    osk = next((r for r in measured if r["name"] == "osk-daemon"), None)
-    peers = [r for r in measured if r["name"] != "osk-daemon"]
+    ours = [r for r in measured if r["name"].startswith("osk-daemon")]
+    osk = next((r for r in ours if r["name"] == "osk-daemon"), None)
+    peers = [r for r in measured if r not in ours]
     fastest = min(peers, key=lambda r: r["respawn"]["p50"]) if peers else None
     rows = []
     for r in results:
@@ -270,22 +278,26 @@ def report_crash(results: list[dict[str, Any]], args: Any) -> tuple[list[str], b
     lines = [
         "crash (SIGKILL) -> the replacement's first line of code runs; "
         f"rounds {args.rounds} per supervisor, {args.settle} s between rounds",
+        "(osk-daemon+standby: its spare process imported the module before the crash, so "
+        "the stamp is the plugin's start(), the first of its code to run after the crash)",
         "",
         table(["supervisor", "n", "p50", "p99", "max", "note"], rows),
         "",
     ]
-    goal_ok = None
-    if osk and fastest:
+    goals: dict[str, bool | None] = {}
+    for row in ours:
+        if fastest is None:
+            lines.append(f"goal ({row['name']}): not measurable, no peer measured")
+            goals[row["name"]] = None
+            continue
         need = fastest["respawn"]["p50"] / GOAL_FACTOR
-        goal_ok = osk["respawn"]["p50"] <= need
+        goals[row["name"]] = ok = row["respawn"]["p50"] <= need
         lines.append(
             f"goal crash -> respawn p50 >= {GOAL_FACTOR:g}x faster than the fastest peer "
             f"({fastest['name']}, {ms(fastest['respawn']['p50'])}), i.e. <= {ms(need)}: "
-            f"{ms(osk['respawn']['p50'])} -> {verdict(goal_ok)}"
+            f"{row['name']} {ms(row['respawn']['p50'])} -> {verdict(ok)}"
         )
-    else:
-        lines.append("goal crash -> respawn >= 3x faster than the fastest peer: not measurable")
-    return lines, goal_ok
+    return lines, goals
 
 
 def report(
@@ -308,10 +320,11 @@ def report(
         "goals": {},
     }
     if crash:
-        crash_lines, goal_ok = report_crash(crash, args)
+        crash_lines, crash_goals = report_crash(crash, args)
         lines += [*crash_lines, ""]
         data.update(rounds=args.rounds, settle=args.settle, crash_respawn=crash)
-        data["goals"]["crash -> respawn p50 >= 3x faster than the fastest peer"] = goal_ok
+        for name, ok in crash_goals.items():
+            data["goals"][f"crash -> respawn p50 >= 3x faster than the fastest peer, {name}"] = ok
     if scale:
         lines += [
             f"scale: N idle children; all running = start command -> N stamped pids alive at once; "

@@ -202,15 +202,20 @@ def peer_versions(venv: Path | None, pm2: Path | None, s6: Path | None) -> dict[
 # ---- one supervisor per context ------------------------------------------------------------
 
 
-def osk_config(stamp: Path, n: int) -> str:
+def osk_config(stamp: Path, n: int, standby: bool = False) -> str:
     """The crash workload's plugin (no-delay backoff, intensity 1000/s), ``n`` times as
-    ``n`` plugin tables of one instance each (``stamp`` alone for ``n = 1``)."""
+    ``n`` plugin tables of one instance each (``stamp`` alone for ``n = 1``). ``standby``:
+    with ``standby = true``, stamping in ``start()`` (see ``plugins/peerstamp.py``)."""
     names = ["stamp"] if n == 1 else [f"s{i:03d}" for i in range(n)]
+    env = {"OSK_PEER_STAMP": str(stamp)}
+    if standby:
+        env["OSK_PEER_STAMP_AT"] = "start"
     plugin = bench_plugin(
         "peerstamp:Idle",
         restart="permanent",
-        env={"OSK_PEER_STAMP": str(stamp)},
+        env=env,
         backoff={"base": 0.0, "max": 0.0, "jitter": 0.0},
+        **({"standby": True} if standby else {}),
     )
     return daemon_config(
         plugins={name: plugin for name in names},
@@ -235,8 +240,8 @@ def _osk_own(log: Path) -> Callable[[list[psutil.Process], set[int]], list[psuti
 
 
 @contextlib.contextmanager
-def under_osk(work: Path, stamp: Path, n: int = 1) -> Iterator[Supervised]:
-    daemon = BenchDaemon(work, osk_config(stamp, n))
+def under_osk(work: Path, stamp: Path, n: int = 1, standby: bool = False) -> Iterator[Supervised]:
+    daemon = BenchDaemon(work, osk_config(stamp, n, standby))
     try:
         started = time.monotonic()
         daemon.start(timeout=60.0)
