@@ -238,6 +238,20 @@ class Confinement:
             self._disposing[cgroup.name] = self._disposer.submit(_dispose, cgroup)
         return oom
 
+    def dispose_slots(self, name: str, index: int, keep: Collection[Prepared] = ()) -> None:
+        """The instance is gone for good (stopped or removed): remove the kept cgroups of
+        both its slots but those in ``keep`` (a dropped standby's, which goes when that
+        process is reaped). A promotion leaves the dead life's slot kept for the next
+        standby; without this it would stay until the daemon exits."""
+        for slot in (0, 1):
+            key = instance_cgroup(name, index, slot)
+            kept = self._kept.get(key)
+            if kept is None or any(kept is k for k in keep):
+                continue
+            del self._kept[key]
+            if kept.cgroup is not None:
+                self._disposing[key] = self._disposer.submit(_dispose, kept.cgroup)
+
     def _settle(self, key: str) -> None:
         """Wait for the removal of an earlier cgroup of this name, if one is running."""
         pending = self._disposing.pop(key, None)

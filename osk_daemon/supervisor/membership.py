@@ -112,6 +112,8 @@ class Membership:
                 sup.processes.signal(inst, 9)
         while inst.live or sup.tree.leaf_state(inst.leaf) is not LeafState.STOPPED:
             await sup.changed()
+        sup.standbys.drop(inst, "its instance was removed")
+        sup.processes.forget(inst)  # its cgroups: whatever slot a past life left
         sup.tree.remove_leaf(inst.leaf)
         del sup.instances[inst.leaf]
         sup.broker.forget(inst.key)

@@ -320,12 +320,19 @@ class InstanceProcesses:
             inst.beat = None
 
     def release(self, inst: Instance, *, final: bool) -> bool:
-        """Clean up after a life; True if it was OOM-killed."""
+        """Clean up after a life; True if it was OOM-killed. ``final`` (the instance
+        stops): both its cgroup slots go, but one a dropped standby still holds."""
         self.drop_beat(inst)
         prepared, inst.prepared = inst.prepared, None
-        if prepared is None:
-            return False
-        return self._confinement.release(prepared, final=final)
+        oom = False if prepared is None else self._confinement.release(prepared, final=final)
+        if final:
+            self.forget(inst)
+        return oom
+
+    def forget(self, inst: Instance) -> None:
+        """Remove every cgroup slot ``inst`` has kept (it stopped, or it is removed)."""
+        held = self._sup.standbys.held(inst)
+        self._confinement.dispose_slots(inst.plugin, inst.index, keep=held)
 
     def sample_usage(self, most: int) -> None:
         """Read the cgroups of up to ``most`` live instances, taking turns (each read costs

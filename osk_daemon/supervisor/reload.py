@@ -164,6 +164,7 @@ def _retune(sup: Supervisor, name: str, cfg: PluginConfig) -> PluginConfig:
     policy = health_policy(cfg)
     for inst in sup.members.of_plugin(name):
         inst.config = cfg
+        sup.standbys.renew(inst)  # made for the old config
         inst.health.policy = policy
         inst.life.start_timeout = cfg.start_timeout
         inst.life.shutdown_timeout = cfg.shutdown_timeout

@@ -362,6 +362,8 @@ class Supervisor:
         else:
             effects = self.tree.child_exited(inst.leaf, life.abnormal_exit, now, random.random())
         self.apply_tree_effects(effects)
+        if self.tree.leaf_state(inst.leaf) not in _RUNNING_LEAF:  # no restart follows
+            self.standbys.drop(inst, "its instance is not restarted")
         self._update_accepting(inst.plugin)
         self.check_all_stopped()
 

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 from osk_daemon.config import PluginConfig
 from osk_daemon.supervisor import unlinker
+from osk_daemon.supervisor.confinement import Prepared
 from osk_daemon.supervisor.instance import NO_STATE, Instance
 from osk_daemon.supervisor.lifecycle import State
 from osk_daemon.supervisor.processes import LifeError, LifeParts, killpg
@@ -97,6 +98,7 @@ class Standbys:
         self._waiting: dict[str, Standby] = {}  # leaf -> its standby, until taken or dropped
         self._ending: dict[int, Standby] = {}  # pid -> a dropped standby, until reaped
         self._unspawned: set[Standby] = set()  # dropped before the spawner gave its pid
+        self._rearm: set[str] = set()  # leaves to give a standby once their old one is gone
 
     def ready(self, inst: Instance) -> None:
         """``inst`` is READY: its standby is made ``STANDBY_AFTER`` from now, if it is
@@ -109,6 +111,13 @@ class Standbys:
         if inst.generation == generation and inst.life.state is State.READY:
             self.ensure(inst)
 
+    def renew(self, inst: Instance) -> None:
+        """``inst`` runs another config now: its standby (made for the old one) goes, and
+        a READY instance gets a new one if its plugin still wants one."""
+        self.drop(inst, "its plugin's config changed")
+        if inst.life.state is State.READY:
+            self.ready(inst)
+
     def ensure(self, inst: Instance) -> None:
         """Make a standby for ``inst`` if its plugin wants one and it has none."""
         sup = self._sup
@@ -119,6 +128,9 @@ class Standbys:
             or inst.leaf in self._waiting
             or inst.handover is not NO_STATE  # that state is for the next life: spawn it
         ):
+            return
+        if self.held(inst):  # a dropped one still holds the other slot: wait until it is gone
+            self._rearm.add(inst.leaf)
             return
         token = secrets.token_hex(16)
         ours, theirs = (s.detach() for s in socket.socketpair())  # close-on-exec, both
@@ -182,6 +194,14 @@ class Standbys:
             if standby.pid is not None:
                 killpg(standby.pid, 9)
 
+    def held(self, inst: Instance) -> list[Prepared]:
+        """The cgroup slots ``inst``'s standbys hold: the waiting one's and those of dropped
+        ones not reaped yet (their slot is released when they are)."""
+        leaf = inst.leaf
+        mine = [s for s in (*self._ending.values(), *self._unspawned) if s.inst.leaf == leaf]
+        waiting = self._waiting.get(leaf)
+        return [s.parts.prepared for s in ([waiting] if waiting else []) + mine]
+
     @property
     def running(self) -> bool:
         """Some standby process may still be alive (waiting, or dropped and not reaped)."""
@@ -190,8 +210,8 @@ class Standbys:
     def status(self, inst: Instance) -> dict[str, Any] | None:
         """``inst``'s standby for ``oskctl status``: its pid and whether it is armed."""
         standby = self._waiting.get(inst.leaf)
-        if standby is None:
-            return None
+        if standby is None:  # one is coming once a dropped one is gone, or none
+            return {"pid": None, "armed": False} if inst.leaf in self._rearm else None
         return {"pid": standby.pid, "armed": standby.pid is not None and standby.armed}
 
     # ---- its process ------------------------------------------------------------------
@@ -246,7 +266,6 @@ class Standbys:
                 status,
             )
         self._release(standby)
-        self._sup.check_all_stopped()
 
     def _release(self, standby: Standby) -> None:
         parts = standby.parts
@@ -254,3 +273,9 @@ class Standbys:
         if parts.beat is not None:
             parts.beat.close(remove=unlinker.remove)
         self._sup.confinement.release(parts.prepared, final=True)
+        inst = standby.inst
+        if inst.leaf in self._rearm and not self.held(inst):
+            self._rearm.discard(inst.leaf)
+            if inst.life.state is State.READY:
+                self.ready(inst)
+        self._sup.check_all_stopped()

@@ -85,6 +85,7 @@ class TreeEffects:
         elif sup.tree.leaf_state(inst.leaf) is LeafState.STOPPING:
             # never started (perhaps held by the start gate) or already gone; a death
             # reported as child_exited in the meantime already counted as this stop
+            sup.standbys.drop(inst, "its instance was stopped")
             sup.deps.cancel(inst)
             self.apply(sup.tree.child_stopped(inst.leaf, time.monotonic()))
             sup.mark_changed()

@@ -4,6 +4,7 @@ requested restarts and stops drop it; one that cannot load is not replaced in a 
 from __future__ import annotations
 
 import os
+import re
 import signal
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from tests.integration.harness import (
     adopting_parent,
     alive,
     daemon_config,
+    leftover_cgroups,
     plugin_block,
     reap_the_rest,
     running_daemon,
@@ -134,3 +136,102 @@ def test_after_kill_9_of_the_daemon_the_standby_exits_and_the_live_one_is_readop
         assert d.call("echo", "pid") == row["pid"]
         d.stop()
         reap([row["pid"]])
+
+
+def instance_cgroups(d: Daemon) -> set[str]:
+    """The instance cgroups under the daemon's subtree, in any hierarchy."""
+    return {
+        entry.name
+        for top in leftover_cgroups(d.runtime)
+        for entry in Path(top).iterdir()
+        if entry.is_dir()
+    }
+
+
+def test_a_temporary_plugins_standby_goes_when_it_is_not_restarted() -> None:
+    config = daemon_config(plugin_block("echo", standby=True, restart="temporary"))
+    with running_daemon(config) as d:
+        row = d.wait_until(lambda: armed(d), what="an armed standby")
+        os.kill(row["pid"], signal.SIGKILL)
+        d.wait_until(lambda: gone(row["standby"]["pid"]), what="the standby gone too")
+        after = d.row("echo")
+        assert after["pid"] is None and after["standby"] is None
+        assert after["state"] != "ready"
+
+
+def test_a_retuned_plugin_gets_a_standby_made_for_its_new_config() -> None:
+    def config(start_timeout: float) -> str:
+        return daemon_config(plugin_block("echo", standby=True, start_timeout=start_timeout))
+
+    with running_daemon(config(10.0)) as d:
+        old = d.wait_until(lambda: armed(d), what="an armed standby")["standby"]["pid"]
+        d.config.write_text(config(11.0))  # a retune: the instance keeps running
+        d.ctl("reload")
+        new = d.wait_until(
+            lambda: (r := armed(d)) and r["standby"]["pid"] != old and r,
+            what="a new standby",
+        )
+        assert gone(old)
+        os.kill(new["pid"], signal.SIGKILL)  # the new one is promoted
+        d.wait_until(lambda: d.row("echo")["pid"] == new["standby"]["pid"], what="the promotion")
+
+
+def test_an_instance_removed_after_a_promotion_leaves_neither_cgroup_slot() -> None:
+    def config(instances: int) -> str:
+        return daemon_config(
+            plugin_block("echo", standby=True, instances=instances, backoff=NO_DELAY)
+        )
+
+    with running_daemon(config(2)) as d:
+        row = d.wait_until(
+            lambda: (
+                armed(d, "echo")
+                and (r := d.row("echo", 1))
+                and r["standby"]
+                and r["standby"]["armed"]
+                and r
+            ),
+            what="two armed",
+        )
+        os.kill(row["pid"], signal.SIGKILL)  # instance 1 now lives in its second slot
+        d.wait_until(lambda: d.row("echo", 1)["pid"] == row["standby"]["pid"], what="promoted")
+        assert "echo-1.1" in instance_cgroups(d)
+        d.config.write_text(config(1))
+        d.ctl("reload")
+        d.wait_until(
+            lambda: (
+                [r["instance"] for r in d.status()] == [0]
+                and not {"echo-1", "echo-1.1"} & instance_cgroups(d)
+            ),
+            what="instance 1 and both its cgroups gone",
+        )
+        assert gone(row["standby"]["pid"])
+
+
+def test_a_standby_dropped_while_it_is_spawned_never_takes_the_next_ones_cgroup() -> None:
+    config = daemon_config(plugin_block("echo", standby=True, backoff=NO_DELAY))
+    with running_daemon(config) as d:
+        first = d.wait_until(lambda: armed(d), what="an armed standby")
+        zygote = int(re.findall(r"zygote (\d+) ready", d.log.read_text())[-1])
+        os.kill(zygote, signal.SIGSTOP)  # the next standby's spawn (the zygote's) hangs
+        try:
+            os.kill(first["pid"], signal.SIGKILL)
+            promoted = first["standby"]["pid"]
+            d.wait_until(
+                lambda: (r := d.row("echo"))["pid"] == promoted and r["standby"],
+                what="the next standby being spawned",
+            )
+            os.kill(promoted, signal.SIGKILL)  # drops it unspawned; a warm child restarts
+            d.wait_until(
+                lambda: (
+                    (r := d.row("echo"))["state"] == "ready"
+                    and r["pid"] != promoted
+                    and r["standby"] is not None
+                ),  # its next standby is due
+                what="a restart from the warm pool",
+            )
+        finally:
+            os.kill(zygote, signal.SIGCONT)
+        last = d.wait_until(lambda: armed(d), what="a standby once the dropped one is gone")
+        assert alive(last["standby"]["pid"])
+        assert "ended by itself" not in d.log.read_text()
