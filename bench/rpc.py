@@ -49,6 +49,10 @@ def _serve(kind: int, endpoint: str) -> None:
     """The raw echo server (runs in a child process until terminated)."""
     ctx = zmq.Context()
     sock = ctx.socket(kind)
+    # no high-water mark, like the client: a ROUTER drops what exceeds it, and a window
+    # of 1000 answers could then hang the measurement waiting for a dropped one
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
     sock.bind(endpoint)
     while True:
         frames = sock.recv_multipart()

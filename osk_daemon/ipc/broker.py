@@ -339,14 +339,17 @@ class Broker:
             except FrameError as exc:
                 self._malformed(exc)
                 return
-            if header.kind is not Kind.REQUEST:
+            kind, id_, target, method, deadline, meta = header
+            if kind is not Kind.REQUEST:
                 self.stats.dropped_malformed += 1
                 log.warning(
                     "dropped %s on the client socket: callers may only send REQUEST",
-                    header.kind.name,
+                    kind.name,
                 )
                 continue
-            self._request(caller, header, body)
+            if not deadline:
+                deadline = time.monotonic() + self._default_timeout
+            self._accept_request(caller, id_, target, method, deadline, meta, body, None)
 
     def _on_worker(self, ep: LoopSocket, frames: list[bytes]) -> None:
         """``[routing id, (header, body)...]`` from a worker; only HELLO before it is bound.
@@ -452,40 +455,31 @@ class Broker:
     ) -> None:
         self.stats.requests += 1
         bid = next(self._ids)
-        self._pending[bid] = _Pending(
-            caller,
-            caller_id,
-            target,
-            method,
-            deadline,
-            meta,
-            body,
-            future,
-            started=time.monotonic(),
+        pending = self._pending[bid] = _Pending(
+            caller, caller_id, target, method, deadline, meta, body, future, None, time.monotonic()
         )
         if self.tracer is not None:
-            pending = self._pending[bid]
             pending.span, pending.meta = self.tracer.begin_call(target, method, meta)
         entry = self._plugins.get(target)
         if entry is None:
             self._fail(bid, Unavailable(f"no plugin named '{target}'"))
             return
-        pin = meta.get("version") if meta else None
-        if isinstance(pin, str) and pin and not has_version(entry, pin):
-            have = ", ".join(sorted(set(entry.versions.values()))) or "none"
-            self._fail(
-                bid, Unavailable(f"plugin '{target}' runs no version {pin} (it runs {have})")
-            )
-            return
-        if not self._dispatch(bid, entry):
+        if meta:
+            pin = meta.get("version")
+            if isinstance(pin, str) and pin and not has_version(entry, pin):
+                have = ", ".join(sorted(set(entry.versions.values()))) or "none"
+                self._fail(
+                    bid, Unavailable(f"plugin '{target}' runs no version {pin} (it runs {have})")
+                )
+                return
+        if not self._dispatch(bid, pending, entry):
             if not entry.accepting:
                 self._fail(bid, Unavailable(f"plugin '{target}' is stopped"))
                 return
             entry.queue.append(bid)
         self._deadlines.add(deadline, bid)
 
-    def _dispatch(self, bid: int, entry: PluginRoutes) -> bool:
-        pending = self._pending[bid]
+    def _dispatch(self, bid: int, pending: _Pending, entry: PluginRoutes) -> bool:
         route = pick(entry, pending.meta)
         if route is None:
             return False
@@ -502,10 +496,11 @@ class Broker:
         entry = self._plugins[plugin]
         while entry.queue:
             bid = entry.queue[0]
-            if bid not in self._pending:
+            pending = self._pending.get(bid)
+            if pending is None:
                 entry.queue.popleft()
                 continue
-            if not self._dispatch(bid, entry):
+            if not self._dispatch(bid, pending, entry):
                 return
             entry.queue.popleft()
 
@@ -515,9 +510,9 @@ class Broker:
             self.stats.late_replies += 1
             return
         del self._pending[bid]
-        outcome = "ok" if kind is Kind.REPLY else "error"
-        self._count(pending.target, outcome)
-        self._landed(route, pending, ok=outcome == "ok")
+        ok = kind is Kind.REPLY
+        self._count(pending.target, "ok" if ok else "error")
+        self._landed(route, pending, ok)
         self.stats.replies += 1
         self._answer(pending, kind, body)
 

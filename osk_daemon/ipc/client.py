@@ -21,7 +21,7 @@ import logging
 import time
 from collections.abc import Iterable, Sequence
 from types import TracebackType
-from typing import Any, cast
+from typing import Any
 
 import zmq
 import zmq.backend
@@ -34,6 +34,7 @@ from osk_daemon.ipc.codec import (
     Kind,
     check_batch,
     decode_header,
+    decode_reply_header,
     unpack,
 )
 
@@ -42,8 +43,7 @@ log = logging.getLogger("osk.client")
 _GRACE = 0.5
 _NOBLOCK = int(zmq.NOBLOCK)
 _SNDMORE = int(zmq.SNDMORE)
-_EVENTS = int(zmq.EVENTS)
-_POLLIN = int(zmq.POLLIN)
+_RCVTIMEO = int(zmq.RCVTIMEO)
 _send_frame = zmq.backend.Socket.send  # the Cython send, without pyzmq's Python wrapper
 _BATCH_FRAMES = 2 * SEND_BATCH
 
@@ -69,6 +69,7 @@ class Client:
         self._sock.connect(endpoint)
         self._ids = itertools.count(1)
         self._enc = Encoder()
+        self._rcvtimeo = -1  # ZMQ_RCVTIMEO as last set (ms); -1, the default, waits forever
 
     def call(
         self,
@@ -82,9 +83,19 @@ class Client:
         """Call ``plugin.method(args)`` and return its result.
 
         Raises the plugin's error (``RemoteError``, ``MethodNotFound``), ``Unavailable``
-        or ``DeadlineExceeded``, all ``OskError``s.
+        or ``DeadlineExceeded``, all ``OskError``s; TypeError (nothing sent) for
+        arguments msgpack cannot carry.
         """
-        result = self.call_many([(plugin, method, args)], timeout=timeout, version=version)[0]
+        deadline = time.monotonic() + (timeout or self.timeout)
+        rid = next(self._ids)
+        body = self._enc.body(args)
+        meta = {"version": version} if version else None
+        header = self._enc.request(rid, plugin, method, deadline, meta)
+        _send_frame(self._sock, header, _SNDMORE)
+        _send_frame(self._sock, body, 0)
+        results: list[Any] = [None]
+        self._collect({rid: 0}, results, deadline)
+        result = results[0]
         if isinstance(result, OskError):
             raise result
         return result
@@ -113,31 +124,49 @@ class Client:
         if frames:
             self._send_batch(frames)
         results: list[Any] = [None] * len(order)
+        self._collect(order, results, deadline)
+        return results
+
+    def _collect(self, order: dict[int, int], results: list[Any], deadline: float) -> None:
+        """Receive answers until every request id in ``order`` (id -> slot in ``results``)
+        has one, or until ``deadline`` plus the grace, when the rest get DeadlineExceeded.
+
+        Waits in a blocking ``recv`` bounded by ZMQ_RCVTIMEO, as a REQ socket would: one
+        wake-up per answer, no ZMQ_EVENTS or poll calls around it."""
         sock = self._sock
+        recv = sock.recv
         while order:
-            if not cast(int, sock.get(_EVENTS)) & _POLLIN:
-                remaining = deadline + _GRACE - time.monotonic()
-                if remaining > 0 and zmq.zmq_poll([(sock, _POLLIN)], int(remaining * 1000) + 1):
-                    continue
+            remaining = int((deadline + _GRACE - time.monotonic()) * 1000) + 1
+            if remaining <= 1:
                 error = DeadlineExceeded("no answer from the daemon before the deadline")
                 for slot in order.values():
                     results[slot] = error
-                break
+                return
+            # a timeout within half of what is left only costs an extra turn of this loop
+            if self._rcvtimeo > remaining or self._rcvtimeo < remaining >> 1:
+                sock.setsockopt(_RCVTIMEO, remaining)
+                self._rcvtimeo = remaining
             try:
-                frames = self._recv()
+                frame = recv(0, copy=False)
+                frames = [frame.bytes]
+                while frame.more:  # the rest of a message is there once its first part is
+                    frame = recv(_NOBLOCK, copy=False)
+                    frames.append(frame.bytes)
             except zmq.Again:
                 continue
             try:
                 check_batch(frames, 0)
                 for i in range(0, len(frames), 2):
-                    header = decode_header(frames[i])
-                    slot_or_none = order.pop(header.id, None)
-                    if slot_or_none is None:
+                    reply = decode_reply_header(frames[i])
+                    if reply is None:
+                        header = decode_header(frames[i])
+                        reply = header.kind, header.id
+                    slot = order.pop(reply[1], -1)
+                    if slot < 0:
                         continue  # an answer to an earlier call that already timed out
-                    results[slot_or_none] = self._result(header.kind, frames[i + 1])
+                    results[slot] = self._result(reply[0], frames[i + 1])
             except FrameError as exc:
                 log.warning("dropped a malformed answer from the daemon: %s", exc)
-        return results
 
     def _result(self, kind: Kind, body: bytes) -> Any:
         try:
@@ -153,17 +182,6 @@ class Client:
         for frame in frames:
             send(sock, frame, _SNDMORE)
         send(sock, last, 0)
-
-    def _recv(self) -> list[bytes]:
-        """One message without blocking (zmq.Again if none waits; ask ZMQ_EVENTS first,
-        which is cheaper than that exception)."""
-        recv = self._sock.recv
-        frame = recv(_NOBLOCK, copy=False)
-        parts = [frame.bytes]
-        while frame.more:
-            frame = recv(_NOBLOCK, copy=False)
-            parts.append(frame.bytes)
-        return parts
 
     def call_batch(self, plugin: str, method: str, batch: Sequence[Any]) -> list[Any]:
         """Shortcut: the same method with many argument sets, pipelined."""

@@ -3,7 +3,9 @@
 Receiving: ZMQ_FD is edge-triggered: it signals "something changed", not "a message
 waits". So a wake-up drains while ZMQ_EVENTS says a message waits (at most
 ``_DRAIN_FRAMES`` frames per pass, yielding to other callbacks between passes; asking
-ZMQ_EVENTS costs a quarter of the EAGAIN exception a blind ``recv`` would raise), and
+ZMQ_EVENTS costs a quarter of the EAGAIN exception a blind ``recv`` would raise, but the
+first ``recv`` of a pass does not ask: the fd fired or ZMQ_EVENTS said so, and a message
+is nearly always there, so asking would only add a call per message), and
 after every send ZMQ_EVENTS is read again and a drain scheduled if a message waits,
 because a send can consume the edge of a pending read. Each message is handed over whole
 (``on_frames(socket, frames)``); it may be a batch of pairs (see ``codec``).
@@ -216,12 +218,16 @@ class LoopSocket:
         group._draining = self._draining = True
         try:
             budget = _DRAIN_FRAMES
+            # called because the fd fired or ZMQ_EVENTS said so: a message is almost
+            # always there, so the first recv does not ask first
+            asked = True
             while budget > 0:
                 if sock.closed:
                     return
                 try:
-                    if not cast(int, events(_EVENTS)) & _POLLIN:
+                    if not asked and not cast(int, events(_EVENTS)) & _POLLIN:
                         break
+                    asked = False
                     frame = recv(_NOBLOCK, copy=False)
                     parts = [frame.bytes]
                     while frame.more:

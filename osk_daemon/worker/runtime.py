@@ -536,9 +536,12 @@ class _Worker:
             from osk_daemon.observability.tracing import handle_span
 
             self.spans[header.id] = handle_span(self.tracer, header.method, header.meta)
-        pos, kw = split_args(args)
         try:  # a sync handler runs right here; an async one only builds its coroutine
-            result = handler(*pos, **kw)
+            if type(args) is dict:  # what split_args does with a map, without its tuples
+                result = handler(**args)
+            else:
+                pos, kw = split_args(args)
+                result = handler(*pos, **kw)
         except Exception as exc:
             self.reply_error(header, exc)
             return

@@ -112,3 +112,40 @@ def test_an_unreadable_body_is_that_calls_error(router: tuple[zmq.Socket[bytes],
     with Client(endpoint, timeout=5) as client, pytest.raises(FrameError):
         client.call("p", "m")
     thread.join()
+
+
+def test_a_short_call_after_a_long_one_still_ends_at_its_own_deadline(
+    router: tuple[zmq.Socket[bytes], str],
+) -> None:
+    sock, endpoint = router
+
+    def answer(peer: bytes, pairs: list[tuple[Header, bytes]]) -> None:
+        (header, _body), *_ = pairs
+        sock.send_multipart([peer, encode_reply_header(Kind.REPLY, header.id), pack("long")])
+
+    thread = serve(sock, 1, answer)
+    with Client(endpoint) as client:
+        assert client.call("p", "m", timeout=30) == "long"  # the receive timeout is ~30 s now
+        thread.join()
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceeded):
+            client.call("p", "m", timeout=0.2)
+        assert 0.2 <= time.monotonic() - started < 2.0
+
+
+def test_a_late_answer_to_a_call_that_timed_out_is_not_the_next_calls(
+    router: tuple[zmq.Socket[bytes], str],
+) -> None:
+    sock, endpoint = router
+
+    def answer(peer: bytes, pairs: list[tuple[Header, bytes]]) -> None:
+        (late, _), (now, _) = pairs
+        sock.send_multipart([peer, encode_reply_header(Kind.REPLY, late.id), pack("late")])
+        sock.send_multipart([peer, encode_reply_header(Kind.REPLY, now.id), pack("now")])
+
+    thread = serve(sock, 2, answer)
+    with Client(endpoint) as client:
+        with pytest.raises(DeadlineExceeded):
+            client.call("p", "m", timeout=0.05)
+        assert client.call("p", "m", timeout=5) == "now"
+    thread.join()
