@@ -52,7 +52,7 @@ import time
 import traceback
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, NamedTuple, NoReturn
+from typing import Any, NoReturn
 
 import zmq
 
@@ -89,93 +89,16 @@ from osk_daemon.worker.sdk import (
     split_args,
     to_health,
 )
+from osk_daemon.worker.warm import LOG_FORMAT, take_prepared, warm_up
 
 __all__ = ["run_worker", "warm_up"]
 
-LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 LINGER_MS = 500
 RECONNECT_MS = 20  # how soon a restarted daemon's endpoint is tried again (no back-off)
 CALL_GRACE = 0.5  # seconds past a call's deadline before giving up locally
 ARMED = b"a"  # a standby's word to the daemon on its go socket: ready to be promoted
 
 log = logging.getLogger("osk.worker")
-
-
-class _Prepared(NamedTuple):
-    """What ``warm_up`` made in this process before it knew its plugin."""
-
-    pid: int
-    handler: logging.Handler
-    zctx: zmq.Context[Any]
-    loop: asyncio.AbstractEventLoop
-
-
-_prepared: _Prepared | None = None
-
-
-def warm_up() -> tuple[frozenset[int], Callable[[], None]]:
-    """The zygote's warm-up hook: make what every worker needs before its plugin is known.
-
-    Runs in a warm zygote child while it waits for a request, unconfined and before any
-    plugin is chosen: installs the log handler, creates the zmq context (libzmq starts its
-    I/O threads only with the first socket, so no thread runs yet) and the event loop, and
-    runs one pass of that loop so its code is already paged in. Imports nothing of any
-    plugin. Returns the fds these hold (the zygote keeps them open for ``run_worker``) and
-    a function that closes them (for a request of another target). Cost ~1 ms, off the
-    restart path.
-    """
-    global _prepared
-    before = _open_fds()
-    root = logging.getLogger()
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    saved = root.handlers[:]
-    root.handlers = [handler]
-    zctx: zmq.Context[Any] = zmq.Context()
-    loop = asyncio.new_event_loop()
-    loop.run_until_complete(_rehearse())
-    _prepared = _Prepared(os.getpid(), handler, zctx, loop)
-
-    def release() -> None:
-        global _prepared
-        _prepared = None
-        loop.close()
-        zctx.term()
-        root.handlers = saved
-
-    return frozenset(_open_fds() - before), release
-
-
-async def _rehearse() -> None:
-    """What a worker's start does on its loop, once, on nothing: tasks, a wait, a frame."""
-    loop = asyncio.get_running_loop()
-    event = asyncio.Event()
-    tasks = {loop.create_task(asyncio.sleep(0)), loop.create_task(event.wait())}
-    await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    encode_header(Kind.HELLO, 0, target="warm-up")
-    pack({"warm-up": [0, 0.0, "", b""]})
-    compile("class _C:\n    def f(self):\n        return {'a': 1}\n", "<warm-up>", "exec")
-
-
-def _open_fds() -> set[int]:
-    """This process's open fds (the listing's own transient fd is not among them)."""
-    listed = {int(entry.name) for entry in Path("/proc/self/fd").iterdir()}
-    open_fds = set()
-    for fd in listed:
-        with contextlib.suppress(OSError):
-            os.fstat(fd)
-            open_fds.add(fd)
-    return open_fds
-
-
-def _take_prepared() -> _Prepared | None:
-    """What ``warm_up`` made, if it made it in this very process (not in a parent)."""
-    global _prepared
-    prepared, _prepared = _prepared, None
-    return prepared if prepared is not None and prepared.pid == os.getpid() else None
 
 
 def _map_beat(fd: Any) -> mmap.mmap | None:
@@ -200,7 +123,7 @@ def run_worker(spec: dict[str, Any]) -> NoReturn:
     """
     level = spec.get("log_level", "INFO")
     level = level.upper() if isinstance(level, str) else level
-    prepared = _take_prepared()
+    prepared = take_prepared()
     if prepared is None:
         logging.basicConfig(stream=sys.stderr, format=LOG_FORMAT, level=level, force=True)
         zctx: zmq.Context[Any] = zmq.Context()
