@@ -68,16 +68,32 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+def format_standby(standby: Any) -> str:
+    """A STANDBY cell: its pid once armed, ``PID arming`` before, ``due`` while one is
+    still to be made, ``-`` for none."""
+    if not isinstance(standby, Mapping):
+        return "-"
+    pid = standby.get("pid")
+    if pid is None:
+        return "due"
+    return str(pid) if standby.get("armed") else f"{pid} arming"
+
+
 def format_status(rows: Sequence[Mapping[str, Any]]) -> str:
-    """The ``oskctl status`` table for the daemon's list of instance dicts."""
+    """The ``oskctl status`` table for the daemon's list of instance dicts; a STANDBY
+    column only when some instance has one (``standby = true``)."""
+    standbys = any(isinstance(row.get("standby"), Mapping) for row in rows)
     cells = []
     for row in rows:
         line = []
         for _, key in STATUS_COLUMNS:
             value = row.get(key)
             line.append(format_uptime(value) if key == "uptime_s" else format_cell(value))
+        if standbys:
+            line.append(format_standby(row.get("standby")))
         cells.append(line)
-    return format_table([header for header, _ in STATUS_COLUMNS], cells)
+    headers = [header for header, _ in STATUS_COLUMNS] + (["STANDBY"] if standbys else [])
+    return format_table(headers, cells)
 
 
 def format_json(value: Any) -> str:

@@ -263,6 +263,20 @@ def test_format_status_table() -> None:
     ]
 
 
+def test_format_status_shows_standbys_only_when_an_instance_has_one() -> None:
+    base = {"plugin": "echo", "state": "ready"}
+    rows = [
+        {**base, "instance": 0, "standby": {"pid": 51, "armed": True}},
+        {**base, "instance": 1, "standby": {"pid": 52, "armed": False}},
+        {**base, "instance": 2, "standby": {"pid": None, "armed": False}},
+        {**base, "instance": 3, "standby": None},
+    ]
+    lines = render.format_status(rows).splitlines()
+    assert lines[0].endswith("LAST EXIT  STANDBY")
+    assert [line.split("  ")[-1].strip() for line in lines[1:]] == ["51", "52 arming", "due", "-"]
+    assert "STANDBY" not in render.format_status([{**base, "instance": 0, "standby": None}])
+
+
 def test_format_status_without_rows_is_the_header() -> None:
     header = "PLUGIN  INSTANCE  VERSION  PID  STATE  HEALTH  RESTARTS  UPTIME  LAST EXIT"
     assert render.format_status([]) == header
