@@ -89,7 +89,7 @@ from osk_daemon.worker.sdk import (
     split_args,
     to_health,
 )
-from osk_daemon.worker.warm import LOG_FORMAT, take_prepared, warm_up
+from osk_daemon.worker.warm import LOG_FORMAT, rehearse, take_prepared, warm_up
 
 __all__ = ["run_worker", "warm_up"]
 
@@ -271,6 +271,7 @@ class _Worker:
         """A standby's wait: says ARMED on ``fd``, then True once the daemon wrote its byte
         there; False on EOF (the daemon dropped this standby, or died) or a stop (SIGTERM).
         Closes ``fd``."""
+        await rehearse()  # the steps after the go run once on nothing: their pages are ours
         with contextlib.suppress(OSError):  # armed; a daemon gone shows as EOF below
             os.write(fd, ARMED)
         loop = asyncio.get_running_loop()

@@ -23,7 +23,7 @@ import zmq
 
 from osk_daemon.ipc.codec import Kind, encode_header, pack
 
-__all__ = ["LOG_FORMAT", "Prepared", "take_prepared", "warm_up"]
+__all__ = ["LOG_FORMAT", "Prepared", "rehearse", "take_prepared", "warm_up"]
 
 LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 
@@ -60,7 +60,7 @@ def warm_up() -> tuple[frozenset[int], Callable[[], None]]:
     root.handlers = [handler]
     zctx: zmq.Context[Any] = zmq.Context()
     loop = asyncio.new_event_loop()
-    loop.run_until_complete(_rehearse())
+    loop.run_until_complete(rehearse())
     _prepared = Prepared(os.getpid(), handler, zctx, loop)
 
     def release() -> None:
@@ -73,7 +73,7 @@ def warm_up() -> tuple[frozenset[int], Callable[[], None]]:
     return frozenset(_open_fds() - before), release
 
 
-async def _rehearse() -> None:
+async def rehearse() -> None:
     """What a worker's start does on its loop, once, on nothing: tasks, a wait, a frame."""
     loop = asyncio.get_running_loop()
     event = asyncio.Event()
