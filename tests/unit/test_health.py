@@ -94,3 +94,14 @@ def test_timeout_detail_names_the_timeout() -> None:
     t = tracker(timeout=0.25)
     t.check(None)
     assert "0.25" in t.detail
+
+
+@pytest.mark.parametrize(("span", "grid"), [(1.0, 0.05), (0.5, 0.05), (0.2, 0.02), (0.05, 0.005)])
+def test_probe_times_round_up_to_a_shared_grid(span: float, grid: float) -> None:
+    from osk_daemon.supervisor.health_checks import _on_grid
+
+    points = {_on_grid(100.0 + span + k * grid / 7, span) for k in range(7)}
+    for k in range(7):
+        when = 100.0 + span + k * grid / 7
+        assert when <= _on_grid(when, span) <= when + grid * 1.0001
+    assert len(points) <= 2  # seven instances due within one grid step share a wake-up
