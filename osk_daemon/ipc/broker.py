@@ -290,6 +290,16 @@ class Broker:
             return False
         return route.endpoint.send((route.rid, header.encode(), body))
 
+    def post_to(self, key: InstanceKey, header: Header, body: bytes = b"") -> bool:
+        """``send_to``, but the frame leaves with what else this loop pass posts (health
+        probes due at one grid point: one flush, one ZMQ_EVENTS check, not one per probe,
+        which at 500 instances was a fifth of an idle daemon's CPU)."""
+        route = self._route_of(key)
+        if route is None:
+            return False
+        route.endpoint.post(route.rid, header.encode(), body)
+        return True
+
     # ---- local calls (oskctl call, health of the daemon itself) ------------------------
 
     async def call(

@@ -107,7 +107,7 @@ class HealthChecks:
             return  # the previous probe is still waiting
         inst.health_id = next(self._ids)
         inst.health_sent_at = time.monotonic()
-        self._sup.broker.send_to(inst.key, Header(Kind.HEALTH, inst.health_id))
+        self._sup.broker.post_to(inst.key, Header(Kind.HEALTH, inst.health_id))
         inst.health_timeout = loop.call_at(
             _on_grid(now + policy.timeout, policy.timeout),
             self._no_answer,
