@@ -235,8 +235,12 @@ class Confinement:
         except OskError as exc:
             log.warning("cgroup %s: %s", cgroup.name, exc)
         if final:
-            self._disposing[cgroup.name] = self._disposer.submit(_dispose, cgroup)
+            self._dispose_later(cgroup)
         return oom
+
+    def _dispose_later(self, cgroup: InstanceCgroup) -> None:
+        """Kill and remove ``cgroup`` on the worker thread; its name is busy until then."""
+        self._disposing[cgroup.name] = self._disposer.submit(_dispose, cgroup)
 
     def dispose_slots(self, name: str, index: int, keep: Collection[Prepared] = ()) -> None:
         """The instance is gone for good (stopped or removed): remove the kept cgroups of
@@ -250,7 +254,7 @@ class Confinement:
                 continue
             del self._kept[key]
             if kept.cgroup is not None:
-                self._disposing[key] = self._disposer.submit(_dispose, kept.cgroup)
+                self._dispose_later(kept.cgroup)
 
     def _settle(self, key: str) -> None:
         """Wait for the removal of an earlier cgroup of this name, if one is running."""
