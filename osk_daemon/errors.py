@@ -14,7 +14,9 @@ be turned back into the same class on the other side (see ``error_from_wire``).
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+TYPE_CHECKING = False  # typing's constant without importing typing: oskctl starts lean
+if TYPE_CHECKING:
+    from typing import Any, ClassVar
 
 
 class OskError(Exception):

@@ -14,9 +14,12 @@ are the command-line client. The names below are imported lazily, so that ``oskc
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+
+TYPE_CHECKING = False  # typing's constant without importing typing: oskctl starts lean
 
 if TYPE_CHECKING:
+    from typing import Any
+
     from osk_daemon.control.peercred import PeerCred
     from osk_daemon.control.protocol import BadRequest, Forbidden
     from osk_daemon.control.server import CommandHandler, serve_control

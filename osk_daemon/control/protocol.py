@@ -22,9 +22,12 @@ turns received chunks into lines and enforces that limit on either side.
 from __future__ import annotations
 
 import json
-from typing import Any
 
 from osk_daemon.errors import ControlError, OskError
+
+TYPE_CHECKING = False  # typing's constant without importing typing: oskctl starts lean
+if TYPE_CHECKING:
+    from typing import Any
 
 MAX_REQUEST_LINE = 1024 * 1024
 MAX_REPLY_LINE = 64 * 1024 * 1024

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from typing import Any
+
+TYPE_CHECKING = False  # typing's constant without importing typing: oskctl starts lean
+if TYPE_CHECKING:
+    from typing import Any
 
 STATUS_COLUMNS: tuple[tuple[str, str], ...] = (
     ("PLUGIN", "plugin"),

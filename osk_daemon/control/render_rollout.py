@@ -9,7 +9,10 @@ status, so the terminal shows the swap step by step.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+
+TYPE_CHECKING = False  # typing's constant without importing typing: oskctl starts lean
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["format_rollout_progress", "format_rollout_status", "format_updates"]
 

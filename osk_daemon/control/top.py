@@ -12,9 +12,14 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
 
 from osk_daemon.control.render import format_table
+
+TYPE_CHECKING = False  # typing's constant without importing typing: oskctl starts lean
+if TYPE_CHECKING:
+    from typing import Any
+
+    Sample = tuple[float, Mapping[tuple[str, int, Any], Mapping[str, Any]]]
 
 __all__ = ["format_top", "run_top"]
 
@@ -32,8 +37,6 @@ HEADERS = [
     "ERR/S",
     "RESTARTS",
 ]
-
-Sample = tuple[float, Mapping[tuple[str, int, Any], Mapping[str, Any]]]
 
 
 def _mem(n: int) -> str:

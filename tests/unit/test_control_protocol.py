@@ -10,7 +10,13 @@ from typing import Any
 import pytest
 
 from osk_daemon.control import render
-from osk_daemon.control.oskctl import DEFAULT_SOCKET, UsageError, build_parser, resolve_socket
+from osk_daemon.control.oskctl import (
+    DEFAULT_SOCKET,
+    UsageError,
+    build_parser,
+    named_command,
+    resolve_socket,
+)
 from osk_daemon.control.peercred import PeerCred, is_allowed, resolve_group, supplementary_groups
 from osk_daemon.control.protocol import (
     BadReply,
@@ -174,10 +180,10 @@ def test_socket_precedence(tmp_path: Path) -> None:
     config = tmp_path / "osk.toml"
     config.write_text('[daemon]\ncontrol_socket = "run/ctl.sock"\n')
     env = {"OSK_SOCKET": "/env.sock", "OSK_CONFIG": str(config)}
-    assert resolve_socket(Path("/flag.sock"), config, env).path == Path("/flag.sock")
-    assert resolve_socket(None, config, env).path == Path("/env.sock")
+    assert resolve_socket("/flag.sock", str(config), env).path == "/flag.sock"
+    assert resolve_socket(None, str(config), env).path == "/env.sock"
     choice = resolve_socket(None, None, {"OSK_CONFIG": str(config)})
-    assert choice.path == tmp_path / "run" / "ctl.sock"
+    assert choice.path == str(tmp_path / "run" / "ctl.sock")
     assert "$OSK_CONFIG" in choice.source and "control_socket" in choice.source
     assert resolve_socket(None, None, {}).path == DEFAULT_SOCKET
 
@@ -185,11 +191,11 @@ def test_socket_precedence(tmp_path: Path) -> None:
 def test_socket_from_runtime_dir_and_absolute_paths(tmp_path: Path) -> None:
     config = tmp_path / "osk.toml"
     config.write_text('[daemon]\nruntime_dir = "rt"\n')
-    assert resolve_socket(None, config, {}).path == tmp_path / "rt" / "control.sock"
+    assert resolve_socket(None, str(config), {}).path == str(tmp_path / "rt" / "control.sock")
     config.write_text('[daemon]\ncontrol_socket = "/abs/c.sock"\nruntime_dir = "rt"\n')
-    assert resolve_socket(None, config, {}).path == Path("/abs/c.sock")
+    assert resolve_socket(None, str(config), {}).path == "/abs/c.sock"
     config.write_text("[plugins]\n")
-    assert resolve_socket(None, config, {}).path == DEFAULT_SOCKET
+    assert resolve_socket(None, str(config), {}).path == DEFAULT_SOCKET
 
 
 @pytest.mark.parametrize("text", ["[daemon\n", "daemon = 3\n", "[daemon]\ncontrol_socket = 1\n"])
@@ -197,19 +203,35 @@ def test_bad_config_is_a_usage_error(tmp_path: Path, text: str) -> None:
     config = tmp_path / "osk.toml"
     config.write_text(text)
     with pytest.raises(UsageError):
-        resolve_socket(None, config, {})
+        resolve_socket(None, str(config), {})
     with pytest.raises(UsageError):
-        resolve_socket(None, tmp_path / "missing.toml", {})
+        resolve_socket(None, str(tmp_path / "missing.toml"), {})
 
 
 def test_global_flags_work_before_and_after_the_command() -> None:
     parser = build_parser()
     ns = parser.parse_args(["--json", "--socket", "/a", "status", "p"])
-    assert (ns.json, ns.socket, ns.name) == (True, Path("/a"), "p")
+    assert (ns.json, ns.socket, ns.name) == (True, "/a", "p")
     ns = parser.parse_args(["status", "--json", "--timeout", "3"])
     assert (ns.json, ns.socket_timeout) == (True, 3.0)
     ns = parser.parse_args(["--timeout", "7", "call", "p", "m", '{"x": 1}', "--timeout", "2"])
     assert (ns.socket_timeout, ns.call_timeout, ns.call_args) == (7.0, 2.0, {"x": 1})
+
+
+def test_the_parser_for_one_command_parses_as_the_full_one() -> None:
+    argv = ["--socket", "status", "--timeout", "2", "call", "p", "m", "--timeout", "3"]
+    assert named_command(argv) == "call"  # "status" is the value of --socket here
+    assert build_parser(argv).parse_args(argv) == build_parser().parse_args(argv)
+    assert named_command(["--json", "--help"]) is None
+    assert named_command(["statsu"]) is None  # a typo gets the full parser's error
+
+
+def test_a_typo_names_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        build_parser(["statsu"]).parse_args(["statsu"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'statsu'" in err and "'status'" in err and "'reexec'" in err
 
 
 def test_bad_args_json_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
