@@ -476,8 +476,8 @@ def named_command(argv: Sequence[str]) -> str | None:
     value), if it is one of ``COMMANDS``."""
     words = iter(argv)
     for word in words:
-        if word in _VALUED_FLAGS:
-            next(words, None)
+        if word.startswith("--") and any(f.startswith(word) for f in _VALUED_FLAGS):
+            next(words, None)  # argparse takes "--sock" for "--socket"; so do we
         elif not word.startswith("-"):
             return word if word in COMMANDS else None
     return None

@@ -222,6 +222,7 @@ def test_the_parser_for_one_command_parses_as_the_full_one() -> None:
     argv = ["--socket", "status", "--timeout", "2", "call", "p", "m", "--timeout", "3"]
     assert named_command(argv) == "call"  # "status" is the value of --socket here
     assert build_parser(argv).parse_args(argv) == build_parser().parse_args(argv)
+    assert named_command(["--sock", "status", "call", "p", "m"]) == "call"  # abbreviated
     assert named_command(["--json", "--help"]) is None
     assert named_command(["statsu"]) is None  # a typo gets the full parser's error
 
