@@ -18,10 +18,12 @@ How (theory of operation):
 3. The plugin class is loaded (``module:Class`` or an ``osk.plugins`` entry point),
    instantiated, given its handed-over state and started; then READY lists its methods.
    Any failure is reported as START_FAILED and the process exits with 1.
-4. Frames are dispatched by kind. REQUEST: sync handlers run inline, async ones as tasks,
-   and each request gets exactly one REPLY or ERROR unless its deadline has passed. REPLY
-   and ERROR resolve our own outgoing ``ctx.call`` futures. HEALTH runs ``health()`` in a
-   task. STOP (or SIGTERM) sets the stop event. Undecodable frames are logged and dropped.
+4. Frames are dispatched by kind in ``worker.link`` (``DaemonLink``, the socket's
+   callback and the plugin's ``ContextLink``). REQUEST: sync handlers run inline, async
+   ones as tasks, and each request gets exactly one REPLY or ERROR unless its deadline has
+   passed. REPLY and ERROR resolve our own outgoing ``ctx.call`` futures. HEALTH runs
+   ``health()`` in a task. STOP (or SIGTERM) sets the stop event. Undecodable frames are
+   logged and dropped.
 5. Shutdown: ``stop()``, cancel the remaining tasks, close the socket with a linger so
    queued replies still leave, exit 0. A second SIGTERM exits immediately.
 6. The daemon may die and come back: the socket's routing id is the token, so the new
@@ -40,9 +42,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-import inspect
-import itertools
 import logging
 import mmap
 import os
@@ -50,52 +49,25 @@ import signal
 import sys
 import time
 import traceback
-from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, NoReturn
 
 import zmq
 
-from osk_daemon.errors import (
-    DeadlineExceeded,
-    FrameError,
-    MethodNotFound,
-    OskError,
-    PluginLoadError,
-    RemoteError,
-    Unavailable,
-    error_from_wire,
-)
+from osk_daemon.errors import FrameError, PluginLoadError
 from osk_daemon.ipc.beats import BEAT_SIZE, write_beat
-from osk_daemon.ipc.codec import (
-    Encoder,
-    Header,
-    Kind,
-    check_batch,
-    decode_header,
-    encode_header,
-    encode_reply_header,
-    pack,
-    unpack,
-)
+from osk_daemon.ipc.codec import Kind, pack, unpack
 from osk_daemon.ipc.endpoint import LoopSocket
 from osk_daemon.worker.context import Context
+from osk_daemon.worker.link import DaemonLink
 from osk_daemon.worker.orphan import OrphanWatch
-from osk_daemon.worker.sdk import (
-    RESERVED_PREFIX,
-    Plugin,
-    load_plugin_class,
-    rpc_methods,
-    split_args,
-    to_health,
-)
+from osk_daemon.worker.sdk import Plugin, load_plugin_class, rpc_methods
 from osk_daemon.worker.warm import LOG_FORMAT, rehearse, take_prepared, warm_up
 
 __all__ = ["run_worker", "warm_up"]
 
 LINGER_MS = 500
 RECONNECT_MS = 20  # how soon a restarted daemon's endpoint is tried again (no back-off)
-CALL_GRACE = 0.5  # seconds past a call's deadline before giving up locally
 ARMED = b"a"  # a standby's word to the daemon on its go socket: ready to be promoted
 
 log = logging.getLogger("osk.worker")
@@ -145,40 +117,21 @@ def run_worker(spec: dict[str, Any]) -> NoReturn:
     os._exit(code)
 
 
-_DEPENDENCY_EVENTS = frozenset({"dependency_down", "dependency_up"})
-_enc = Encoder()  # the loop thread's (requests and replies are packed only there)
-_NOT_AWAITABLE = frozenset({type(None), bool, int, float, str, bytes, list, dict, tuple})
-_DENIED = frozenset({errno.EACCES, errno.EPERM, errno.ENETUNREACH})
-
-
-def error_body(exc: BaseException) -> bytes:
-    """The ERROR body for an exception raised by a handler."""
-    err = exc if isinstance(exc, OskError) else RemoteError(str(exc), type(exc).__name__)
-    return pack(err.to_wire())
-
-
 class _Worker:
-    """One plugin process's state: the socket, the plugin, in-flight tasks and calls."""
+    """One plugin process's lifecycle: the socket, signals, heartbeats, the plugin's start
+    and stop, a standby's wait; what crosses the wire for the plugin is ``self.link``."""
 
     def __init__(self, spec: dict[str, Any], zctx: zmq.Context[Any]) -> None:
         self.spec = spec
         self.name: str = spec["plugin"]
         self.max_size = int(spec["max_message_size"])
-        self.call_timeout = float(spec["call_timeout"])
         self.zctx = zctx
-        self.sock: LoopSocket | None = None
-        self.plugin: Plugin | None = None
         self.plugin_class: type[Plugin] | None = None  # a standby loads it before its go
         self.promotion: asyncio.Future[bytes] | None = None  # what a standby waits for
-        self.methods: dict[str, Callable[..., Any]] = {}
-        self.tasks: set[asyncio.Task[Any]] = set()
-        self.pending: dict[int, asyncio.Future[tuple[Kind, bytes]]] = {}
-        self.ids = itertools.count(1)
         self.stopping = asyncio.Event()
         self.broken = False
         self.beat = _map_beat(spec.get("beat_fd"))  # heartbeats go there, not as frames
-        self.tracer: Any = None  # an OpenTelemetry tracer when [tracing] is on
-        self.spans: dict[int, Any] = {}  # request id -> its handler's span
+        tracer: Any = None  # an OpenTelemetry tracer when [tracing] is on
         tracing = spec.get("tracing")
         if tracing:
             from osk_daemon.observability.tracing import make_provider
@@ -186,18 +139,10 @@ class _Worker:
             provider = make_provider(
                 tracing["exporter"], self.name, tracing.get("file"), tracing["sample_ratio"]
             )
-            self.tracer = provider.get_tracer("osk_daemon.worker") if provider else None
-
-    def send(self, kind: Kind, body: bytes = b"", id: int = 0, **header: Any) -> None:
-        """Queue a frame; never blocks (the socket's send queue is unbounded)."""
-        assert self.sock is not None
-        if not self.sock.send((encode_header(kind, id, **header), body)):
-            log.warning("could not send a %s frame to the daemon", kind.name)
-
-    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+            tracer = provider.get_tracer("osk_daemon.worker") if provider else None
+        self.link = DaemonLink(
+            self.name, self.max_size, float(spec["call_timeout"]), self.stopping.set, tracer
+        )
 
     async def run(self) -> int:
         go_fd = self.spec.get("go_fd")
@@ -218,12 +163,13 @@ class _Worker:
         raw.setsockopt(zmq.ROUTING_ID, self.spec["token"].encode())
         raw.setsockopt(zmq.RECONNECT_IVL, RECONNECT_MS)
         raw.connect(self.spec["endpoint"])
-        sock = self.sock = LoopSocket(raw, self.on_frames, name="daemon")
+        link = self.link
+        sock = link.sock = LoopSocket(raw, link.on_frames, name="daemon")
         orphans = OrphanWatch(
             raw,
             float(self.spec.get("orphan_timeout", 0)),
             on_orphaned=self.stopping.set,
-            on_reconnected=lambda: self.send(Kind.HEARTBEAT),
+            on_reconnected=lambda: link.send(Kind.HEARTBEAT),
         )
         hello = pack(
             {
@@ -235,7 +181,7 @@ class _Worker:
             }
         )
         if not standby:
-            self.send(Kind.HELLO, hello, target=self.name)
+            link.send(Kind.HELLO, hello, target=self.name)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.on_sigterm)
         sock.start(loop)
@@ -246,11 +192,11 @@ class _Worker:
             if go is not None:
                 if not await self.promoted(go):
                     return 0
-                self.send(Kind.HELLO, hello, target=self.name)
+                link.send(Kind.HELLO, hello, target=self.name)
             heartbeat = loop.create_task(self.heartbeat_loop(), name="heartbeat")
             heartbeat.add_done_callback(self.on_loop_died)
             if await self.load_and_start():
-                self.send(Kind.READY, pack({"methods": sorted(self.methods)}))
+                link.send(Kind.READY, pack({"methods": sorted(link.methods)}))
                 await self.stopping.wait()
                 await self.stop_plugin()
             elif not self.stopping.is_set():
@@ -258,7 +204,7 @@ class _Worker:
             if self.broken:
                 code = 1
         finally:
-            tasks = [*self.tasks] if heartbeat is None else [heartbeat, *self.tasks]
+            tasks = [*link.tasks] if heartbeat is None else [heartbeat, *link.tasks]
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -320,7 +266,7 @@ class _Worker:
             )
         trace = "".join(traceback.format_exception(starting.exception()))
         log.error("%s\n%s", exc, trace)
-        self.send(Kind.START_FAILED, pack({**exc.to_wire(), "traceback": trace}))
+        self.link.send(Kind.START_FAILED, pack({**exc.to_wire(), "traceback": trace}))
         return False
 
     async def start_plugin(self) -> None:
@@ -330,7 +276,7 @@ class _Worker:
             int(self.spec["instance"]),
             str(self.spec["version"]),
             self.spec.get("config") or {},
-            link=self,
+            link=self.link,
         )
         plugin = cls(ctx)
         methods = rpc_methods(plugin)
@@ -341,17 +287,18 @@ class _Worker:
             if saved is not None:
                 await plugin.import_state(saved)
         await plugin.start()
-        self.plugin, self.methods = plugin, methods
+        self.link.plugin, self.link.methods = plugin, methods
 
     async def stop_plugin(self) -> None:
-        assert self.plugin is not None
+        plugin = self.link.plugin
+        assert plugin is not None
         try:
-            await self.plugin.stop()
+            await plugin.stop()
         except Exception:
             log.exception("plugin %r raised in stop()", self.name)
         if self.spec.get("state_file"):
             try:
-                _write_state(self.spec["state_file"], await self.plugin.export_state())
+                _write_state(self.spec["state_file"], await plugin.export_state())
             except Exception:
                 log.exception("plugin %r: could not save its state", self.name)
 
@@ -377,206 +324,8 @@ class _Worker:
             if beat is not None:
                 write_beat(beat, time.monotonic())  # one store; the daemon reads it
             else:
-                self.send(Kind.HEARTBEAT)
+                self.link.send(Kind.HEARTBEAT)
             await asyncio.sleep(interval)
-
-    def on_frames(self, sock: LoopSocket, frames: list[bytes]) -> None:
-        """One message from the daemon: one ``(header, body)`` pair or a batch of them,
-        handled in order; a bad header drops the rest of the message."""
-        try:
-            check_batch(frames, 0)
-        except FrameError as exc:
-            log.warning("dropped a bad frame from the daemon: %s", exc)
-            return
-        for i in range(0, len(frames), 2):
-            try:
-                header = decode_header(frames[i])
-            except FrameError as exc:
-                log.warning("dropped a bad frame from the daemon: %s", exc)
-                return
-            try:
-                self.dispatch(header, frames[i + 1])
-            except Exception:
-                log.exception("failed to handle a %s frame; dropped it", header.kind.name)
-
-    def dispatch(self, header: Header, body: bytes) -> None:
-        if header.kind is Kind.REQUEST:
-            self.on_request(header, body)
-        elif header.kind in (Kind.REPLY, Kind.ERROR):
-            fut = self.pending.get(header.id)
-            if fut is None or fut.done():
-                log.debug("dropped a %s for unknown call id %d", header.kind.name, header.id)
-            else:
-                fut.set_result((header.kind, body))
-        elif header.kind is Kind.HEALTH:
-            self.spawn(self.answer_health(header.id))
-        elif header.kind is Kind.STOP:
-            self.stopping.set()
-        elif header.kind is Kind.EVENT and header.method in _DEPENDENCY_EVENTS:
-            self.on_dependency_event(header.method, body)
-        else:
-            log.warning("dropped an unexpected %s frame", header.kind.name)
-
-    def on_dependency_event(self, event: str, body: bytes) -> None:
-        """``dependency_down``/``dependency_up`` from the daemon: update the context and
-        run the plugin's hook of that name in its own task (errors are logged)."""
-        if self.plugin is None:
-            return
-        try:
-            data = unpack(body, 65536)
-            dependency, optional = str(data["dependency"]), bool(data.get("optional"))
-        except (FrameError, KeyError, TypeError) as exc:
-            log.warning("dropped a malformed %s event: %s", event, exc)
-            return
-        down = self.plugin.ctx.dependencies_down
-        if event == "dependency_down":
-            down.add(dependency)
-        else:
-            down.discard(dependency)
-        self.spawn(self.run_hook(event, dependency, optional))
-
-    async def run_hook(self, event: str, dependency: str, optional: bool) -> None:
-        try:
-            result = getattr(self.plugin, event)(dependency, optional)
-            if inspect.isawaitable(result):
-                await result
-        except Exception:
-            log.exception("plugin %r raised in %s(%r)", self.name, event, dependency)
-
-    def on_request(self, header: Header, body: bytes) -> None:
-        if header.deadline and time.monotonic() > header.deadline:
-            log.debug("dropped request %d for %r: deadline passed", header.id, header.method)
-            return
-        try:
-            args = unpack(body, self.max_size)
-        except FrameError as exc:
-            self.answer(Kind.ERROR, header.id, pack(exc.to_wire()))
-            return
-        handler = self.find_handler(header.method)
-        if handler is None:
-            self.answer(Kind.ERROR, header.id, pack(self.not_found(header.method).to_wire()))
-            return
-        if self.tracer is not None and header.meta and "traceparent" in header.meta:
-            from osk_daemon.observability.tracing import handle_span
-
-            self.spans[header.id] = handle_span(self.tracer, header.method, header.meta)
-        try:  # a sync handler runs right here; an async one only builds its coroutine
-            if type(args) is dict:  # what split_args does with a map, without its tuples
-                result = handler(**args)
-            else:
-                pos, kw = split_args(args)
-                result = handler(*pos, **kw)
-        except Exception as exc:
-            self.reply_error(header, exc)
-            return
-        if type(result) in _NOT_AWAITABLE or not inspect.isawaitable(result):
-            self.reply(header, result)
-        else:
-            self.spawn(self.finish_request(header, result))
-
-    def find_handler(self, method: str) -> Callable[..., Any] | None:
-        if self.plugin is None:
-            return None
-        if method.startswith(RESERVED_PREFIX):
-            reserved: dict[str, Callable[..., Any]] = {
-                "osk.export_state": self.plugin.export_state,
-                "osk.methods": lambda: sorted(self.methods),
-            }
-            return reserved.get(method)
-        return self.methods.get(method)
-
-    def not_found(self, method: str) -> OskError:
-        if self.plugin is None:
-            return Unavailable(f"plugin {self.name!r} is still starting; retry after READY")
-        have = ", ".join(sorted(self.methods)) or "no methods"
-        return MethodNotFound(f"plugin {self.name!r} has no method {method!r} (it has: {have})")
-
-    async def finish_request(self, header: Header, awaitable: Any) -> None:
-        try:
-            result = await awaitable
-        except Exception as exc:
-            self.reply_error(header, exc)
-        else:
-            self.reply(header, result)
-
-    def reply(self, header: Header, result: Any) -> None:
-        try:
-            body = _enc.body(result)
-            if len(body) > self.max_size:
-                raise FrameError(
-                    f"the result of {header.method!r} is {len(body)} bytes, over the limit "
-                    f"of {self.max_size}"
-                )
-        except Exception as exc:
-            self.answer(Kind.ERROR, header.id, error_body(exc))
-        else:
-            self.answer(Kind.REPLY, header.id, body)
-
-    def answer(self, kind: Kind, id: int, body: bytes) -> None:
-        """Post the REPLY or ERROR to request ``id``; it leaves with the other answers of
-        this loop pass, in one message (see ``endpoint``)."""
-        assert self.sock is not None
-        self.sock.post(b"", encode_reply_header(kind, id), body)
-        if self.spans:
-            span = self.spans.pop(id, None)
-            if span is not None:
-                if kind is Kind.ERROR:
-                    from opentelemetry.trace import Status, StatusCode
-
-                    span.set_status(Status(StatusCode.ERROR))
-                span.end()
-
-    def pack_limited(self, value: Any, what: str) -> bytes:
-        body = pack(value)
-        if len(body) > self.max_size:
-            raise FrameError(f"{what} is {len(body)} bytes, over the limit of {self.max_size}")
-        return body
-
-    def reply_error(self, header: Header, exc: Exception) -> None:
-        log.warning("handler %r raised %s: %s", header.method, type(exc).__name__, exc)
-        log.debug("traceback of %r", header.method, exc_info=exc)
-        self.answer(Kind.ERROR, header.id, error_body(exc))
-        if isinstance(exc, OSError) and exc.errno in _DENIED:
-            # what the kernel refused (Landlock EACCES, seccomp EPERM) reaches the daemon's
-            # event stream as far as the plugin lets it surface
-            report = {"message": f"{header.method}: {exc}", "errno": exc.errno}
-            self.send(Kind.EVENT, pack(report), method="sandbox:violation")
-
-    async def answer_health(self, id: int) -> None:
-        if self.plugin is None:
-            status, detail = "unhealthy", "plugin is still starting"
-        else:
-            try:
-                health = to_health(await self.plugin.health())
-                status, detail = health.status.value, health.detail
-            except Exception as exc:
-                status, detail = "unhealthy", f"health() raised {type(exc).__name__}: {exc}"
-        self.send(Kind.HEALTH_REPLY, pack({"status": status, "detail": detail}), id)
-
-    async def call(self, plugin: str, method: str, args: Any, timeout: float | None) -> Any:
-        timeout = self.call_timeout if timeout is None else timeout
-        body = self.pack_limited(args, f"the arguments for {plugin}.{method}")
-        id = next(self.ids)
-        fut: asyncio.Future[tuple[Kind, bytes]] = asyncio.get_running_loop().create_future()
-        self.pending[id] = fut
-        try:
-            assert self.sock is not None
-            header = _enc.request(id, plugin, method, time.monotonic() + timeout, None)
-            self.sock.post(b"", header, body)
-            async with asyncio.timeout(timeout + CALL_GRACE):
-                kind, reply = await fut
-        except TimeoutError:
-            raise DeadlineExceeded(
-                f"call to {plugin}.{method} got no answer within {timeout:g}s"
-            ) from None
-        finally:
-            self.pending.pop(id, None)
-        if kind is Kind.REPLY:
-            return unpack(reply, self.max_size)
-        raise error_from_wire(unpack(reply, self.max_size))
-
-    def emit(self, event: str, data: Any) -> None:
-        self.send(Kind.EVENT, self.pack_limited(data, f"event {event!r}"), method=event)
 
 
 def _read_state(path: str, limit: int) -> Any:
