@@ -36,7 +36,6 @@ from osk_daemon.errors import ControlError, OskError
 from osk_daemon.ipc.broker import Broker, InstanceKey
 from osk_daemon.ipc.codec import Header, Kind, unpack
 from osk_daemon.observability.event_pub import EventPublisher
-from osk_daemon.observability.metrics import serve_metrics
 from osk_daemon.supervisor import lifecycle as lc
 from osk_daemon.supervisor.adoption import Survivors, reload_survivors
 from osk_daemon.supervisor.confinement import Confinement
@@ -183,6 +182,10 @@ class Supervisor:
                 self._tg.start_soon(watch_plugin, self, name)
         self._tg.start_soon(self.updates.run)
         if self.config.metrics.listen:
+            # imported only when asked for: prometheus_client (with http.server, email,
+            # ssl) adds ~10 MiB to the daemon's RSS
+            from osk_daemon.observability.metrics import serve_metrics
+
             self._tg.start_soon(serve_metrics, self, self.config.metrics.listen)
 
     async def shutdown(self) -> None:
