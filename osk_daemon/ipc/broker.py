@@ -13,59 +13,42 @@ heartbeats and REQUESTs (calls to other plugins) accepted. A worker's routing id
 token, so a daemon restarted over live plugins binds them before they reconnect
 (``adopt``); any other peer that talks before saying HELLO is told to STOP.
 
-A REQUEST gets a broker-wide id; the table ``_pending`` maps it back to the caller's own
-id and routing id, so replies from a worker are forwarded to whoever asked, with the
-caller's id restored. Bodies are never unpacked here: the broker only reads headers, and
-a reply's header is the codec's 11-byte reply form, read with one ``struct`` call.
-
-Requests go to the ready instance with the fewest requests in flight (``routing``).
-While a plugin is starting or restarting (no instance ready yet but one on its way)
-requests wait in a queue until their deadline; a plugin that is stopped, failed or unknown
-is answered at once with ``unavailable``. Every request has a deadline (the caller's, or
-the default); one heap and one timer (``deadlines.DeadlineTimer``) answer expired requests
-with ``timeout``, so nothing hangs. When an instance is lost, its in-flight requests are
-answered with an error at once.
+Bodies are never unpacked here: the broker only reads headers, and a reply's header is
+the codec's 11-byte reply form, read with one ``struct`` call. What becomes of a request
+once read — the instance it goes to, its queue and deadline, its one answer and what that
+counts as — is the business of ``inflight.InFlight``: the broker hands it every REQUEST,
+with the caller's deadline or the default, and every reply of a bound worker. The route
+tables it picks instances from (``routing``) are the broker's: what the supervisor says
+about instances (spawned, ready, version, draining, gone) changes them here.
 
 Both sockets are read from the asyncio loop (``endpoint.RouterEndpoint``) and share one
 ``FlushGroup``: what a pass over one socket routes is posted, and leaves as one batch per
-peer when the pass ends (see ``endpoint``). Requests in a batch that could not be sent
-(the worker's socket is gone) never left: they are queued again, like requests that
-found no instance ready.
+peer when the pass ends (see ``endpoint``); requests in a batch that could not be sent
+go back to ``InFlight.undeliverable``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from osk_daemon.errors import (
-    DeadlineExceeded,
-    FrameError,
-    OskError,
-    PluginError,
-    Unavailable,
-)
+from osk_daemon.errors import FrameError
 from osk_daemon.ipc.codec import (
-    Encoder,
     Header,
     Kind,
     check_batch,
     decode_header,
     decode_reply_header,
-    encode_reply_header,
-    pack,
     unpack,
 )
-from osk_daemon.ipc.deadlines import DeadlineTimer
 from osk_daemon.ipc.endpoint import FlushGroup, LoopSocket, RouterEndpoint
-from osk_daemon.ipc.routing import InstanceKey, PluginRoutes, Route, has_version, pick
+from osk_daemon.ipc.inflight import BrokerStats, InFlight
+from osk_daemon.ipc.routing import InstanceKey, PluginRoutes, Route
 from osk_daemon.rollout.analysis import Recorder
 from osk_daemon.rollout.traffic import TrafficSplit
 
@@ -84,32 +67,6 @@ _WORKER_KINDS = frozenset(
 _MAX_STRAYS = 1024
 
 
-@dataclass(slots=True)
-class _Pending:
-    caller: tuple[LoopSocket, bytes] | None  # None: a local call, through ``future``
-    caller_id: int
-    target: str
-    method: str
-    deadline: float
-    meta: dict[str, Any] | None
-    body: bytes
-    future: asyncio.Future[tuple[Kind, bytes]] | None = None
-    route: Route | None = None
-    started: float = 0.0  # monotonic, when it arrived (latency for rollout analysis)
-    span: Any = None  # its tracing span, when tracing is on
-
-
-@dataclass
-class BrokerStats:
-    requests: int = 0
-    replies: int = 0
-    timeouts: int = 0
-    unavailable: int = 0
-    dropped_malformed: int = 0
-    dropped_unauthenticated: int = 0
-    late_replies: int = 0
-
-
 class Broker:
     """Route frames between callers and plugin instances. See the module docstring."""
 
@@ -123,13 +80,16 @@ class Broker:
         default_timeout: float = 10.0,
         ctx: zmq.Context[Any] | None = None,
     ) -> None:
-        self.stats = BrokerStats()
-        self.tracer: RpcTracer | None = None  # set by the supervisor when tracing is on
         self._listener = listener
         self._max = max_message_size
         self._default_timeout = default_timeout
         self._ctx = ctx or zmq.Context.instance()
-        self._enc = Encoder()
+        self._plugins: dict[str, PluginRoutes] = {}
+        requests = self._requests = InFlight(self._plugins)
+        self.stats = requests.stats  # the same object: frames dropped here count there too
+        # bound once, so the hot path reaches them with no hop through ``_requests``
+        self._accept_request = requests.accept
+        self._reply = requests.reply
         group = self._group = FlushGroup()
         self._clients = RouterEndpoint(
             self._ctx,
@@ -146,32 +106,33 @@ class Broker:
             name="workers",
             max_message_size=max_message_size,
             group=group,
-            on_undeliverable=self._undeliverable,
+            on_undeliverable=requests.undeliverable,
         )
         self._tokens: dict[str, InstanceKey] = {}
         self._strays: set[bytes] = set()  # unbound peers already told to stop
         self._by_rid: dict[bytes, Route] = {}
-        self._plugins: dict[str, PluginRoutes] = {}
-        self._pending: dict[int, _Pending] = {}
-        self._ids = itertools.count(1)
-        self._deadlines = DeadlineTimer(
-            self._expired, self._pending.__contains__, self._pending.__len__
-        )
+
+    @property
+    def tracer(self) -> RpcTracer | None:
+        """The RPC tracer, set by the supervisor when tracing is on (spans: ``inflight``)."""
+        return self._requests.tracer
+
+    @tracer.setter
+    def tracer(self, tracer: RpcTracer | None) -> None:
+        self._requests.tracer = tracer
 
     # ---- lifecycle -------------------------------------------------------------------
 
     def start(self) -> None:
         """Start reading the socket from the running asyncio loop."""
         loop = asyncio.get_running_loop()
-        self._deadlines.start(loop)
+        self._requests.start(loop)
         self._clients.start(loop)
         self._workers.start(loop)
 
     def close(self) -> None:
         """Answer everything pending with ``unavailable`` and close the socket."""
-        for bid in list(self._pending):
-            self._fail(bid, Unavailable("the daemon is shutting down"))
-        self._deadlines.close()
+        self._requests.close()
         self._clients.close()
         self._workers.close()
 
@@ -204,7 +165,7 @@ class Broker:
             return
         route.ready = ready and not route.draining
         if route.ready:
-            self._flush_queue(key[0])
+            self._requests.flush_queue(key[0])
 
     # ---- versions (rollouts) ------------------------------------------------------------
 
@@ -222,7 +183,7 @@ class Broker:
         """Send ``plugin``'s requests by version weights; None: to any ready instance."""
         entry = self._plugins.setdefault(plugin, PluginRoutes())
         entry.split = None if weights is None else TrafficSplit(weights, order)
-        self._flush_queue(plugin)
+        self._requests.flush_queue(plugin)
 
     def set_recorder(self, plugin: str, recorder: Recorder | None) -> None:
         """Record every answered call of ``plugin`` (version, latency, ok) into ``recorder``."""
@@ -231,16 +192,7 @@ class Broker:
     def drain(self, key: InstanceKey) -> asyncio.Future[None]:
         """Send instance ``key`` no new requests; the future resolves once the requests it
         has in flight are answered (at once if it has none)."""
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        route = self._route_of(key)
-        if route is None or route.in_flight <= 0:
-            future.set_result(None)
-            if route is not None:
-                route.draining, route.ready = True, False
-            return future
-        route.draining, route.ready = True, False
-        route.drained = future
-        return future
+        return self._requests.drain(self._route_of(key))
 
     def plugin_metrics(
         self,
@@ -266,8 +218,7 @@ class Broker:
         entry = self._plugins.setdefault(plugin, PluginRoutes())
         entry.accepting = accepting
         if not accepting:
-            while entry.queue:
-                self._fail(entry.queue.popleft(), Unavailable(f"plugin '{plugin}' is stopped"))
+            self._requests.refuse_queued(plugin)
 
     def detach(self, key: InstanceKey, reason: str) -> None:
         """The instance is gone: unbind it and fail its in-flight requests."""
@@ -279,9 +230,7 @@ class Broker:
         if route is None:
             return
         self._by_rid.pop(route.rid, None)
-        for bid, pending in list(self._pending.items()):
-            if pending.route is route:
-                self._fail(bid, PluginError(f"{key[0]}/{key[1]} {reason} during the request"))
+        self._requests.fail_route(route, f"{key[0]}/{key[1]} {reason} during the request")
 
     def send_to(self, key: InstanceKey, header: Header, body: bytes = b"") -> bool:
         """Send a control frame (HEALTH, STOP) to one instance; False if it is not bound."""
@@ -449,183 +398,6 @@ class Broker:
         which the calls and replies read before it need not wait for."""
         self._group.flush()
         self._listener(key, header, body)
-
-    # ---- requests and replies ---------------------------------------------------------
-
-    def _accept_request(
-        self,
-        caller: tuple[LoopSocket, bytes] | None,
-        caller_id: int,
-        target: str,
-        method: str,
-        deadline: float,
-        meta: dict[str, Any] | None,
-        body: bytes,
-        future: asyncio.Future[tuple[Kind, bytes]] | None,
-    ) -> None:
-        self.stats.requests += 1
-        bid = next(self._ids)
-        pending = self._pending[bid] = _Pending(
-            caller, caller_id, target, method, deadline, meta, body, future, None, time.monotonic()
-        )
-        if self.tracer is not None:
-            pending.span, pending.meta = self.tracer.begin_call(target, method, meta)
-        entry = self._plugins.get(target)
-        if entry is None:
-            self._fail(bid, Unavailable(f"no plugin named '{target}'"))
-            return
-        if meta:
-            pin = meta.get("version")
-            if isinstance(pin, str) and pin and not has_version(entry, pin):
-                have = ", ".join(sorted(set(entry.versions.values()))) or "none"
-                self._fail(
-                    bid, Unavailable(f"plugin '{target}' runs no version {pin} (it runs {have})")
-                )
-                return
-        if not self._dispatch(bid, pending, entry):
-            if not entry.accepting:
-                self._fail(bid, Unavailable(f"plugin '{target}' is stopped"))
-                return
-            entry.queue.append(bid)
-        self._deadlines.add(deadline, bid)
-
-    def _dispatch(self, bid: int, pending: _Pending, entry: PluginRoutes) -> bool:
-        route = pick(entry, pending.meta)
-        if route is None:
-            return False
-        header = self._enc.request(
-            bid, pending.target, pending.method, pending.deadline, pending.meta
-        )
-        route.endpoint.post(route.rid, header, pending.body, bid)
-        pending.route = route
-        pending.body = b""  # the worker has it now; do not keep large bodies alive
-        route.in_flight += 1
-        return True
-
-    def _flush_queue(self, plugin: str) -> None:
-        entry = self._plugins[plugin]
-        while entry.queue:
-            bid = entry.queue[0]
-            pending = self._pending.get(bid)
-            if pending is None:
-                entry.queue.popleft()
-                continue
-            if not self._dispatch(bid, pending, entry):
-                return
-            entry.queue.popleft()
-
-    def _reply(self, route: Route, kind: Kind, bid: int, body: bytes) -> None:
-        pending = self._pending.get(bid)
-        if pending is None or pending.route is not route:
-            self.stats.late_replies += 1
-            return
-        del self._pending[bid]
-        ok = kind is Kind.REPLY
-        self._count(pending.target, "ok" if ok else "error")
-        self._landed(route, pending, ok)
-        self.stats.replies += 1
-        self._answer(pending, kind, body)
-
-    def _undeliverable(self, rid: bytes, bids: list[int], frames: list[bytes], err: int) -> None:
-        """A batch could not be sent to ``rid``: its requests never left, so they go back
-        to the front of their plugin's queue, as if no instance had been ready. A peer
-        that is gone (EHOSTUNREACH: the process died, the supervisor does not know yet)
-        takes no more requests, and the queue is offered to the other instances; a full
-        one (EAGAIN) keeps its place and the requests wait for the next ready instance."""
-        gone = err == zmq.EHOSTUNREACH
-        back: dict[str, list[int]] = {}
-        for i, bid in enumerate(bids):
-            pending = self._pending.get(bid) if bid else None
-            route = pending.route if pending is not None else None
-            if pending is None or route is None or route.rid != rid:
-                continue
-            if gone:
-                route.ready = False
-            pending.route, pending.body = None, frames[2 * i + 1]
-            self._unsent(route)
-            back.setdefault(route.key[0], []).append(bid)
-        for plugin, requeued in back.items():
-            entry = self._plugins[plugin]
-            if not entry.accepting:
-                for bid in requeued:
-                    self._fail(bid, Unavailable(f"plugin '{plugin}' is stopped"))
-                continue
-            entry.queue.extendleft(reversed(requeued))
-            if gone:
-                self._flush_queue(plugin)
-
-    def _unsent(self, route: Route) -> None:
-        """A request ``route`` was given did not leave: it is not in flight there."""
-        route.in_flight -= 1
-        if route.drained is not None and route.in_flight <= 0:
-            if not route.drained.done():
-                route.drained.set_result(None)
-            route.drained = None
-
-    def _landed(self, route: Route, pending: _Pending, ok: bool) -> None:
-        """A request ``route`` had in flight is over: account for it."""
-        route.in_flight -= 1
-        route.calls += 1
-        if not ok:
-            route.errors += 1
-        entry = self._plugins.get(route.key[0])
-        if entry is not None:
-            now = time.monotonic()
-            entry.latency.observe(now - pending.started)
-            if entry.recorder is not None:
-                entry.recorder.record(route.version, now, now - pending.started, ok)
-        if route.drained is not None and route.in_flight <= 0:
-            if not route.drained.done():
-                route.drained.set_result(None)
-            route.drained = None
-
-    def _count(self, plugin: str, outcome: str) -> None:
-        """One answered call of ``plugin`` by outcome (ok, error, timeout, unavailable)."""
-        entry = self._plugins.get(plugin)
-        if entry is not None:
-            entry.outcomes[outcome] += 1
-
-    def _answer(self, pending: _Pending, kind: Kind, body: bytes) -> None:
-        if pending.span is not None:
-            where = f"{pending.route.key[0]}/{pending.route.key[1]}" if pending.route else ""
-            pending.span, span = None, pending.span
-            assert self.tracer is not None
-            self.tracer.end_call(span, kind is Kind.REPLY, where)
-        if pending.future is not None:
-            if not pending.future.done():
-                pending.future.set_result((kind, body))
-        elif pending.caller is not None:
-            ep, rid = pending.caller
-            ep.post(rid, encode_reply_header(kind, pending.caller_id), body)
-
-    def _fail(self, bid: int, error: OskError) -> None:
-        pending = self._pending.pop(bid, None)
-        if pending is None:
-            return
-        if isinstance(error, Unavailable):
-            self.stats.unavailable += 1
-        if pending.route is not None:
-            self._landed(pending.route, pending, ok=False)
-        if isinstance(error, Unavailable):
-            self._count(pending.target, "unavailable")
-        elif isinstance(error, DeadlineExceeded):
-            self._count(pending.target, "timeout")
-        else:
-            self._count(pending.target, "error")
-        self._answer(pending, Kind.ERROR, pack(error.to_wire()))
-
-    # ---- deadlines --------------------------------------------------------------------
-
-    def _expired(self, bid: int) -> None:
-        pending = self._pending[bid]
-        self.stats.timeouts += 1
-        where = f" (at {pending.route.key[0]}/{pending.route.key[1]})" if pending.route else ""
-        self._fail(
-            bid,
-            DeadlineExceeded(
-                f"{pending.target}.{pending.method} got no answer before its deadline{where}"
-            ),
-        )
 
     def _route_of(self, key: InstanceKey) -> Route | None:
         entry = self._plugins.get(key[0])
