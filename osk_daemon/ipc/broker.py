@@ -62,7 +62,14 @@ log = logging.getLogger("osk.broker")
 WorkerListener = Callable[[InstanceKey, Header, bytes], None]
 
 _WORKER_KINDS = frozenset(
-    {Kind.READY, Kind.HEARTBEAT, Kind.EVENT, Kind.HEALTH_REPLY, Kind.START_FAILED}
+    {
+        Kind.READY,
+        Kind.HEARTBEAT,
+        Kind.EVENT,
+        Kind.HEALTH_REPLY,
+        Kind.HEALTH_REPORT,
+        Kind.START_FAILED,
+    }
 )
 _MAX_STRAYS = 1024
 

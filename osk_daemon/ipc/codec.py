@@ -58,6 +58,7 @@ class Kind(enum.IntEnum):
     HEALTH_REPLY = 9  # worker -> daemon; body = {status, detail}
     STOP = 10  # daemon -> worker; run stop() and exit
     START_FAILED = 11  # worker -> daemon; body = packed error
+    HEALTH_REPORT = 12  # worker -> daemon; its own check (worker.health); body = its result
 
 
 _KINDS = {int(k): k for k in Kind}

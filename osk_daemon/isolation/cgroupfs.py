@@ -54,7 +54,7 @@ POLL_S = 0.005
 
 
 @contextmanager
-def translate(action: str, path: Path) -> Iterator[None]:
+def translate(action: str, path: str | Path) -> Iterator[None]:
     """Turn an ``OSError`` from a cgroup file into ``CgroupError`` naming file and errno."""
     try:
         yield
@@ -71,7 +71,7 @@ def read_text(path: Path) -> str:
         return path.read_text()
 
 
-def read_optional(path: Path) -> str | None:
+def read_optional(path: str | Path) -> str | None:
     """The file's text, or ``None`` if it (or its cgroup) does not exist.
 
     Plain ``os.open``/``os.read``: usage sampling reads several files per instance, and a
@@ -105,7 +105,7 @@ def write_value(path: Path, value: str) -> None:
             os.close(fd)
 
 
-def read_int(path: Path) -> int | None:
+def read_int(path: str | Path) -> int | None:
     """An integer file (``max`` reads as ``None``); ``None`` if the file is missing."""
     text = read_optional(path)
     if text is None or text.strip() == "max":
@@ -113,7 +113,7 @@ def read_int(path: Path) -> int | None:
     return int(text.split()[0])
 
 
-def read_keyed(path: Path) -> dict[str, int] | None:
+def read_keyed(path: str | Path) -> dict[str, int] | None:
     """A flat keyed file (``key value`` lines, e.g. ``memory.events``); ``None`` if missing."""
     text = read_optional(path)
     if text is None:

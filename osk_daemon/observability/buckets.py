@@ -40,6 +40,13 @@ class Buckets:
         self.counts[bisect_left(self.bounds, seconds)] += 1
         self.sum += seconds
 
+    def observe_many(self, count: int, total: float) -> None:
+        """``count`` observations ``total`` seconds long in all, known only as a sum: each
+        is counted at their mean (the sum stays exact)."""
+        if count > 0:
+            self.counts[bisect_left(self.bounds, total / count)] += count
+            self.sum += total
+
     def cumulative(self) -> list[tuple[str, float]]:
         out: list[tuple[str, float]] = []
         running = 0

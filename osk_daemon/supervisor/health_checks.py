@@ -1,12 +1,22 @@
-"""Scheduling health probes and watching heartbeats, for the driver.
+"""Health checks and heartbeats, for the driver.
 
-Each ready instance gets a HEALTH frame every ``interval`` and ``timeout`` seconds to
-answer it; the verdicts go to its ``HealthTracker``. Sub-second intervals work: timers
-are plain loop timers, not a polling tick, whose times are rounded up to a shared grid
-(``_on_grid``) so that instances due at about the same time are probed in one loop pass.
-Separately, one watchdog timer checks every
-instance's last frame: a worker whose event loop is blocked stops sending heartbeats,
-and after ``heartbeat_timeout`` it is declared hung and killed.
+A ready instance is checked one of two ways; the verdicts go to its ``HealthTracker``.
+
+- **Its worker checks itself** (the usual case: it has a heartbeat page and marked it
+  ``PUSHES_HEALTH`` before its READY; ``worker.health``). It reports news as
+  HEALTH_REPORT frames (``reported``) and counts unchanged healthy checks in its page,
+  which the watchdog sweep below reads. A page count that stops moving with no report
+  for ``2 * interval + timeout`` counts as a failed check: the checks stopped.
+- **The daemon probes it** (a worker without a page, or one adopted from a daemon that
+  gave it none): a HEALTH frame every ``interval`` and ``timeout`` seconds to answer.
+  Sub-second intervals work: timers are plain loop timers, not a polling tick, whose
+  times are rounded up to a shared grid (``_on_grid``) so that instances due at about the
+  same time are probed in one loop pass. A probe also tells a self-checking worker to
+  stop its own checks (``take_over``: the policy changed under it).
+
+Separately, one watchdog timer reads every instance's heartbeat page (or its last frame):
+a worker whose event loop is blocked stops beating, and after ``heartbeat_timeout`` it
+is declared hung and killed.
 """
 
 from __future__ import annotations
@@ -43,6 +53,7 @@ def _on_grid(when: float, span: float) -> float:
 
 
 _ANSWERABLE = {HealthStatus.HEALTHY, HealthStatus.DEGRADED, HealthStatus.UNHEALTHY}
+_WATCHED = frozenset({lc.State.READY, lc.State.INITIALIZING})  # a silent one is hung
 
 
 class HealthChecks:
@@ -71,10 +82,65 @@ class HealthChecks:
         return [(p, b.cumulative(), b.sum) for p, b in sorted(self._durations.items())]
 
     def schedule(self, inst: Instance) -> None:
-        """The instance became ready: start probing it."""
+        """The instance became ready: listen to its own checks, or start probing it."""
         inst.cancel_health()
-        if inst.health.policy.enabled:  # the first probe at once: dependents wait for it
+        if not inst.health.policy.enabled:
+            return
+        page = inst.beat.read() if inst.beat is not None else None
+        if page is not None and page.pushes_health:
+            inst.health_push = True
+            inst.health_count, inst.health_durations = page.healthy, page.durations
+            inst.health_heard = time.monotonic()
+            return  # its first check's report is on its way: dependents wait for it
+        # the first probe at once: dependents wait for it
+        inst.health_handle = self._loop.call_later(0, self._probe, inst, inst.generation)
+
+    def take_over(self, inst: Instance) -> None:
+        """Its health policy changed: probe it from now on (the first probe also stops
+        the checks its worker runs with the old policy)."""
+        if not inst.health_push:
+            return
+        inst.cancel_health()
+        if inst.health.policy.enabled:
             inst.health_handle = self._loop.call_later(0, self._probe, inst, inst.generation)
+        else:  # nothing to probe: one unasked-for probe only silences the worker
+            self._sup.broker.post_to(inst.key, Header(Kind.HEALTH, 0))
+
+    def reported(self, inst: Instance, body: bytes) -> None:
+        """A HEALTH_REPORT: news from a worker that checks itself."""
+        if not inst.health_push:
+            return  # not asked for (we probe it): dropped
+        try:
+            data = unpack(body, 65536)
+            raw = data["status"]
+            status = None if raw is None else HealthStatus(raw)
+            detail = str(data.get("detail", ""))
+            count, durations = int(data["count"]), float(data["durations"])
+            took = float(data["took"])
+        except (OskError, KeyError, TypeError, ValueError, AttributeError):
+            self._verdict(inst, HealthStatus.UNHEALTHY, "malformed health report")
+            return
+        inst.health_heard = time.monotonic()
+        self._absorb(inst, count, durations)  # the healthy checks before this one count first
+        self._durations.setdefault(inst.plugin, Buckets()).observe(took)
+        if status is not None and status not in _ANSWERABLE:
+            status = HealthStatus.UNHEALTHY
+        self._verdict(inst, status, detail)
+
+    def _absorb(self, inst: Instance, count: int, durations: float) -> bool:
+        """Count the healthy checks its page (or a report) shows beyond those seen; True
+        if there were any."""
+        new = (count - inst.health_count) & 0xFFFFFFFF
+        if not new:
+            return False
+        spent = durations - inst.health_durations
+        inst.health_count, inst.health_durations = count, durations
+        self._durations.setdefault(inst.plugin, Buckets()).observe_many(new, max(0.0, spent))
+        health = inst.health
+        if health.status is not HealthStatus.HEALTHY or health.failures:
+            for _ in range(min(new, health.policy.success_threshold)):
+                self._verdict(inst, HealthStatus.HEALTHY, health.detail)
+        return True
 
     def answered(self, inst: Instance, check_id: int, body: bytes) -> None:
         if check_id != inst.health_id or inst.health_timeout is None:
@@ -143,14 +209,37 @@ class HealthChecks:
             self._sup.feed(inst, lc.HealthFailed(inst.health.detail or "failed health checks"))
 
     def _watch(self) -> None:
+        """The sweep: every instance's heartbeat page, and the hung ones killed.
+
+        A healthy instance whose last beat is too recent to time out before the next
+        sweep is skipped: at the default 1 s beats and 3 s timeout, each page is read
+        every third sweep instead of every one (an idle daemon's largest cost at 500
+        plugins, after the health checks moved into the pages)."""
         now = time.monotonic()
+        fresh = self._hb_timeout - self._tick
         for inst in list(self._sup.instances.values()):
-            if inst.beat is not None:  # beats in shared memory (ipc.beats), not as frames
-                inst.last_seen = max(inst.last_seen, inst.beat.last())
-            if inst.life.state in (lc.State.READY, lc.State.INITIALIZING) and (
-                now - inst.last_seen > self._hb_timeout
+            beat = inst.beat  # beats in shared memory (ipc.beats), not as frames
+            if beat is not None and (
+                now - inst.last_seen > fresh or inst.health.status is not HealthStatus.HEALTHY
             ):
+                page = beat.read()
+                inst.last_seen = max(inst.last_seen, page.beat)
+                if inst.health_push and inst.life.state is lc.State.READY:
+                    self._read_checks(inst, page.healthy, page.durations, now)
+            if inst.life.state in _WATCHED and now - inst.last_seen > self._hb_timeout:
                 silent = now - inst.last_seen
                 log.warning("%s sent no heartbeat for %.1fs: hung, killing it", inst.leaf, silent)
                 self._sup.feed(inst, lc.HeartbeatLost())
         self._watchdog = self._loop.call_later(self._tick, self._watch)
+
+    def _read_checks(self, inst: Instance, count: int, durations: float, now: float) -> None:
+        """The sweep's look at a self-checking worker's page: new healthy checks, or none
+        for too long (then one failed check per such stretch)."""
+        if self._absorb(inst, count, durations):
+            inst.health_heard = now
+            return
+        policy = inst.health.policy
+        quiet = 2 * policy.interval + policy.timeout
+        if now - inst.health_heard > quiet:
+            inst.health_heard = now
+            self._verdict(inst, None, f"no health check result for {quiet:g}s")

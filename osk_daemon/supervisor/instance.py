@@ -46,6 +46,12 @@ class Instance:
     health_timeout: asyncio.TimerHandle | None = None
     health_id: int = 0
     health_sent_at: float = 0.0  # monotonic, the last probe
+    # the worker checks its own health (worker.health): what its page said last, and when
+    # a report or a new count last came (monotonic)
+    health_push: bool = False
+    health_count: int = 0
+    health_durations: float = 0.0
+    health_heard: float = 0.0
     restart_span: Any = None  # tracing: from a crash to the replacement's readiness
     close_output: Callable[[], None] | None = None
     beat: Beat | None = None  # this life's heartbeat page, if its worker has one
@@ -145,6 +151,7 @@ class Instance:
             if handle is not None:
                 handle.cancel()
         self.health_handle = self.health_timeout = None
+        self.health_push = False
 
     def worker_spec(
         self, config: Config, endpoint: str, *, token: str | None = None
@@ -177,11 +184,17 @@ class Instance:
             "endpoint": endpoint,
             "token": self.token if token is None else token,
             "heartbeat_interval": d.heartbeat_interval,
+            **({"health": self._health_spec()} if self.health.policy.enabled else {}),
             "orphan_timeout": d.orphan_timeout,
             "max_message_size": int(d.max_message_size),
             "call_timeout": d.call_timeout,
             "log_level": d.log_level.upper() if isinstance(d.log_level, str) else "INFO",
         }
+
+    def _health_spec(self) -> dict[str, float]:
+        """The policy of the checks a worker runs itself if it has a heartbeat page."""
+        policy = self.health.policy
+        return {"interval": policy.interval, "timeout": policy.timeout}
 
     def worker_env(self) -> dict[str, str]:
         env = dict(os.environ)

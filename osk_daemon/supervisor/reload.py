@@ -165,7 +165,9 @@ def _retune(sup: Supervisor, name: str, cfg: PluginConfig) -> PluginConfig:
     for inst in sup.members.of_plugin(name):
         inst.config = cfg
         sup.standbys.renew(inst)  # made for the old config
-        inst.health.policy = policy
+        if inst.health.policy != policy:
+            inst.health.policy = policy
+            sup.checks.take_over(inst)  # its worker's own checks follow the old policy
         inst.life.start_timeout = cfg.start_timeout
         inst.life.shutdown_timeout = cfg.shutdown_timeout
         sup.tree.update_leaf(leaf_spec(name, inst.index, cfg))

@@ -440,6 +440,8 @@ class Supervisor:
             self.feed(inst, lc.StartFailed(_error_message(body)))
         elif kind is Kind.HEALTH_REPLY:
             self.checks.answered(inst, header.id, body)
+        elif kind is Kind.HEALTH_REPORT:
+            self.checks.reported(inst, body)
         elif kind is Kind.EVENT and header.method.startswith("sandbox:"):
             self.publish(inst, header.method, _error_message(body))
         elif kind is Kind.EVENT:

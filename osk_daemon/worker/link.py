@@ -20,7 +20,8 @@ How (theory of operation):
    kernel refused (``EACCES``, ``EPERM``, ``ENETUNREACH``) is also reported as a
    ``sandbox:violation`` event.
 3. REPLY and ERROR resolve our own outgoing ``call`` futures by id; a late or unknown one
-   is dropped. HEALTH runs ``health()`` in a task; ``dependency_down``/``dependency_up``
+   is dropped. HEALTH runs ``health()`` in a task (and first calls ``on_probe``, once: the
+   daemon probes, so the worker's own checks stop); ``dependency_down``/``dependency_up``
    events update the context and run the plugin's hook of that name in a task. STOP calls
    ``on_stop``.
 4. Every task started here is in ``tasks``, which the runtime cancels at shutdown.
@@ -106,6 +107,7 @@ class DaemonLink:
         self.ids = itertools.count(1)
         self.tracer = tracer
         self.spans: dict[int, Any] = {}  # request id -> its handler's span
+        self.on_probe: Callable[[], None] | None = None  # set while we check ourselves
 
     def send(self, kind: Kind, body: bytes = b"", id: int = 0, **header: Any) -> None:
         """Queue a frame; never blocks (the socket's send queue is unbounded)."""
@@ -147,6 +149,9 @@ class DaemonLink:
             else:
                 fut.set_result((header.kind, body))
         elif header.kind is Kind.HEALTH:
+            if self.on_probe is not None:  # the daemon probes again: our own checks stop
+                self.on_probe()
+                self.on_probe = None
             self.spawn(self.answer_health(header.id))
         elif header.kind is Kind.STOP:
             self.on_stop()
@@ -280,15 +285,18 @@ class DaemonLink:
             report = {"message": f"{header.method}: {exc}", "errno": exc.errno}
             self.send(Kind.EVENT, pack(report), method="sandbox:violation")
 
-    async def answer_health(self, id: int) -> None:
+    async def check_health(self) -> tuple[str, str]:
+        """The plugin's ``health()`` as ``(status, detail)``; what it raised is unhealthy."""
         if self.plugin is None:
-            status, detail = "unhealthy", "plugin is still starting"
-        else:
-            try:
-                health = to_health(await self.plugin.health())
-                status, detail = health.status.value, health.detail
-            except Exception as exc:
-                status, detail = "unhealthy", f"health() raised {type(exc).__name__}: {exc}"
+            return "unhealthy", "plugin is still starting"
+        try:
+            health = to_health(await self.plugin.health())
+        except Exception as exc:
+            return "unhealthy", f"health() raised {type(exc).__name__}: {exc}"
+        return health.status.value, health.detail
+
+    async def answer_health(self, id: int) -> None:
+        status, detail = await self.check_health()
         self.send(Kind.HEALTH_REPLY, pack({"status": status, "detail": detail}), id)
 
     async def call(self, plugin: str, method: str, args: Any, timeout: float | None) -> Any:

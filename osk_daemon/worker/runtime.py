@@ -23,7 +23,8 @@ How (theory of operation):
    ones as tasks, and each request gets exactly one REPLY or ERROR unless its deadline has
    passed. REPLY and ERROR resolve our own outgoing ``ctx.call`` futures. HEALTH runs
    ``health()`` in a task. STOP (or SIGTERM) sets the stop event. Undecodable frames are
-   logged and dropped.
+   logged and dropped. With a heartbeat page and ``spec["health"]``, the worker runs its
+   own health checks after READY instead and reports news only (``worker.health``).
 5. Shutdown: ``stop()``, cancel the remaining tasks, close the socket with a linger so
    queued replies still leave, exit 0. A second SIGTERM exits immediately.
 6. The daemon may die and come back: the socket's routing id is the token, so the new
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import mmap
 import os
@@ -55,10 +57,11 @@ from typing import Any, NoReturn
 import zmq
 
 from osk_daemon.errors import FrameError, PluginLoadError
-from osk_daemon.ipc.beats import BEAT_SIZE, write_beat
+from osk_daemon.ipc.beats import BEAT_SIZE, mark_pushes_health, write_beat
 from osk_daemon.ipc.codec import Kind, pack, unpack
 from osk_daemon.ipc.endpoint import LoopSocket
 from osk_daemon.worker.context import Context
+from osk_daemon.worker.health import HealthReporter
 from osk_daemon.worker.link import DaemonLink
 from osk_daemon.worker.orphan import OrphanWatch
 from osk_daemon.worker.sdk import Plugin, load_plugin_class, rpc_methods
@@ -187,6 +190,7 @@ class _Worker:
         sock.start(loop)
         orphans.start(loop)
         heartbeat: asyncio.Task[None] | None = None
+        health: asyncio.Task[None] | None = None
         code = 0
         try:
             if go is not None:
@@ -196,15 +200,22 @@ class _Worker:
             heartbeat = loop.create_task(self.heartbeat_loop(), name="heartbeat")
             heartbeat.add_done_callback(self.on_loop_died)
             if await self.load_and_start():
+                checks = self.health_reporter()  # marks the page before READY says so
                 link.send(Kind.READY, pack({"methods": sorted(link.methods)}))
+                if checks is not None:
+                    health = loop.create_task(checks.run(), name="health checks")
+                    health.add_done_callback(self.on_loop_died)
+                    link.on_probe = functools.partial(self.stop_own_checks, health)
                 await self.stopping.wait()
+                if health is not None:
+                    health.cancel()  # no check runs against a stopping plugin
                 await self.stop_plugin()
             elif not self.stopping.is_set():
                 code = 1
             if self.broken:
                 code = 1
         finally:
-            tasks = [*link.tasks] if heartbeat is None else [heartbeat, *link.tasks]
+            tasks = [t for t in (heartbeat, health) if t is not None] + [*link.tasks]
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -301,6 +312,25 @@ class _Worker:
                 _write_state(self.spec["state_file"], await plugin.export_state())
             except Exception:
                 log.exception("plugin %r: could not save its state", self.name)
+
+    def health_reporter(self) -> HealthReporter | None:
+        """This worker's own health checks (``worker.health``), if its daemon asked for
+        them (``spec["health"]``) and gave it a heartbeat page; else HEALTH frames come."""
+        policy = self.spec.get("health")
+        if self.beat is None or not isinstance(policy, dict):
+            return None
+        return HealthReporter(
+            self.beat,
+            self.link.check_health,
+            self.link.send,
+            float(policy["interval"]),
+            float(policy["timeout"]),
+        )
+
+    def stop_own_checks(self, task: asyncio.Task[None]) -> None:
+        task.cancel()
+        if self.beat is not None:
+            mark_pushes_health(self.beat, pushes=False)
 
     def on_loop_died(self, task: asyncio.Task[Any]) -> None:
         if not task.cancelled() and task.exception() is not None:

@@ -270,6 +270,16 @@ def beat_in(page: Path) -> float:
     return float(struct.unpack("<d", raw)[0]) if len(raw) == 8 else 0.0
 
 
+def health_in(page: Path) -> tuple[bool, int]:
+    """What a worker's page says of its own health checks (``ipc.beats``): whether it runs
+    them, and how many unchanged healthy ones it counted so far."""
+    raw = page.read_bytes()
+    if len(raw) < 24:
+        return False, 0
+    count, flags = struct.unpack_from("<II", raw, 8)
+    return bool(flags & 1), count
+
+
 def alive(pid: int) -> bool:
     """Is there still a process (or zombie) with this pid?"""
     return Path(f"/proc/{pid}").exists()

@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import mmap
 import os
+import struct
 from pathlib import Path
 
 import pytest
 
-from osk_daemon.ipc.beats import BEAT_SIZE, Beat, beat_path, write_beat
+from osk_daemon.ipc.beats import (
+    BEAT_SIZE,
+    Beat,
+    BeatPage,
+    beat_path,
+    mark_pushes_health,
+    write_beat,
+    write_healthy,
+)
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -50,3 +59,32 @@ def test_a_missing_or_cut_short_page_reads_as_no_beat(tmp_path: Path) -> None:
     worker.close()
     os.close(fd)
     live.close()
+
+
+def test_the_page_carries_the_workers_own_health_checks(tmp_path: Path) -> None:
+    path = tmp_path / "h.beat"
+    beat, fd = Beat.create(path)
+    worker = mmap.mmap(fd, BEAT_SIZE)
+    try:
+        assert beat.read() == BeatPage(0.0, False, 0, 0.0)  # a new page: no checks of its own
+        mark_pushes_health(worker)
+        write_beat(worker, 7.0)
+        write_healthy(worker, 3, 0.25)
+        assert beat.read() == BeatPage(7.0, True, 3, 0.25)
+        write_healthy(worker, 2**32 + 1, 0.5)  # the count wraps at 32 bits
+        assert beat.read().healthy == 1
+        mark_pushes_health(worker, pushes=False)  # the daemon probes it again
+        assert not beat.read().pushes_health
+    finally:
+        worker.close()
+        os.close(fd)
+        beat.close()
+
+
+def test_an_older_workers_eight_byte_page_reads_as_beats_alone(tmp_path: Path) -> None:
+    old = tmp_path / "old.beat"
+    old.write_bytes(struct.pack("<d", 12.5))
+    beat = Beat.attach(old)
+    assert beat is not None
+    assert beat.read() == BeatPage(12.5, False, 0, 0.0)
+    beat.close()

@@ -20,6 +20,8 @@ class Echo(Plugin):
         self.healthy = True
 
     async def health(self) -> Health:
+        if getattr(self, "health_hangs", False):
+            await asyncio.sleep(1000)  # the loop runs on (beats go on); the check never ends
         return Health.healthy() if self.healthy else Health.unhealthy("told to be sick")
 
     @rpc
@@ -50,6 +52,10 @@ class Echo(Plugin):
     @rpc
     def sick(self) -> None:
         self.healthy = False
+
+    @rpc
+    def hang_health(self) -> None:
+        self.health_hangs = True
 
     @rpc
     def ignore_sigterm(self) -> None:
