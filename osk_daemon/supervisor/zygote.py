@@ -345,12 +345,16 @@ class _Pool:
         except Exception as exc:
             self._discard(child, repr(exc))
             return
-        self.ready[warm.sock.fileno()] = warm
         try:
             message = msgpack.packb({"warm": warm.pid}, use_bin_type=True)
             socket.send_fds(self.daemon, [message], [warm.requests.fileno()])
+        except OSError as exc:  # the daemon is gone: so is this child, at our socket's EOF
+            warm.sock.close()
+            _log(f"could not announce warm child {warm.pid}: {exc}")
+            return
         finally:
-            warm.requests.close()  # the daemon has its own copy now
+            warm.requests.close()  # the daemon has its own copy now (or none is needed)
+        self.ready[warm.sock.fileno()] = warm
 
     def _discard(self, child: _Hatching, why: str) -> None:
         child.sock.close()  # its EOF ends the child, if it lives
@@ -486,6 +490,10 @@ def serve(sock: socket.socket, pool: _Pool) -> None:
             data, fds, flags, _ = socket.recv_fds(sock, MAX_MESSAGE, MAX_REQUEST_FDS)
             try:
                 if not data and not fds:
+                    # EOF: the daemon keeps reading until we exit, so the warm children
+                    # still hatching are announced and it waits for them too; else they
+                    # would outlive us unheard of, for as long as they take to notice
+                    pool.settle()
                     return
                 _handle(middles, data, fds, flags)
             finally:
