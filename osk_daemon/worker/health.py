@@ -11,8 +11,11 @@ How (theory of operation):
 
 1. Before its READY, the worker marks its page ``PUSHES_HEALTH``; the daemon reads the
    mark when the instance becomes ready and then sends it no HEALTH frames.
-2. Every ``interval`` (the first at once), ``health()`` runs with ``timeout``; a check
-   that takes longer is cancelled and counts as no answer, as a probe's would.
+2. Every ``interval`` (the first at READY), ``health()`` runs with ``timeout`` in a task
+   of its own, started by the worker's heartbeat loop (``tick``), so one timer wakes the
+   worker for beats and checks alike and a slow check never delays a beat. A check that
+   takes longer than ``timeout`` is cancelled and counts as no answer, as a probe's
+   would; none starts while one is still running.
 3. A result that differs from the last one reported (status or detail), and every result
    that is not ``healthy``, goes to the daemon as a HEALTH_REPORT frame: ``{status,
    detail, count, durations}`` (status ``None`` for no answer). The first result always
@@ -29,9 +32,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import mmap
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from osk_daemon.ipc.beats import mark_pushes_health, write_healthy
 from osk_daemon.ipc.codec import Kind, pack
@@ -43,6 +48,9 @@ log = logging.getLogger("osk.worker")
 # (status, detail): the status a plugin's answer normalised to, None for no answer
 Check = Callable[[], Awaitable[tuple[str, str]]]
 Send = Callable[[Kind, bytes], None]
+# a tick this close to the due time counts as due: the heartbeat loop's sleeps end a hair
+# before or after it, and a check must not wait a whole further beat for that
+_EARLY = 0.99
 
 
 class HealthReporter:
@@ -59,18 +67,28 @@ class HealthReporter:
         self._last: tuple[str | None, str] | None = None  # the last result reported
         self._count = 0
         self._durations = 0.0
+        self._due = 0.0  # loop time of the next check
+        self._running: asyncio.Task[None] | None = None
         mark_pushes_health(page)
 
-    async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        due = loop.time()
-        while True:
-            await self.check_once()
-            due += self._interval
-            now = loop.time()
-            if due < now:  # a slow check or a busy loop: skip the missed rounds
-                due = now + self._interval
-            await asyncio.sleep(due - now)
+    @property
+    def interval(self) -> float:
+        return self._interval
+
+    def tick(self, now: float) -> None:
+        """Start a check if one is due at ``now`` (loop time) and none is running. Called
+        by the worker's heartbeat loop, so one timer wakes the worker for both."""
+        if now < self._due or (self._running is not None and not self._running.done()):
+            return
+        self._due = now + self._interval * _EARLY
+        self._running = asyncio.get_running_loop().create_task(self.check_once())
+        self._running.add_done_callback(_consume)
+
+    def close(self) -> None:
+        """No more checks (the plugin stops, or the daemon probes it again)."""
+        self._due = math.inf
+        if self._running is not None:
+            self._running.cancel()
 
     async def check_once(self) -> None:
         started = time.monotonic()
@@ -101,6 +119,7 @@ class HealthReporter:
         return task.result()
 
 
-def _consume(task: asyncio.Future[tuple[str, str]]) -> None:
+def _consume(task: asyncio.Future[Any]) -> None:
+    """Retrieve what a finished task raised (a timed-out ``health()``, or a failed report)."""
     if not task.cancelled() and task.exception() is not None:
-        log.debug("a timed-out health check raised afterwards: %r", task.exception())
+        log.warning("a health check task failed: %r", task.exception())

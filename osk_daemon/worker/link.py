@@ -107,7 +107,7 @@ class DaemonLink:
         self.ids = itertools.count(1)
         self.tracer = tracer
         self.spans: dict[int, Any] = {}  # request id -> its handler's span
-        self.on_probe: Callable[[], None] | None = None  # set while we check ourselves
+        self.on_probe: Callable[[], object] | None = None  # set while we check ourselves
 
     def send(self, kind: Kind, body: bytes = b"", id: int = 0, **header: Any) -> None:
         """Queue a frame; never blocks (the socket's send queue is unbounded)."""

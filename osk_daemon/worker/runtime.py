@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import mmap
 import os
@@ -134,6 +133,7 @@ class _Worker:
         self.stopping = asyncio.Event()
         self.broken = False
         self.beat = _map_beat(spec.get("beat_fd"))  # heartbeats go there, not as frames
+        self.checks: HealthReporter | None = None  # our own health checks, once READY
         tracer: Any = None  # an OpenTelemetry tracer when [tracing] is on
         tracing = spec.get("tracing")
         if tracing:
@@ -190,7 +190,6 @@ class _Worker:
         sock.start(loop)
         orphans.start(loop)
         heartbeat: asyncio.Task[None] | None = None
-        health: asyncio.Task[None] | None = None
         code = 0
         try:
             if go is not None:
@@ -203,19 +202,18 @@ class _Worker:
                 checks = self.health_reporter()  # marks the page before READY says so
                 link.send(Kind.READY, pack({"methods": sorted(link.methods)}))
                 if checks is not None:
-                    health = loop.create_task(checks.run(), name="health checks")
-                    health.add_done_callback(self.on_loop_died)
-                    link.on_probe = functools.partial(self.stop_own_checks, health)
+                    self.checks = checks
+                    checks.tick(loop.time())  # the first at once: dependents wait for it
+                    link.on_probe = self.stop_own_checks
                 await self.stopping.wait()
-                if health is not None:
-                    health.cancel()  # no check runs against a stopping plugin
+                self.stop_own_checks(probed=False)  # none runs against a stopping plugin
                 await self.stop_plugin()
             elif not self.stopping.is_set():
                 code = 1
             if self.broken:
                 code = 1
         finally:
-            tasks = [t for t in (heartbeat, health) if t is not None] + [*link.tasks]
+            tasks = [*link.tasks] if heartbeat is None else [heartbeat, *link.tasks]
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -327,10 +325,14 @@ class _Worker:
             float(policy["timeout"]),
         )
 
-    def stop_own_checks(self, task: asyncio.Task[None]) -> None:
-        task.cancel()
-        if self.beat is not None:
-            mark_pushes_health(self.beat, pushes=False)
+    def stop_own_checks(self, probed: bool = True) -> None:
+        """End this worker's own checks: the plugin stops, or (``probed``) the daemon
+        probes it again, which the page then says."""
+        checks, self.checks = self.checks, None
+        if checks is not None:
+            checks.close()
+            if probed and self.beat is not None:
+                mark_pushes_health(self.beat, pushes=False)
 
     def on_loop_died(self, task: asyncio.Task[Any]) -> None:
         if not task.cancelled() and task.exception() is not None:
@@ -348,14 +350,27 @@ class _Worker:
             self.promotion.set_result(b"")  # a standby stopped before its go
 
     async def heartbeat_loop(self) -> None:
+        """Beat every ``heartbeat_interval``, and start the worker's own health checks as
+        they fall due (every beat, if they are more frequent): one timer for both."""
         interval = float(self.spec["heartbeat_interval"])
         beat = self.beat
+        loop = asyncio.get_running_loop()
+        due = loop.time()
         while True:
+            now = loop.time()
             if beat is not None:
                 write_beat(beat, time.monotonic())  # one store; the daemon reads it
             else:
                 self.link.send(Kind.HEARTBEAT)
-            await asyncio.sleep(interval)
+            step = interval
+            checks = self.checks
+            if checks is not None:
+                checks.tick(now)
+                step = min(interval, checks.interval)
+            due += step
+            if due < now:  # a busy loop: skip the missed beats
+                due = now + step
+            await asyncio.sleep(due - now)
 
 
 def _read_state(path: str, limit: int) -> Any:

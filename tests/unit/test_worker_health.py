@@ -83,27 +83,38 @@ def test_a_check_past_its_timeout_is_reported_as_no_answer_every_time() -> None:
     assert _read(page).healthy == 0
 
 
-def test_run_keeps_checking_every_interval() -> None:
-    async def a_while() -> None:
-        six = asyncio.Event()
-        calls = 0
+def test_ticks_start_a_check_when_due_and_never_two_at_once() -> None:
+    async def ticks() -> None:
+        started = 0
+        release = asyncio.Event()
 
         async def check() -> tuple[str, str]:
-            nonlocal calls
-            calls += 1
-            if calls == 6:
-                six.set()
+            nonlocal started
+            started += 1
+            await release.wait()
             return "healthy", ""
 
         page = mmap.mmap(-1, BEAT_SIZE)
         sent: list[bytes] = []
-        reporter = HealthReporter(page, check, lambda _, body: sent.append(body), 0.01, 0.05)
-        task = asyncio.ensure_future(reporter.run())
-        await asyncio.wait_for(six.wait(), 5)
-        task.cancel()
-        assert len(sent) == 1 and _read(page).healthy >= 4
+        reporter = HealthReporter(page, check, lambda _, body: sent.append(body), 1.0, 5.0)
+        reporter.tick(100.0)  # the first at once
+        await asyncio.sleep(0)
+        reporter.tick(101.5)  # due, but the first is still running
+        await asyncio.sleep(0)
+        assert started == 1
+        release.set()
+        await asyncio.sleep(0.01)
+        assert len(sent) == 1
+        reporter.tick(101.6)  # due and free: a second check
+        reporter.tick(101.7)  # not due again before 102.6
+        await asyncio.sleep(0.01)
+        assert started == 2 and _read(page).healthy == 1
+        reporter.close()
+        reporter.tick(1e9)  # closed: no more checks
+        await asyncio.sleep(0.01)
+        assert started == 2
 
-    asyncio.run(a_while())
+    asyncio.run(ticks())
 
 
 def test_buckets_take_many_observations_known_only_by_their_sum() -> None:
