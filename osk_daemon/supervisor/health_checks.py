@@ -54,6 +54,7 @@ def _on_grid(when: float, span: float) -> float:
 
 _ANSWERABLE = {HealthStatus.HEALTHY, HealthStatus.DEGRADED, HealthStatus.UNHEALTHY}
 _WATCHED = frozenset({lc.State.READY, lc.State.INITIALIZING})  # a silent one is hung
+_MAX_DETAIL = 1024  # characters of a reported detail kept (status, events, logs)
 
 
 class HealthChecks:
@@ -110,21 +111,15 @@ class HealthChecks:
         """A HEALTH_REPORT: news from a worker that checks itself."""
         if not inst.health_push:
             return  # not asked for (we probe it): dropped
-        try:
-            data = unpack(body, 65536)
-            raw = data["status"]
-            status = None if raw is None else HealthStatus(raw)
-            detail = str(data.get("detail", ""))
-            count, durations = int(data["count"]), float(data["durations"])
-            took = float(data["took"])
-        except (OskError, KeyError, TypeError, ValueError, AttributeError):
+        report = parse_report(body)
+        if report is None:
+            log.warning("%s sent a malformed health report; counted as unhealthy", inst.leaf)
             self._verdict(inst, HealthStatus.UNHEALTHY, "malformed health report")
             return
+        status, detail, count, durations, took = report
         inst.health_heard = time.monotonic()
         self._absorb(inst, count, durations)  # the healthy checks before this one count first
         self._durations.setdefault(inst.plugin, Buckets()).observe(took)
-        if status is not None and status not in _ANSWERABLE:
-            status = HealthStatus.UNHEALTHY
         self._verdict(inst, status, detail)
 
     def _absorb(self, inst: Instance, count: int, durations: float) -> bool:
@@ -133,9 +128,9 @@ class HealthChecks:
         new = (count - inst.health_count) & 0xFFFFFFFF
         if not new:
             return False
-        spent = durations - inst.health_durations
+        spent = _seconds(durations - inst.health_durations)  # a worker's page may lie
         inst.health_count, inst.health_durations = count, durations
-        self._durations.setdefault(inst.plugin, Buckets()).observe_many(new, max(0.0, spent))
+        self._durations.setdefault(inst.plugin, Buckets()).observe_many(new, spent)
         health = inst.health
         if health.status is not HealthStatus.HEALTHY or health.failures:
             for _ in range(min(new, health.policy.success_threshold)):
@@ -243,3 +238,38 @@ class HealthChecks:
         if now - inst.health_heard > quiet:
             inst.health_heard = now
             self._verdict(inst, None, f"no health check result for {quiet:g}s")
+
+
+_Report = tuple[HealthStatus | None, str, int, float, float]
+
+
+def parse_report(body: bytes) -> _Report | None:
+    """A HEALTH_REPORT body as ``(status, detail, count, durations, took)``: status None
+    for no answer, one a plugin may not report as unhealthy; None if it is malformed (a
+    worker is not trusted: any type, size or value may come)."""
+    try:
+        data = unpack(body, 65536)
+        if not isinstance(data, dict):
+            return None
+        raw = data["status"]
+        status = None if raw is None else HealthStatus(raw)
+        count, durations, took = data["count"], data["durations"], data["took"]
+        if not isinstance(count, int) or not isinstance(durations, int | float):
+            return None
+        if not isinstance(took, int | float):
+            return None
+        detail = str(data.get("detail", ""))[:_MAX_DETAIL]
+    except (OskError, KeyError, TypeError, ValueError):
+        return None
+    if status is not None and status not in _ANSWERABLE:
+        status = HealthStatus.UNHEALTHY
+    return status, detail, count & 0xFFFFFFFF, _seconds(durations), _seconds(took)
+
+
+def _seconds(value: float) -> float:
+    """A duration a worker reported, as a finite, non-negative float (else 0.0)."""
+    try:
+        seconds = float(value)
+    except OverflowError:
+        return 0.0
+    return seconds if math.isfinite(seconds) and seconds >= 0.0 else 0.0

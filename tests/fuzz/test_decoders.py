@@ -7,6 +7,7 @@ A few hundred examples each in CI; ``OSK_FUZZ_EXAMPLES=10000`` for a long run.
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from pathlib import Path
@@ -27,6 +28,7 @@ from osk_daemon.ipc.codec import (
     split_router_frames,
     unpack,
 )
+from osk_daemon.supervisor.health_checks import parse_report
 from osk_daemon.versioning.manifest import load_manifest
 
 pytestmark = pytest.mark.timeout(300)
@@ -95,6 +97,34 @@ def test_bodies_unpack_or_raise_frame_error(data: bytes) -> None:
         unpack(data, 1024)
     except FrameError:
         pass
+
+
+def health_reports() -> st.SearchStrategy[bytes]:
+    """HEALTH_REPORT bodies a worker may send: well-formed ones with any field replaced by
+    any value, and anything at all."""
+    field = st.sampled_from(["status", "detail", "count", "durations", "took"])
+    valid = st.fixed_dictionaries(
+        {
+            "status": st.sampled_from([None, "healthy", "degraded", "unhealthy", "failed"]),
+            "detail": st.text(max_size=20),
+            "count": st.integers(0, 2**32 - 1),
+            "durations": st.floats(0, 1e6),
+            "took": st.floats(0, 10),
+        }
+    )
+    spoiled = st.builds(lambda d, k, v: {**d, k: v}, valid, field, msgpack_values)
+    return (valid | spoiled | msgpack_values).map(msgpack.packb) | st.binary(max_size=100)
+
+
+@FUZZ
+@given(health_reports())
+def test_health_reports_parse_or_are_refused(body: bytes) -> None:
+    report = parse_report(body)  # a bad one is None: judged unhealthy, never a crash
+    if report is not None:
+        status, detail, count, durations, took = report
+        assert status is None or status.value in ("healthy", "degraded", "unhealthy")
+        assert 0 <= count < 2**32 and len(detail) <= 1024
+        assert math.isfinite(durations) and durations >= 0 and math.isfinite(took) and took >= 0
 
 
 @FUZZ
