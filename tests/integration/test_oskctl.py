@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from osk_daemon.control import render
+from osk_daemon.control.oskctl import EXIT_BROKEN_PIPE
 from tests.integration.test_control_socket import (
     EVENTS,
     LOG_ITEMS,
@@ -214,3 +215,22 @@ def test_oskctl_imports_no_heavy_dependencies() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=DEADLINE, check=True
     )
     assert result.stdout == "[]\n"
+
+
+def test_a_reader_that_left_gets_no_traceback_and_the_broken_pipe_code(daemon: Path) -> None:
+    read, write = os.pipe()
+    os.close(read)  # gone before oskctl writes a byte: its print fails with EPIPE
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "osk_daemon.control.oskctl", "--socket", str(daemon), "status"],
+            env=_env(),
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=DEADLINE,
+            check=False,
+        )
+    finally:
+        os.close(write)
+    assert result.returncode == EXIT_BROKEN_PIPE
+    assert result.stderr == ""  # neither a traceback nor the flush at exit complained
