@@ -74,6 +74,42 @@ def prepare_runtime_dir(path: Path) -> None:
     output_dir(path).mkdir(mode=0o700, exist_ok=True)
 
 
+# filesystems kept in memory: files made there cost no journal or block allocation
+_MEMORY_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})
+
+
+def filesystem_of(path: Path, mountinfo: str) -> str | None:
+    """The type of the filesystem ``path`` (absolute, resolved) is on, from a
+    ``/proc/self/mountinfo`` text: the mount with the longest mount point above it."""
+    best, found = -1, None
+    for line in mountinfo.splitlines():
+        left, sep, right = line.partition(" - ")
+        fields, tail = left.split(), right.split()
+        if not sep or len(fields) < 5 or not tail:
+            continue
+        point = fields[4].replace("\\040", " ")
+        if (path.is_relative_to(point)) and len(point) > best:
+            best, found = len(point), tail[0]
+    return found
+
+
+def note_runtime_filesystem(path: Path) -> None:
+    """Say so if the runtime dir is on a disk: every plugin life makes its output FIFOs
+    and heartbeat page there, ~2 ms more a start on this VM's ext4 than on a tmpfs
+    (a 500-plugin boot took 7.8-11.4 s against 6.6-6.9 s, measured)."""
+    try:
+        kind = filesystem_of(path.resolve(), Path("/proc/self/mountinfo").read_text())
+    except OSError:
+        return
+    if kind is not None and kind not in _MEMORY_FILESYSTEMS:
+        log.info(
+            "runtime_dir %s is on %s, not a tmpfs: plugin starts make files there and are "
+            "slower for it (systemd's /run is a tmpfs on most hosts)",
+            path,
+            kind,
+        )
+
+
 LOCK_FD_ENV = "OSK_DAEMON_LOCK_FD"  # the lock's fd, across the execv of oskctl reexec
 
 
@@ -182,6 +218,7 @@ async def run_daemon(
             raised[0],
         )
     prepare_runtime_dir(d.runtime_dir)
+    note_runtime_filesystem(d.runtime_dir)
     lock = lock_runtime_dir(d.runtime_dir)
     try:
         await _run_locked(plan, on_ready, lock)
