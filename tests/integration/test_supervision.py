@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+from typing import Any
 
 import pytest
 
@@ -32,14 +33,19 @@ def crash_and_wait(d: Daemon, victim: str, expect_new: set[str]) -> dict[str, in
     before = pids(d)
     os.kill(before[victim], signal.SIGKILL)
 
+    seen: list[Any] = []  # the last look, for the message if it never settles
+
     def settled() -> dict[str, int] | None:
         now = pids(d)
-        changed = {k for k in now if now[k] != before[k]}
-        if changed == expect_new and d.all_ready():
-            return now
-        return None
+        changed = {k for k in now if now[k] != before.get(k)}
+        ready = d.all_ready()
+        seen[:] = [now, sorted(changed), ready]
+        return now if changed == expect_new and ready else None
 
-    after: dict[str, int] = d.wait_until(settled, what=f"restart of {sorted(expect_new)}")
+    try:
+        after: dict[str, int] = d.wait_until(settled, what=f"restart of {sorted(expect_new)}")
+    except AssertionError as exc:
+        raise AssertionError(f"before {before}; last seen (pids, changed, ready) {seen}") from exc
     return after
 
 
