@@ -119,6 +119,10 @@ class HealthChecks:
         status, detail, count, durations, took = report
         inst.health_heard = time.monotonic()
         self._absorb(inst, count, durations)  # the healthy checks before this one count first
+        if took is None:  # its last result again, for a daemon that just adopted it
+            if inst.health.status is HealthStatus.UNKNOWN:
+                self._verdict(inst, status, detail)
+            return
         self._durations.setdefault(inst.plugin, Buckets()).observe(took)
         self._verdict(inst, status, detail)
 
@@ -240,13 +244,14 @@ class HealthChecks:
             self._verdict(inst, None, f"no health check result for {quiet:g}s")
 
 
-_Report = tuple[HealthStatus | None, str, int, float, float]
+_Report = tuple[HealthStatus | None, str, int, float, float | None]
 
 
 def parse_report(body: bytes) -> _Report | None:
     """A HEALTH_REPORT body as ``(status, detail, count, durations, took)``: status None
-    for no answer, one a plugin may not report as unhealthy; None if it is malformed (a
-    worker is not trusted: any type, size or value may come)."""
+    for no answer, one a plugin may not report as unhealthy; took None for a result sent
+    again (``"again"``: a re-adopted worker's last one); None if it is malformed (a worker
+    is not trusted: any type, size or value may come)."""
     try:
         data = unpack(body, 65536)
         if not isinstance(data, dict):
@@ -263,7 +268,9 @@ def parse_report(body: bytes) -> _Report | None:
         return None
     if status is not None and status not in _ANSWERABLE:
         status = HealthStatus.UNHEALTHY
-    return status, detail, count & 0xFFFFFFFF, _seconds(durations), _seconds(took)
+    again = data.get("again") is True
+    took_s = None if again else _seconds(took)
+    return status, detail, count & 0xFFFFFFFF, _seconds(durations), took_s
 
 
 def _seconds(value: float) -> float:

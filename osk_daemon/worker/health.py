@@ -26,6 +26,8 @@ How (theory of operation):
    the daemon counts every healthy check before the frame's own, in order.
 5. A page count that stops moving while no frame comes is noticed by the daemon too: the
    checks stopped, which it counts as a failed check.
+6. A worker re-adopted by a restarted daemon reports its last result again at once
+   (``resend``): the new daemon's first verdict need not wait for the next change.
 """
 
 from __future__ import annotations
@@ -100,13 +102,24 @@ class HealthReporter:
             write_healthy(self._page, self._count, self._durations)
             return
         self._last = result
-        report = {
+        self._report(result, took)
+
+    def resend(self) -> None:
+        """Report the last result again (a new daemon adopted us and knows none)."""
+        if self._last is not None:
+            self._report(self._last, None)
+
+    def _report(self, result: tuple[str | None, str], took: float | None) -> None:
+        """``took`` None: the last result again, not a new check (``"again"``)."""
+        report: dict[str, object] = {
             "status": result[0],
             "detail": result[1],
             "count": self._count,
             "durations": self._durations,
-            "took": took,
+            "took": 0.0 if took is None else took,
         }
+        if took is None:
+            report["again"] = True
         self._send(Kind.HEALTH_REPORT, pack(report))
 
     async def _run_check(self) -> tuple[str | None, str]:

@@ -172,7 +172,7 @@ class _Worker:
             raw,
             float(self.spec.get("orphan_timeout", 0)),
             on_orphaned=self.stopping.set,
-            on_reconnected=lambda: link.send(Kind.HEARTBEAT),
+            on_reconnected=self.reconnected,
         )
         hello = pack(
             {
@@ -324,6 +324,13 @@ class _Worker:
             float(policy["interval"]),
             float(policy["timeout"]),
         )
+
+    def reconnected(self) -> None:
+        """A new daemon (it restarted and adopts us): speak at once, and tell it our health
+        rather than let it wait for the next change (it knows only the page's count)."""
+        self.link.send(Kind.HEARTBEAT)
+        if self.checks is not None:
+            self.checks.resend()
 
     def stop_own_checks(self, probed: bool = True) -> None:
         """End this worker's own checks: the plugin stops, or (``probed``) the daemon

@@ -123,3 +123,20 @@ def test_buckets_take_many_observations_known_only_by_their_sum() -> None:
     b.observe_many(0, 1.0)  # nothing new: ignored
     assert b.cumulative() == [("0.001", 0.0), ("0.01", 4.0), ("+Inf", 4.0)]
     assert b.sum == pytest.approx(0.02)
+
+
+def test_the_last_result_is_sent_again_for_a_daemon_that_adopts_the_worker() -> None:
+    reporter, _, sent = _reporter(Plugin(("healthy", ""), ("healthy", "")))
+    reporter.resend()  # nothing checked yet: nothing to say
+    assert sent == []
+
+    async def two() -> None:
+        await reporter.check_once()
+        await reporter.check_once()
+
+    asyncio.run(two())
+    reporter.resend()
+    assert [(m["status"], m["count"], m.get("again")) for m in sent] == [
+        ("healthy", 0, None),
+        ("healthy", 1, True),  # with the count so far: the new daemon reads the same page
+    ]
