@@ -25,7 +25,6 @@ from osk_daemon.isolation.cgroupfs import (
     POLL_S,
     HostLayout,
     make_dir,
-    read_int,
     read_keyed,
     read_optional,
     remove_tree,
@@ -201,8 +200,9 @@ class V1InstanceCgroup(InstanceCgroup):
         return str(d / name) if d is not None else None
 
     def _usage_files(self) -> _UsageFiles:
-        """The paths ``usage`` reads, made once: at 25 samples a second, building them
-        with pathlib each time was a fifth of an idle daemon's sampling."""
+        """The paths ``usage`` reads (through ``files``, kept open), made once: at 25
+        samples a second, building them with pathlib each time was a fifth of an idle
+        daemon's sampling."""
         files = self._files
         if files is None:
             f = self._file
@@ -221,21 +221,22 @@ class V1InstanceCgroup(InstanceCgroup):
         path = self._usage_files().oom
         if path is None:
             return 0
-        return (read_keyed(path) or {}).get("oom_kill", 0)
+        return (self.files.read_keyed(path) or {}).get("oom_kill", 0)
 
     def usage(self) -> CgroupUsage:
-        files = self._usage_files()
-        cpu_ns = read_int(files.cpu) if files.cpu is not None else None
-        memory = read_int(files.memory) if files.memory is not None else None
-        pids = read_int(files.pids) if files.pids is not None else None
+        files, kept = self._usage_files(), self.files
+        cpu_ns = kept.read_int(files.cpu) if files.cpu is not None else None
+        memory = kept.read_int(files.memory) if files.memory is not None else None
+        pids = kept.read_int(files.pids) if files.pids is not None else None
         if cpu_ns is None and memory is None and pids is None and not self.exists():
             raise CgroupError(f"cgroup {self.name} does not exist", str(self.dirs[0]))
-        cpu_stat = read_keyed(files.cpu_stat) if files.cpu_stat is not None else None
+        cpu_stat = kept.read_keyed(files.cpu_stat) if files.cpu_stat is not None else None
         throttled_ns = cpu_stat.get("throttled_time") if cpu_stat else None
-        events = read_keyed(files.pids_events) if files.pids_events is not None else None
+        events = kept.read_keyed(files.pids_events) if files.pids_events is not None else None
+        peak = kept.read_int(files.memory_peak) if files.memory_peak is not None else None
         return CgroupUsage(
             memory_current=memory,
-            memory_peak=read_int(files.memory_peak) if files.memory_peak else None,
+            memory_peak=peak,
             cpu_seconds=cpu_ns / 1e9 if cpu_ns is not None else None,
             nr_throttled=cpu_stat.get("nr_throttled") if cpu_stat else None,
             throttled_seconds=throttled_ns / 1e9 if throttled_ns is not None else None,

@@ -36,7 +36,6 @@ from osk_daemon.isolation.cgroupfs import (
     POLL_S,
     children,
     make_dir,
-    read_int,
     read_keyed,
     read_text,
     remove_tree,
@@ -237,7 +236,7 @@ class V2InstanceCgroup(InstanceCgroup):
         return True
 
     def oom_kills(self) -> int:
-        return (read_keyed(self._at("memory.events")) or {}).get("oom_kill", 0)
+        return (self.files.read_keyed(self._at("memory.events")) or {}).get("oom_kill", 0)
 
     def _at(self, name: str) -> str:
         """The path of this cgroup's file ``name``, made once (usage sampling reads six
@@ -248,19 +247,19 @@ class V2InstanceCgroup(InstanceCgroup):
         return path
 
     def usage(self) -> CgroupUsage:
-        at = self._at
-        cpu_stat = read_keyed(at("cpu.stat"))
+        at, kept = self._at, self.files
+        cpu_stat = kept.read_keyed(at("cpu.stat"))
         if cpu_stat is None:
             raise CgroupError(f"cgroup {self.name} does not exist", str(self.path))
         usage_us = cpu_stat.get("usage_usec")
         throttled_us = cpu_stat.get("throttled_usec")
         return CgroupUsage(
-            memory_current=read_int(at("memory.current")),
-            memory_peak=read_int(at("memory.peak")),
+            memory_current=kept.read_int(at("memory.current")),
+            memory_peak=kept.read_int(at("memory.peak")),
             cpu_seconds=usage_us / 1e6 if usage_us is not None else None,
             nr_throttled=cpu_stat.get("nr_throttled"),
             throttled_seconds=throttled_us / 1e6 if throttled_us is not None else None,
             oom_kills=self.oom_kills(),
-            pids_current=read_int(at("pids.current")),
-            pids_max_hits=(read_keyed(at("pids.events")) or {}).get("max", 0),
+            pids_current=kept.read_int(at("pids.current")),
+            pids_max_hits=(kept.read_keyed(at("pids.events")) or {}).get("max", 0),
         )

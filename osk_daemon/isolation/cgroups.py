@@ -39,6 +39,7 @@ from osk_daemon.errors import CgroupError
 from osk_daemon.isolation.cgroupfs import (
     POLL_S,
     HostLayout,
+    KeptFiles,
     Mount,
     children,
     parse_mountinfo,
@@ -225,6 +226,12 @@ class InstanceCgroup(ABC):
         self.dirs = tuple(dirs)
         self.procs_files: tuple[str, ...] = tuple(str(d / "cgroup.procs") for d in self.dirs)
         self._kill_dir = kill_dir  # a directory with cgroup.kill, if the kernel has it
+        self.files = KeptFiles()  # the counters ``usage`` re-reads (the loop thread's)
+
+    def close_files(self) -> None:
+        """Close the counter files kept open: before ``remove``, on the thread that read
+        them (the loop's), since ``remove`` runs on another."""
+        self.files.close()
 
     def exists(self) -> bool:
         return any(d.is_dir() for d in self.dirs)
@@ -300,6 +307,7 @@ class InstanceCgroup(ABC):
 
     def remove(self) -> None:
         """Kill what is left, then rmdir every directory of this cgroup (idempotent)."""
+        self.close_files()  # the daemon closed them already, on its loop (close_files)
         if self.populated():
             self.kill()
         deadline = time.monotonic() + RMDIR_TIMEOUT_S

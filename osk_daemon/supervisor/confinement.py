@@ -21,6 +21,7 @@ kernel feature, so it stops the daemon whatever ``require`` says.
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import hashlib
 import logging
@@ -196,6 +197,7 @@ class Confinement:
         procs = cgroup.procs_files if cgroup is not None else ()
         plan = self._plan(name, plugin, index, procs)
         self._make_state_dir(name, plan)
+        _keep_counters_open(cgroup)
         prepared = Prepared(cgroup, plan, cgroup.oom_kills() if cgroup is not None else 0)
         self._kept[key] = prepared
         return prepared
@@ -210,6 +212,7 @@ class Confinement:
             cgroup = self.cgroups.attach(key)
             if not cgroup.exists():
                 cgroup = None
+            _keep_counters_open(cgroup)
         plan = self._plan(name, plugin, index, cgroup.procs_files if cgroup is not None else ())
         prepared = Prepared(cgroup, plan, cgroup.oom_kills() if cgroup is not None else 0)
         self._kept[key] = prepared
@@ -240,6 +243,7 @@ class Confinement:
 
     def _dispose_later(self, cgroup: InstanceCgroup) -> None:
         """Kill and remove ``cgroup`` on the worker thread; its name is busy until then."""
+        cgroup.close_files()  # here, on the loop thread that sampled it
         self._disposing[cgroup.name] = self._disposer.submit(_dispose, cgroup)
 
     def dispose_slots(self, name: str, index: int, keep: Collection[Prepared] = ()) -> None:
@@ -330,6 +334,14 @@ class Confinement:
         path.chmod(0o700)
         if plan.uid is not None:
             os.chown(path, plan.uid, plan.gid if plan.gid is not None else -1)
+
+
+def _keep_counters_open(cgroup: InstanceCgroup | None) -> None:
+    """Open the counter files usage sampling reads, once, as the cgroup is made: sampling
+    then only ``pread``s them (``cgroupfs.KeptFiles``), from its first look on."""
+    if cgroup is not None:
+        with contextlib.suppress(OskError):
+            cgroup.usage()
 
 
 def _dispose(cgroup: InstanceCgroup) -> None:
