@@ -56,11 +56,10 @@ __all__ = [
 
 BEAT_SIZE = 24
 PUSHES_HEALTH = 1
-_STAMP = struct.Struct("<d")
-_PAGE = struct.Struct("<dIId")
-_HEALTHY = struct.Struct("<I")
-_FLAGS_AT = 12
-_DURATION = struct.Struct("<d")
+_PAGE = struct.Struct("<dIId")  # the whole page, as the table above lays it out
+_F64 = struct.Struct("<d")
+_U32 = struct.Struct("<I")
+_HEALTHY_AT, _FLAGS_AT, _DURATIONS_AT = 8, 12, 16
 
 
 def beat_path(fifo: Path) -> Path:
@@ -70,21 +69,21 @@ def beat_path(fifo: Path) -> Path:
 
 def write_beat(page: mmap.mmap, now: float) -> None:
     """The worker's side: record that its event loop ran at ``now`` (monotonic)."""
-    _STAMP.pack_into(page, 0, now)
+    _F64.pack_into(page, 0, now)
 
 
 def mark_pushes_health(page: mmap.mmap, pushes: bool = True) -> None:
     """The worker's side: from now on it checks its own health (marked before its READY),
     or no longer (the daemon probes it again)."""
-    _HEALTHY.pack_into(page, _FLAGS_AT, PUSHES_HEALTH if pushes else 0)
+    _U32.pack_into(page, _FLAGS_AT, PUSHES_HEALTH if pushes else 0)
 
 
 def write_healthy(page: mmap.mmap, count: int, durations: float) -> None:
     """The worker's side: ``count`` unreported healthy checks so far, ``durations`` long
     in all. The count goes last: a read between the two stores sees the older count with
     the newer sum, which only shifts one check's duration to the next read."""
-    _DURATION.pack_into(page, 16, durations)
-    _HEALTHY.pack_into(page, 8, count & 0xFFFFFFFF)
+    _F64.pack_into(page, _DURATIONS_AT, durations)
+    _U32.pack_into(page, _HEALTHY_AT, count & 0xFFFFFFFF)
 
 
 class BeatPage(NamedTuple):
@@ -145,9 +144,9 @@ class Beat:
         except OSError:
             return _NO_PAGE
         if len(raw) < BEAT_SIZE:
-            if len(raw) < _STAMP.size:
+            if len(raw) < _F64.size:
                 return _NO_PAGE
-            return BeatPage(_STAMP.unpack_from(raw)[0], False, 0, 0.0)
+            return BeatPage(_F64.unpack_from(raw)[0], False, 0, 0.0)
         beat, healthy, flags, durations = _PAGE.unpack(raw)
         return BeatPage(beat, bool(flags & PUSHES_HEALTH), healthy, durations)
 

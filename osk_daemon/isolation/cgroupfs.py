@@ -79,13 +79,9 @@ def read_optional(path: str | Path) -> str | None:
 
     Plain ``os.open``/``os.read``: usage sampling reads several files per instance, and a
     ``Path.read_text`` (a buffered text file object per read) costs several times more."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
+    fd = _open_optional(path)
+    if fd is None:
         return None
-    except OSError as exc:
-        with translate("read", path):
-            raise exc
     try:
         chunks = []
         while chunk := os.read(fd, 65536):
@@ -96,6 +92,17 @@ def read_optional(path: str | Path) -> str | None:
     finally:
         os.close(fd)
     return b"".join(chunks).decode()
+
+
+def _open_optional(path: str | Path) -> int | None:
+    """An fd of the file for reading, or ``None`` if it (or its cgroup) does not exist."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        with translate("read", path):
+            raise exc
 
 
 def write_value(path: Path, value: str) -> None:
@@ -162,13 +169,9 @@ class KeptFiles:
         if fd is None:
             if self._closed or KeptFiles._kept >= KeptFiles._limit():
                 return read_optional(path)
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
+            fd = _open_optional(path)
+            if fd is None:
                 return None
-            except OSError as exc:
-                with translate("read", path):
-                    raise exc
             self._fds[path] = fd
             KeptFiles._kept += 1
         try:

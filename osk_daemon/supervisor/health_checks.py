@@ -259,9 +259,9 @@ def parse_report(body: bytes) -> _Report | None:
         raw = data["status"]
         status = None if raw is None else HealthStatus(raw)
         count, durations, took = data["count"], data["durations"], data["took"]
-        if not isinstance(count, int) or not isinstance(durations, int | float):
-            return None
-        if not isinstance(took, int | float):
+        if not isinstance(count, int) or not all(
+            isinstance(v, int | float) for v in (durations, took)
+        ):
             return None
         detail = str(data.get("detail", ""))[:_MAX_DETAIL]
     except (OskError, KeyError, TypeError, ValueError):

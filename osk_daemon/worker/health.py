@@ -18,7 +18,8 @@ How (theory of operation):
    would; none starts while one is still running.
 3. A result that differs from the last one reported (status or detail), and every result
    that is not ``healthy``, goes to the daemon as a HEALTH_REPORT frame: ``{status,
-   detail, count, durations}`` (status ``None`` for no answer). The first result always
+   detail, count, durations, took}`` (status ``None`` for no answer; ``took`` the check's
+   own seconds). The first result always
    does, so the daemon's first verdict, which dependents wait for, is not delayed.
 4. A healthy result like the last one reported only bumps the page's count and adds its
    duration to the page's sum: one store each. The daemon's heartbeat sweep reads them
