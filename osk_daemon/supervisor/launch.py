@@ -29,7 +29,7 @@ import resource
 import signal
 import sys
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -234,17 +234,19 @@ def _exit_code(exc: SystemExit) -> int:
     return 1
 
 
-def enter_session(started_fd: int | None = None) -> None:
+def enter_session(on_session: Callable[[], None] | None = None) -> None:
     """The first steps of ``child_main``: ``setsid``, default signals, an empty signal mask.
 
-    If ``started_fd`` is given, one byte is written to it and it is closed right after
-    ``setsid`` (the zygote's middle process waits for it so the pid it reports already leads
-    its own process group). Raises ``OSError`` if ``setsid`` fails.
+    ``on_session`` is called right after ``setsid``, and also if ``setsid`` failed: the
+    zygote's cold spawns report their pid to the daemon there, so the pid the daemon
+    learns already leads its own process group (and a process that could not start is
+    still heard of). Raises ``OSError`` if ``setsid`` fails.
     """
-    _setsid()
-    if started_fd is not None:
-        os.write(started_fd, b"\0")
-        os.close(started_fd)
+    try:
+        _setsid()
+    finally:
+        if on_session is not None:
+            on_session()
     for signum in RESET_SIGNALS:
         signal.signal(signum, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, ())
@@ -253,13 +255,13 @@ def enter_session(started_fd: int | None = None) -> None:
 def child_main(
     req: SpawnRequest,
     *,
-    started_fd: int | None = None,
+    on_session: Callable[[], None] | None = None,
     in_session: bool = False,
     keep_fds: frozenset[int] = frozenset(),
 ) -> NoReturn:
     """Turn the current (fresh) process into the plugin process and run the target.
 
-    ``req.stdout``/``req.stderr`` are fds of *this* process. ``started_fd`` is passed to
+    ``req.stdout``/``req.stderr`` are fds of *this* process. ``on_session`` is passed to
     ``enter_session``; ``in_session=True`` skips that step (a warm zygote child did it
     before it received ``req``). ``keep_fds`` stay open with 0-2 (what a warm-up hook
     prepared for this target); every other fd is closed. Never returns: exits 0, the
@@ -268,7 +270,7 @@ def child_main(
     code = EXIT_TARGET_RAISED
     try:
         if not in_session:
-            enter_session(started_fd)
+            enter_session(on_session)
         spec = req.spec
         for fd, key in ((req.beat, "beat_fd"), (req.go, "go_fd")):
             if fd is not None:

@@ -411,6 +411,8 @@ class ZygoteSpawner:
         for name, error in dict(hello.get("failed") or {}).items():
             log.warning("zygote could not preload %s (%s); plugins will import it", name, error)
         log.info("zygote %d ready, preloaded %s", pid, hello.get("preloaded"))
+        if hello.get("double_fork"):  # each spawn costs a middle process that forks and exits
+            log.info("zygote %d double-forks: %s", pid, hello["double_fork"])
         return zygote
 
     def _forget(self, zygote: Zygote) -> None:

@@ -12,8 +12,8 @@ sends ``{"ready": true, "pid", "preloaded", "failed"}`` and then serves requests
 time: a msgpack map ``{"id", "target", "spec", "env", "cwd", "sys_path", "launch"}`` with
 the child's stdout and stderr attached as SCM_RIGHTS fds.
 
-Warm pool (K > 0, the default path): the zygote keeps K children that already did the double
-fork below, called ``setsid`` and reset their signals, and now wait for a request. Each is
+Warm pool (K > 0, the default path): the zygote keeps K children that were forked as below,
+called ``setsid`` and reset their signals, and now wait for a request. Each is
 announced to the daemon as ``{"warm": pid}`` with one end of a new ``SOCK_SEQPACKET``
 socketpair attached; the child holds the other end. The daemon sends a request (the same
 map and fds) straight to a warm child of its choice, so a restart costs one message and no
@@ -37,18 +37,20 @@ again: it becomes the plugin process itself. A single ``poll`` loop watches the 
 socket and the warm children's sockets; the zygote stays single-threaded.
 
 Cold path (requests the zygote gets; the daemon sends them when it has no warm child ready):
-double-fork per request:
+one fork per request, of a process B that is the *daemon's* child (``sibling.fork_sibling``,
+``clone(CLONE_PARENT)``):
 
-    zygote --fork--> A --fork--> B (runs launch.child_main: setsid, ..., the target)
-                     A waits until B has called setsid, sends {"id", "pid": B, "middle": A}, exits 0
+    zygote --clone(CLONE_PARENT)--> B (runs launch.child_main: setsid, ..., the target)
+    B, once it leads its own session, sends {"id", "pid": B} on its copy of fd 3
 
-The zygote does not wait for A: it reaps A when A's pidfd says it exited (``_Middles``)
-and forks the next request meanwhile, so a burst of cold spawns (a boot of hundreds of
-plugins) is forked back to back. A's reply carries A's pid too; the daemon takes B as
-spawned only once A is gone (``zygote_client``), so B is the daemon's child by then.
-Warm children are forked the same way, and their hello is read when it comes (``_Pool``).
-Either way, when A exits, B is re-parented to the nearest child subreaper, which is the
-daemon, so the daemon reaps B and reads its exact exit status. Errors come back as
+The zygote does not wait for B: it forks the next request at once, so a burst of cold
+spawns (a boot of hundreds of plugins) is forked back to back. Where the sibling fork is
+unavailable (not glibc on x86_64 or arm64) the zygote double-forks: its child A forks B
+and exits at once, B's report also carries ``"middle": A``, the zygote reaps A when A's
+pidfd says it exited (``_Middles``), and the daemon takes B as spawned only once A is gone
+(``zygote_client``): B is re-parented to the nearest child subreaper, the daemon. Warm
+children are forked the same way (``_fork_b``), and their hello is read when it comes
+(``_Pool``). Either way the daemon reaps B and reads its exact exit status. Errors come back as
 ``{"id", "error"}``. EOF on the daemon socket (the daemon closed its end or died) ends the
 zygote with status 0, and with it every warm child.
 """
@@ -70,11 +72,13 @@ import msgpack
 from osk_daemon.supervisor.launch import (
     EXIT_BAD_REQUEST,
     MAX_REQUEST_FDS,
+    SpawnRequest,
     child_main,
     close_fds_except,
     enter_session,
     request_from_fds,
 )
+from osk_daemon.supervisor.sibling import fork_sibling, sibling_fork_unavailable
 
 SOCKET_FD = 3
 MAX_MESSAGE = 1 << 20
@@ -82,6 +86,12 @@ WARM_HELLO_TIMEOUT = 5.0
 REFILL_DELAY = 0.02  # s from a hand-out to the refill while another warm child is ready
 REFILL_RETRY = 1.0  # s after a failed fork before the pool tries again
 _TRUNCATED = socket.MSG_TRUNC | socket.MSG_CTRUNC
+# None: B is forked as our sibling; else why the zygote double-forks
+SIBLING_FORK_UNAVAILABLE = (
+    "OSK_ZYGOTE_DOUBLE_FORK is set"
+    if os.environ.get("OSK_ZYGOTE_DOUBLE_FORK")
+    else sibling_fork_unavailable()
+)
 
 
 def _send(sock: socket.socket, message: dict[str, Any]) -> None:
@@ -253,7 +263,7 @@ class _Hatching(NamedTuple):
 
     sock: socket.socket  # the zygote's end of the child's socket
     requests: socket.socket  # the daemon's end of its request socket
-    middle: int  # the pid of A, which exits as soon as it forked B
+    middle: int | None  # the pid of A, which exits as soon as it forked B (None: no A)
     deadline: float  # monotonic: given up on after WARM_HELLO_TIMEOUT
 
 
@@ -315,7 +325,8 @@ class _Pool:
         for fd, child in list(self.hatching.items()):
             if now >= child.deadline:
                 del self.hatching[fd]
-                os.waitpid(child.middle, 0)
+                if child.middle is not None:
+                    os.waitpid(child.middle, 0)
                 self._discard(child, "did not start within WARM_HELLO_TIMEOUT")
 
     def fill_due(self) -> bool:
@@ -336,9 +347,10 @@ class _Pool:
         return len(self.ready) + len(self.hatching) < self.size
 
     def _hatched(self, child: _Hatching) -> None:
-        # reaped first (at most a moment's wait: A exits right after its fork), so B is the
-        # daemon's child before the daemon hears of it
-        os.waitpid(child.middle, 0)
+        # A (if any) reaped first (at most a moment's wait: A exits right after its fork),
+        # so B is the daemon's child before the daemon hears of it
+        if child.middle is not None:
+            os.waitpid(child.middle, 0)
         try:
             hello = msgpack.unpackb(child.sock.recv(256, socket.MSG_DONTWAIT), raw=False)
             warm = _Warm(int(hello["pid"]), child.sock, child.requests)
@@ -370,73 +382,92 @@ class _Pool:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         daemons, childs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            pid = os.fork()
+            middle = _fork_b(lambda _: _warm_main(theirs.detach(), childs.detach(), self.warm_up))
         except OSError as exc:
             for sock in (ours, theirs, daemons, childs):
                 sock.close()
             _log(f"fork of a warm child failed: {exc}")
             return None
-        if pid == 0:  # A: fork B and exit, so B is re-parented to the daemon
-            try:
-                if os.fork() == 0:
-                    _warm_main(theirs.detach(), childs.detach(), self.warm_up)
-            finally:
-                os._exit(0)
         theirs.close()
         childs.close()
-        return _Hatching(ours, daemons, pid, time.monotonic() + WARM_HELLO_TIMEOUT)
+        return _Hatching(ours, daemons, middle, time.monotonic() + WARM_HELLO_TIMEOUT)
 
 
-def _middle(sock: socket.socket, req_id: int, msg: dict[str, Any], fds: list[int]) -> NoReturn:
-    """Process A: fork B, wait until B leads its own session, report B's pid, exit.
+def _fork_b(b_main: Callable[[int | None], NoReturn]) -> int | None:
+    """Fork process B, which runs ``b_main(middle)`` as the daemon's child; the pid of a
+    middle process A to reap (also given to ``b_main``), or None.
 
-    The report goes to the daemon straight from A (the daemon keeps a dead zygote's socket
-    open until every A has closed its copy), with A's own pid: the daemon waits for A to
-    be gone before it watches B, so B is its child by then (``zygote_client``).
+    With ``fork_sibling`` (``clone(CLONE_PARENT)``) B is the daemon's child from the start.
+    Where that is unavailable (``SIBLING_FORK_UNAVAILABLE``), A forks B and exits at once,
+    and B is re-parented to the daemon, a child subreaper. Raises ``OSError`` if the
+    first fork fails.
     """
-    try:
-        req = request_from_fds(msg, fds)
-        ready_r, ready_w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            os.close(ready_r)
-            sock.detach()  # B closes fd 3 itself; the object must not close a reused fd
-            child_main(req, started_fd=ready_w)
-        os.close(ready_w)
-        os.read(ready_r, 1)  # b"\0" after B's setsid, or b"" if B died first
-        _send(sock, {"id": req_id, "pid": pid, "middle": os.getpid()})
-    except BaseException as exc:
+    if SIBLING_FORK_UNAVAILABLE is None:
+        if fork_sibling() == 0:
+            _run_b(b_main, None)
+        return None
+    pid = os.fork()
+    if pid == 0:  # A
         try:
-            _send(sock, {"id": req_id, "error": f"fork of the plugin process failed: {exc}"})
-        except BaseException:
-            pass
+            middle = os.getpid()
+            if os.fork() == 0:
+                _run_b(b_main, middle)
+        finally:
+            os._exit(0)
+    return pid
+
+
+def _run_b(b_main: Callable[[int | None], NoReturn], middle: int | None) -> NoReturn:
+    try:
+        b_main(middle)
     finally:
-        os._exit(0)
+        os._exit(EXIT_BAD_REQUEST)
+
+
+def _reporter(sock: socket.socket, req_id: int, middle: int | None) -> Callable[[], None]:
+    """What a cold spawn's B calls once it leads its own session: it reports its pid to the
+    daemon itself, on its copy of the zygote's socket (so a zygote that died since the fork
+    does not lose the report; the daemon keeps a dead zygote's socket open until every B
+    has closed its copy). Behind a middle process A, A's pid goes with it: the daemon
+    watches B only once A is gone (``zygote_client``)."""
+
+    def report() -> None:
+        reply: dict[str, Any] = {"id": req_id, "pid": os.getpid()}
+        if middle is not None:
+            reply["middle"] = middle
+        try:
+            _send(sock, reply)
+        finally:
+            sock.detach()  # child_main closes fd 3; the object must not close a reused fd
+
+    return report
 
 
 class _Middles:
-    """The middle processes A of cold spawns, reaped when their pidfd says they exited.
+    """Cold spawns: B forked at once, and the middle processes A (only where the sibling
+    fork is unavailable) reaped when their pidfd says they exited.
 
-    The zygote does not wait for an A: it forks the next request meanwhile, so a burst of
-    cold spawns is forked back to back while earlier A and B run on the other core.
+    The zygote waits for neither: it forks the next request meanwhile, so a burst of cold
+    spawns is forked back to back while earlier ones start on the other core.
     """
 
     def __init__(self, daemon: socket.socket) -> None:
         self.daemon = daemon
         self.running: dict[int, int] = {}  # pidfd -> pid of A
 
-    def start(self, req_id: int, msg: dict[str, Any], fds: list[int]) -> None:
+    def start(self, req_id: int, req: SpawnRequest) -> None:
+        sock = self.daemon
         try:
-            pid = os.fork()
+            middle = _fork_b(lambda a: child_main(req, on_session=_reporter(sock, req_id, a)))
         except OSError as exc:
             _send(self.daemon, {"id": req_id, "error": f"zygote fork failed: {exc}"})
             return
-        if pid == 0:
-            _middle(self.daemon, req_id, msg, fds)
+        if middle is None:
+            return
         try:
-            self.running[os.pidfd_open(pid)] = pid
+            self.running[os.pidfd_open(middle)] = middle
         except OSError:  # no pidfd (fds exhausted): wait for A the old way
-            os.waitpid(pid, 0)
+            os.waitpid(middle, 0)
 
     def exited(self, pidfd: int) -> None:
         os.waitpid(self.running.pop(pidfd), 0)
@@ -458,13 +489,13 @@ def _handle(middles: _Middles, data: bytes, fds: list[int], flags: int) -> None:
         _send(sock, {"id": req_id, "error": "request truncated"})
         return
     try:
-        request_from_fds(msg, fds)
+        req = request_from_fds(msg, fds)
     except ValueError as exc:
         _send(sock, {"id": req_id, "error": f"malformed spawn request: {exc}"})
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    middles.start(req_id, msg, fds)
+    middles.start(req_id, req)
 
 
 def serve(sock: socket.socket, pool: _Pool) -> None:
@@ -524,7 +555,8 @@ def main(argv: list[str]) -> int:
     pool = _Pool(sock, args.warm, warm_up)
     pool.fill()
     pool.settle()
-    _send(sock, {"ready": True, "pid": os.getpid(), "preloaded": loaded, "failed": failed})
+    hello = {"ready": True, "pid": os.getpid(), "preloaded": loaded, "failed": failed}
+    _send(sock, {**hello, "double_fork": SIBLING_FORK_UNAVAILABLE})
     try:
         serve(sock, pool)
     finally:

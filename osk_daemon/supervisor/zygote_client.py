@@ -274,7 +274,7 @@ class Zygote:
         process (the zygote's child that forked it and reported it) has exited, since
         only then is the plugin re-parented to us, and only then can the reaper watch it."""
         me = os.getpid()
-        if middle is None or parent_of(pid) == me:
+        if middle is None or middle == me or parent_of(pid) == me:
             fut.set_result(pid)
             return
         try:

@@ -21,6 +21,7 @@ import pytest
 from osk_daemon.errors import OskInternalError, PluginLoadError
 from osk_daemon.supervisor.output import MAX_LINE, LogLine, LogRing, OutputPipes
 from osk_daemon.supervisor.reaper import ChildReaper, ExitStatus, become_subreaper
+from osk_daemon.supervisor.sibling import sibling_fork_unavailable
 from osk_daemon.supervisor.spawner import ExecSpawner, Spawner, SpawnRequest, ZygoteSpawner
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
@@ -71,12 +72,16 @@ async def zygote(reaper: ChildReaper) -> AsyncIterator[ZygoteSpawner]:
         await z.aclose()
 
 
-@pytest.fixture(params=["zygote", "zygote-cold", "exec"])
-async def spawner(request: pytest.FixtureRequest, reaper: ChildReaper) -> AsyncIterator[Spawner]:
+@pytest.fixture(params=["zygote", "zygote-cold", "zygote-cold-double-fork", "exec"])
+async def spawner(
+    request: pytest.FixtureRequest, reaper: ChildReaper, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Spawner]:
     s: Spawner
     if request.param == "zygote":
         s = await ZygoteSpawner.open(reaper, (TARGETS,), sys_path=[str(ROOT)])
-    elif request.param == "zygote-cold":
+    elif request.param.startswith("zygote-cold"):
+        if request.param.endswith("double-fork"):  # the fallback without fork_sibling
+            monkeypatch.setenv("OSK_ZYGOTE_DOUBLE_FORK", "1")
         s = await ZygoteSpawner.open(reaper, (TARGETS,), sys_path=[str(ROOT)], warm=0)
     else:
         s = ExecSpawner()
@@ -236,11 +241,30 @@ async def test_empty_env_inherits_ours(spawner: Spawner, reaper: ChildReaper) ->
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("double_fork", [False, True], ids=["sibling-fork", "double-fork"])
 async def test_zygote_is_single_threaded_and_only_child(
-    zygote: ZygoteSpawner, reaper: ChildReaper
+    reaper: ChildReaper,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    double_fork: bool,
 ) -> None:
+    if double_fork:
+        monkeypatch.setenv("OSK_ZYGOTE_DOUBLE_FORK", "1")
+    elif unavailable := sibling_fork_unavailable():
+        pytest.skip(f"no sibling fork here: {unavailable}")
+    caplog.set_level("INFO", logger="osk.supervisor.spawner")
+    zygote = await ZygoteSpawner.open(reaper, (TARGETS, "json"), sys_path=[str(ROOT)])
+    try:
+        await _single_threaded_and_only_child(zygote, reaper)
+    finally:
+        await zygote.aclose()
+    said = "double-forks: OSK_ZYGOTE_DOUBLE_FORK is set"
+    assert any(said in r.getMessage() for r in caplog.records) == double_fork
+
+
+async def _single_threaded_and_only_child(zygote: ZygoteSpawner, reaper: ChildReaper) -> None:
     assert zygote.zygote_pid is not None
-    # open() returns once the pool is full and the zygote idle: its middle processes are
+    # open() returns once the pool is full and the zygote idle: any middle processes are
     # reaped, the warm children are ours
     proc = psutil.Process(zygote.zygote_pid)
     assert len(zygote.warm_pids) == 2
