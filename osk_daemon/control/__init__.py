@@ -13,8 +13,6 @@ are the command-line client. The names below are imported lazily, so that ``oskc
 
 from __future__ import annotations
 
-import importlib
-
 TYPE_CHECKING = False  # typing's constant without importing typing: oskctl starts lean
 
 if TYPE_CHECKING:
@@ -37,6 +35,8 @@ _LAZY = {
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
+        import importlib  # here, not at the top: ~1 ms of every oskctl start
+
         module = importlib.import_module(f"osk_daemon.control.{_LAZY[name]}")
         return getattr(module, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -47,6 +47,11 @@ def format_uptime(seconds: float | None) -> str:
 
 def format_cell(value: Any) -> str:
     """One table cell: ``-`` for nothing, ``k=v`` pairs for objects, compact JSON for lists."""
+    kind = type(value)  # the common cells first: an isinstance on an ABC costs ~1 us each
+    if kind is str:
+        return value or "-"
+    if kind is int:
+        return str(value)
     if value is None or value == "":
         return "-"
     if isinstance(value, bool):

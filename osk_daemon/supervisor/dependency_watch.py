@@ -104,8 +104,8 @@ class DependencyWatch:
             row["state"] = "waiting"
             row["waiting_for"] = list(self.gate.waiting_for(inst.plugin))
             row["detail"] = f"waiting for {', '.join(row['waiting_for'])}"
-        down = list(self.tracker.down_requirements(inst.plugin))
-        row["degraded_by"] = down if self.tracker.is_degraded(inst.plugin) else []
+        degraded = self.tracker.is_degraded(inst.plugin)
+        row["degraded_by"] = list(self.tracker.down_requirements(inst.plugin)) if degraded else []
         if row["degraded_by"] and row["health"] in (HealthStatus.HEALTHY, HealthStatus.RECOVERING):
             row["health"] = HealthStatus.DEGRADED.value
             row["detail"] = self.tracker.explain(inst.plugin)

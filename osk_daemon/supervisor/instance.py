@@ -9,6 +9,7 @@ bookkeeping behind ``oskctl status``. It survives restarts; each spawn bumps
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import time
 from collections.abc import Callable
@@ -133,8 +134,8 @@ class Instance:
     def key(self) -> tuple[str, int]:
         return (self.plugin, self.index)
 
-    @property
-    def leaf(self) -> str:
+    @functools.cached_property
+    def leaf(self) -> str:  # the name and index never change: made once, read per row
         return leaf_id(self.plugin, self.index)
 
     @property

@@ -217,6 +217,40 @@ def test_oskctl_imports_no_heavy_dependencies() -> None:
     assert result.stdout == "[]\n"
 
 
+def test_parsing_a_command_imports_neither_shutil_nor_importlib() -> None:
+    # argparse's formatter would import shutil (and zlib, bz2, lzma) for the terminal width
+    code = (
+        "import sys\n"
+        "from osk_daemon.control import oskctl\n"
+        "ns = oskctl.build_parser(['status']).parse_args(['status', '--json'])\n"
+        "print(ns.command, [m for m in ('shutil', 'importlib', 'typing') if m in sys.modules])"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=DEADLINE, check=True
+    )
+    assert result.stdout == "status []\n"
+
+
+@pytest.mark.parametrize(
+    ("columns", "expected"), [("132", 132), ("junk", 80), ("0", 80), (None, 80)]
+)
+def test_help_width_follows_columns_like_shutil(
+    monkeypatch: pytest.MonkeyPatch, columns: str | None, expected: int
+) -> None:
+    from osk_daemon.control import oskctl as cli
+
+    if columns is None:
+        monkeypatch.delenv("COLUMNS", raising=False)
+    else:
+        monkeypatch.setenv("COLUMNS", columns)
+
+    def no_terminal(fd: int) -> os.terminal_size:
+        raise OSError(25, "not a terminal")
+
+    monkeypatch.setattr(os, "get_terminal_size", no_terminal)
+    assert cli._columns() == expected
+
+
 def test_a_reader_that_left_gets_no_traceback_and_the_broken_pipe_code(daemon: Path) -> None:
     read, write = os.pipe()
     os.close(read)  # gone before oskctl writes a byte: its print fails with EPIPE
