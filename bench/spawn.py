@@ -6,7 +6,8 @@ child subreaper, installs a ``ChildReaper`` on its asyncio loop, binds a plain R
 the way ``Instance.worker_spec`` builds it (daemon defaults, the ``benchplugins:Stamp``
 plugin from ``bench/plugins``), through ``ZygoteSpawner`` (preloading what the daemon
 preloads) with its default warm pool ("warm": a pre-forked child takes the request), through
-a ``ZygoteSpawner`` with ``warm=0`` ("cold": a double fork per request) and through
+a ``ZygoteSpawner`` with ``warm=0`` ("cold": one ``clone(CLONE_PARENT)`` per request, or a
+double fork with ``OSK_ZYGOTE_DOUBLE_FORK=1``) and through
 ``ExecSpawner``. Per round: ``t0`` just before ``spawn()``, then the
 times ``spawn()`` returned the pid, the worker's HELLO arrived (runtime up, socket
 connected) and its READY arrived (plugin imported and ``start()`` returned: the broker
