@@ -47,7 +47,7 @@ The zygote does not wait for B: it forks the next request at once, so a burst of
 spawns (a boot of hundreds of plugins) is forked back to back. Where the sibling fork is
 unavailable (not glibc on x86_64 or arm64) the zygote double-forks: its child A forks B
 and exits at once, B's report also carries ``"middle": A``, the zygote reaps A when A's
-pidfd says it exited (``_Middles``), and the daemon takes B as spawned only once A is gone
+pidfd says it exited (``_ColdSpawns``), and the daemon takes B as spawned only once A is gone
 (``zygote_client``): B is re-parented to the nearest child subreaper, the daemon. Warm
 children are forked the same way (``_fork_b``), and their hello is read when it comes
 (``_Pool``). Either way the daemon reaps B and reads its exact exit status. Errors come back as
@@ -443,7 +443,7 @@ def _reporter(sock: socket.socket, req_id: int, middle: int | None) -> Callable[
     return report
 
 
-class _Middles:
+class _ColdSpawns:
     """Cold spawns: B forked at once, and the middle processes A (only where the sibling
     fork is unavailable) reaped when their pidfd says they exited.
 
@@ -453,7 +453,7 @@ class _Middles:
 
     def __init__(self, daemon: socket.socket) -> None:
         self.daemon = daemon
-        self.running: dict[int, int] = {}  # pidfd -> pid of A
+        self.middles: dict[int, int] = {}  # pidfd -> pid of A
 
     def start(self, req_id: int, req: SpawnRequest) -> None:
         sock = self.daemon
@@ -465,17 +465,17 @@ class _Middles:
         if middle is None:
             return
         try:
-            self.running[os.pidfd_open(middle)] = middle
+            self.middles[os.pidfd_open(middle)] = middle
         except OSError:  # no pidfd (fds exhausted): wait for A the old way
             os.waitpid(middle, 0)
 
-    def exited(self, pidfd: int) -> None:
-        os.waitpid(self.running.pop(pidfd), 0)
+    def middle_exited(self, pidfd: int) -> None:
+        os.waitpid(self.middles.pop(pidfd), 0)
         os.close(pidfd)
 
 
-def _handle(middles: _Middles, data: bytes, fds: list[int], flags: int) -> None:
-    sock = middles.daemon
+def _handle(cold: _ColdSpawns, data: bytes, fds: list[int], flags: int) -> None:
+    sock = cold.daemon
     try:
         msg = msgpack.unpackb(data, raw=False)
     except Exception as exc:
@@ -495,17 +495,17 @@ def _handle(middles: _Middles, data: bytes, fds: list[int], flags: int) -> None:
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    middles.start(req_id, req)
+    cold.start(req_id, req)
 
 
 def serve(sock: socket.socket, pool: _Pool) -> None:
     """Answer spawn requests on ``sock`` until EOF, keeping ``pool`` full."""
-    middles = _Middles(sock)
+    cold = _ColdSpawns(sock)
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLIN)
     polled: set[int] = set()
     while True:
-        watched = pool.watched() | middles.running.keys()
+        watched = pool.watched() | cold.middles.keys()
         for fd in polled - watched:
             poller.unregister(fd)
         for fd in watched - polled:
@@ -513,8 +513,8 @@ def serve(sock: socket.socket, pool: _Pool) -> None:
         polled = watched
         events = poller.poll(pool.wait_ms())
         for fd, _ in events:
-            if fd in middles.running:
-                middles.exited(fd)
+            if fd in cold.middles:
+                cold.middle_exited(fd)
             elif fd != sock.fileno():
                 pool.event(fd)
         if any(fd == sock.fileno() for fd, _ in events):
@@ -526,7 +526,7 @@ def serve(sock: socket.socket, pool: _Pool) -> None:
                     # would outlive us unheard of, for as long as they take to notice
                     pool.settle()
                     return
-                _handle(middles, data, fds, flags)
+                _handle(cold, data, fds, flags)
             finally:
                 for fd in fds:
                     os.close(fd)
