@@ -16,7 +16,12 @@ Reported, from the same run:
   in-flight request answered, from the ``rollout:drained`` event (goal: <= 50 ms);
 - how long a whole swap takes, new instance start included.
 
-Usage: ``python bench/swap.py [--swaps N] [--instances N] [--min-calls N] [--json]``.
+Each is measured twice by default, in one bench run: with the default
+``rollout.start_cpu = 0`` (new instances start uncapped) and with 0.01 (each new instance's
+cgroup may use 1 % of a core until it is ready, at most ``start_cpu_for`` seconds).
+
+Usage: ``python bench/swap.py [--swaps N] [--instances N] [--min-calls N]
+[--start-cpu 0,0.01] [--json]``.
 """
 
 from __future__ import annotations
@@ -143,14 +148,17 @@ def wait_calls(d: BenchDaemon, load: Load, count: int) -> None:
         time.sleep(0.01)
 
 
-def measure(swaps: int, instances: int, min_calls: int, steady_calls: int) -> dict[str, Any]:
+def measure(
+    swaps: int, instances: int, min_calls: int, steady_calls: int, start_cpu: float
+) -> dict[str, Any]:
+    rollout = {"drain_timeout": 10.0, "max_surge": 1, "max_unavailable": 0}
     config = daemon_config(
         {
             "counter": {
                 "version": "1.0.0",
                 "instances": instances,
                 "health_check": {"interval": 0.5, "timeout": 0.25},
-                "rollout": {"drain_timeout": 10.0, "max_surge": 1, "max_unavailable": 0},
+                "rollout": {**rollout, "start_cpu": start_cpu},
             }
         },
         plugins_dir=str(INSTALLED),
@@ -180,6 +188,7 @@ def measure(swaps: int, instances: int, min_calls: int, steady_calls: int) -> di
     failed = [err for _, _, _, err in calls if err]
     cutovers = [e["drain_ms"] / 1000 for e in drained]
     return {
+        "start_cpu": start_cpu,
         "swaps": swaps,
         "instances": instances,
         "calls": len(calls),
@@ -208,18 +217,10 @@ def measure(swaps: int, instances: int, min_calls: int, steady_calls: int) -> di
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--json", action="store_true", help="print exact JSON on stdout")
-    parser.add_argument("--swaps", type=int, default=10)
-    parser.add_argument("--instances", type=int, default=2)
-    parser.add_argument("--min-calls", type=int, default=10_000)
-    parser.add_argument("--steady-calls", type=int, default=800)
-    args = parser.parse_args()
-    r = measure(args.swaps, args.instances, args.min_calls, args.steady_calls)
-    ratio = r["during"]["p99"] / r["steady"]["p99"] if r["steady"]["p99"] else float("inf")
-    rows = [
-        ["calls", r["calls"], "", f">= {args.min_calls}"],
+def rows_of(r: dict[str, Any], min_calls: int) -> list[list[Any]]:
+    ratio = r["p99_ratio"]
+    return [
+        ["calls", r["calls"], "", f">= {min_calls}"],
         ["failed calls", r["failed"], "", f"{GOAL_FAILED}: {verdict(r['failed'] == GOAL_FAILED)}"],
         ["latency steady", f"p50 {ms(r['steady']['p50'])}", f"p99 {ms(r['steady']['p99'])}", ""],
         [
@@ -241,14 +242,39 @@ def main() -> None:
             "",
         ],
     ]
-    text = (
-        f"swap: {r['swaps']} rolling swaps of {r['instances']} instance(s) under one "
-        f"sequential caller; versions seen {', '.join(r['versions_seen'])}\n"
-        f"percentiles: {PERCENTILE_METHOD}\n\n" + table(["metric", "a", "b", "goal"], rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", action="store_true", help="print exact JSON on stdout")
+    parser.add_argument("--swaps", type=int, default=10)
+    parser.add_argument("--instances", type=int, default=2)
+    parser.add_argument("--min-calls", type=int, default=10_000)
+    parser.add_argument("--steady-calls", type=int, default=800)
+    parser.add_argument(
+        "--start-cpu",
+        default="0,0.01",
+        help="rollout.start_cpu values, one daemon run each (default: the default 0, 0.01)",
     )
-    if r["failures"]:
-        text += "\nfirst failures:\n" + "\n".join(f"  {f}" for f in r["failures"])
-    emit(text, {"machine": machine(), **r, "p99_ratio": ratio}, args.json)
+    args = parser.parse_args()
+    runs = []
+    for start_cpu in (float(v) for v in args.start_cpu.split(",")):
+        r = measure(args.swaps, args.instances, args.min_calls, args.steady_calls, start_cpu)
+        steady = r["steady"]["p99"]
+        r["p99_ratio"] = r["during"]["p99"] / steady if steady else float("inf")
+        runs.append(r)
+    parts = []
+    for r in runs:
+        parts.append(
+            f"rollout.start_cpu = {r['start_cpu']:g}: {r['swaps']} rolling swaps of "
+            f"{r['instances']} instance(s) under one sequential caller; versions seen "
+            f"{', '.join(r['versions_seen'])}\n"
+            + table(["metric", "a", "b", "goal"], rows_of(r, args.min_calls))
+        )
+        if r["failures"]:
+            parts.append("first failures:\n" + "\n".join(f"  {f}" for f in r["failures"]))
+    text = f"swap: percentiles {PERCENTILE_METHOD}\n\n" + "\n\n".join(parts)
+    emit(text, {"machine": machine(), "runs": runs}, args.json)
 
 
 if __name__ == "__main__":

@@ -263,6 +263,16 @@ class RolloutConfig(BaseModel):
     min_requests: int = Field(default=20, ge=0, description="analysis: fewer fails the step")
     max_error_rate_increase: float = Field(default=0.01, ge=0, le=1)
     max_latency_ratio: float = Field(default=1.5, ge=1)
+    start_cpu: float = Field(
+        default=0.0,
+        ge=0,
+        description="cores a new instance may use while it starts beside serving ones (a "
+        "rollout's, a reload's): a cgroup CPU quota, lifted once it is ready or after "
+        "start_cpu_for seconds. 0.01 keeps swaps from stalling the calls served meanwhile, "
+        "but a start takes longer (and a memory hand-over misses the calls answered "
+        "meanwhile); 0: no cap",
+    )
+    start_cpu_for: float = Field(default=2.0, gt=0, description="seconds, at most, of start_cpu")
 
     @field_validator("steps")
     @classmethod

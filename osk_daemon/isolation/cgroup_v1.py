@@ -37,6 +37,7 @@ from osk_daemon.isolation.cgroups import (
     CgroupUsage,
     InstanceCgroup,
     check_name,
+    cpu_max,
 )
 
 __all__ = ["V1Cgroups", "V1InstanceCgroup"]
@@ -150,13 +151,22 @@ def _write_limits(dirs: dict[str, Path], limits: CgroupLimits) -> None:
         memsw = memory / "memory.memsw.limit_in_bytes"
         if memsw.exists():  # only with swap accounting; must not be below the memory limit
             write_value(memsw, str(limits.memory_max))
-    quota = limits.cpu_quota_us()
-    if quota is not None:
-        cpu = dirs["cpu"]
-        write_value(cpu / "cpu.cfs_period_us", str(CPU_PERIOD_US))
-        write_value(cpu / "cpu.cfs_quota_us", str(quota))
+    if limits.cpu_quota is not None:
+        _write_cpu_max(dirs["cpu"], limits.cpu_quota)
     if limits.pids_max is not None:
         write_value(dirs["pids"] / "pids.max", str(limits.pids_max))
+
+
+def _write_cpu_max(cpu: Path, cores: float | None) -> None:
+    """CFS bandwidth: the quota is lifted first, so that no intermediate quota and period
+    pair is refused (a quota may not exceed the period's bounds)."""
+    write_value(cpu / "cpu.cfs_quota_us", "-1")
+    if cores is None:
+        write_value(cpu / "cpu.cfs_period_us", str(CPU_PERIOD_US))
+        return
+    quota, period = cpu_max(cores)
+    write_value(cpu / "cpu.cfs_period_us", str(period))
+    write_value(cpu / "cpu.cfs_quota_us", str(quota))
 
 
 class _UsageFiles(NamedTuple):
@@ -194,6 +204,12 @@ class V1InstanceCgroup(InstanceCgroup):
         while (read_optional(state) or want).strip() != want and time.monotonic() < deadline:
             time.sleep(POLL_S)  # FREEZING until every task has stopped
         return True
+
+    def set_cpu_max(self, cores: float | None) -> None:
+        cpu = self.by_controller.get("cpu")
+        if cpu is None:
+            raise CgroupError(f"cgroup {self.name}: no v1 cpu hierarchy is mounted here")
+        _write_cpu_max(cpu, cores)
 
     def _file(self, controller: str, name: str) -> str | None:
         d = self.by_controller.get(controller)

@@ -50,6 +50,7 @@ from osk_daemon.isolation.cgroups import (
     CgroupUsage,
     InstanceCgroup,
     check_name,
+    cpu_max,
 )
 
 __all__ = ["V2Cgroups", "V2InstanceCgroup"]
@@ -208,11 +209,15 @@ def _write_limits(path: Path, limits: CgroupLimits) -> None:
         swap = path / "memory.swap.max"
         if swap.exists():  # only with swap accounting compiled in and enabled
             write_value(swap, "0")
-    quota = limits.cpu_quota_us()
-    if quota is not None:
-        write_value(path / "cpu.max", f"{quota} {CPU_PERIOD_US}")
+    if limits.cpu_quota is not None:
+        _write_cpu_max(path, limits.cpu_quota)
     if limits.pids_max is not None:
         write_value(path / "pids.max", str(limits.pids_max))
+
+
+def _write_cpu_max(path: Path, cores: float | None) -> None:
+    quota, period = cpu_max(cores) if cores is not None else ("max", CPU_PERIOD_US)
+    write_value(path / "cpu.max", f"{quota} {period}")
 
 
 class V2InstanceCgroup(InstanceCgroup):
@@ -222,6 +227,11 @@ class V2InstanceCgroup(InstanceCgroup):
         self.path = path
         super().__init__(name, [path], path if has_kill else None)
         self._paths: dict[str, str] = {}
+
+    def set_cpu_max(self, cores: float | None) -> None:
+        if not (self.path / "cpu.max").exists():
+            raise CgroupError(f"cgroup {self.name}: the cpu controller is not enabled for it")
+        _write_cpu_max(self.path, cores)
 
     def _set_frozen(self, frozen: bool, deadline: float) -> bool:
         freeze = self.path / "cgroup.freeze"

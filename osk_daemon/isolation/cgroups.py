@@ -28,6 +28,7 @@ turn ``OSError`` into ``CgroupError`` naming the file and the errno; the mountin
 from __future__ import annotations
 
 import errno
+import math
 import re
 import time
 from abc import ABC, abstractmethod
@@ -69,6 +70,8 @@ __all__ = [
 ]
 
 CPU_PERIOD_US = 100_000
+MIN_CPU_QUOTA_US = 1_000  # the kernel's minimum quota (v1 and v2)
+MAX_CPU_PERIOD_US = 1_000_000  # and its longest period
 KILL_TIMEOUT_S = 5.0
 RMDIR_TIMEOUT_S = 2.0
 
@@ -88,7 +91,7 @@ class CgroupLimits:
     """Quotas for one instance; ``None`` leaves that resource unlimited.
 
     ``memory_max`` is in bytes (swap is limited to nothing on top of it where the kernel
-    allows); ``cpu_quota`` is a fraction of one core per 100 ms period (0.2, 1.5).
+    allows); ``cpu_quota`` is in cores (0.2, 1.5; see ``cpu_max``).
     """
 
     memory_max: int | None = None
@@ -106,11 +109,18 @@ class CgroupLimits:
         if self.pids_max is not None and self.pids_max < 1:
             raise CgroupError(f"pids_max must be at least 1, not {self.pids_max}")
 
-    def cpu_quota_us(self) -> int | None:
-        """The quota per ``CPU_PERIOD_US`` in microseconds (the kernel minimum is 1000)."""
-        if self.cpu_quota is None:
-            return None
-        return max(1000, int(self.cpu_quota * CPU_PERIOD_US))
+
+def cpu_max(cores: float) -> tuple[int, int]:
+    """``(quota_us, period_us)`` that let a cgroup use ``cores`` of CPU time.
+
+    The period is ``CPU_PERIOD_US``, or longer (at most 1 s) where the quota would fall
+    under the kernel's 1 ms minimum: 0.01 cores is 1 ms per 100 ms, 0.002 cores 1 ms per
+    500 ms. Below 0.001 cores the quota stays 1 ms a second.
+    """
+    period = CPU_PERIOD_US
+    if cores * period < MIN_CPU_QUOTA_US:
+        period = min(MAX_CPU_PERIOD_US, math.ceil(MIN_CPU_QUOTA_US / cores))
+    return max(MIN_CPU_QUOTA_US, round(cores * period)), period
 
 
 @dataclass(frozen=True)
@@ -313,6 +323,11 @@ class InstanceCgroup(ABC):
         deadline = time.monotonic() + RMDIR_TIMEOUT_S
         for d in self.dirs:
             remove_tree(d, deadline)
+
+    @abstractmethod
+    def set_cpu_max(self, cores: float | None) -> None:
+        """Let the cgroup use ``cores`` of CPU time from now on (None: no limit). Raises
+        ``CgroupError`` if the cpu controller is not there for it."""
 
     @abstractmethod
     def usage(self) -> CgroupUsage:

@@ -19,6 +19,7 @@ from typing import Any
 
 from osk_daemon.config import Config, PluginConfig, StateStrategy
 from osk_daemon.ipc.beats import Beat
+from osk_daemon.isolation.cgroups import InstanceCgroup
 from osk_daemon.supervisor.confinement import Prepared
 from osk_daemon.supervisor.health import HealthPolicy, HealthTracker
 from osk_daemon.supervisor.lifecycle import Lifecycle, State, Timer, describe_exit
@@ -64,6 +65,9 @@ class Instance:
     handover: Any = NO_STATE
     retiring: bool = False  # being drained and stopped by a rollout or reload
     gentle_start: bool = False  # start at a low CPU priority (added while others serve)
+    # a gentle start's CPU cap (rollout.start_cpu) and the cgroup it is on: lifted at READY,
+    # when the life ends or by this timer, whichever comes first
+    start_cap: tuple[asyncio.TimerHandle, InstanceCgroup] | None = None
     exits_by_reason: dict[str, int] = field(default_factory=dict)  # unrequested ends
     # for re-adoption by a restarted daemon (runtime_state): this life's process start
     # time, its output FIFOs, and whether it was adopted and has not spoken yet

@@ -130,10 +130,47 @@ class InstanceProcesses:
         if generation != inst.generation:
             return
         try:
-            self._confinement.prepare(inst.plugin, inst.config, inst.index, inst.slot)
+            prepared = self._confinement.prepare(inst.plugin, inst.config, inst.index, inst.slot)
         except OskError:
             pass  # the next step says why, as for any spawn
+        else:
+            self._cap_start(inst, prepared)
         self._loop.call_soon(self._start_queued, inst, generation)
+
+    def _cap_start(self, inst: Instance, prepared: Prepared) -> None:
+        """Cap a gentle start's CPU (``rollout.start_cpu``) until ``lift_start_cap``.
+
+        Why: a new process's start is mostly the kernel copying the zygote's pages on
+        write; nice values and SCHED_IDLE did not keep that from stalling the calls served
+        meanwhile, a CFS quota on its cgroup does (``bench/swap.py``: p99 during swaps
+        ~10-13 ms without, ~1-2.5 ms at 0.01 cores). The start takes longer instead, so
+        the cap is bounded by ``rollout.start_cpu_for`` seconds.
+        """
+        cores = inst.config.rollout.start_cpu
+        cgroup = prepared.cgroup
+        if not cores or cgroup is None:
+            return
+        limit = inst.config.limits.cpu
+        try:
+            cgroup.set_cpu_max(min(cores, limit) if limit is not None else cores)
+        except OskError as exc:  # no cpu controller here: the start is only reniced
+            log.debug("%s: no start CPU cap: %s", inst.leaf, exc)
+            return
+        self.lift_start_cap(inst)  # an earlier life's, if one was left
+        lift = self._loop.call_later(inst.config.rollout.start_cpu_for, self.lift_start_cap, inst)
+        inst.start_cap = (lift, cgroup)
+
+    def lift_start_cap(self, inst: Instance) -> None:
+        """End a gentle start's CPU cap (ready, too slow, or gone): its cgroup gets the
+        plugin's own ``limits.cpu`` again, or none. Nothing to do without a cap."""
+        if inst.start_cap is None:
+            return
+        (lift, cgroup), inst.start_cap = inst.start_cap, None
+        lift.cancel()
+        try:
+            cgroup.set_cpu_max(inst.config.limits.cpu)
+        except OskError as exc:
+            log.warning("%s: could not lift the start CPU cap: %s", inst.leaf, exc)
 
     def _start_queued(self, inst: Instance, generation: int) -> None:
         if generation != inst.generation:  # a newer life began meanwhile

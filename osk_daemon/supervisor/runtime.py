@@ -316,8 +316,9 @@ class Supervisor:
         if inst.restart_span is not None:
             inst.restart_span.end()  # from the crash to the replacement's readiness
             inst.restart_span = None
+        self.processes.lift_start_cap(inst)  # serving now: its full share of the CPU
         if inst.gentle_start and inst.life.pid is not None:
-            renice(inst.life.pid, 0)  # serving now: full share of the CPU
+            renice(inst.life.pid, 0)
             inst.gentle_start = False
         self.broker.set_ready(inst.key, True)
         self.checks.schedule(inst)
@@ -329,6 +330,7 @@ class Supervisor:
         life = inst.life
         inst.cancel_timers()
         inst.cancel_health()
+        self.processes.lift_start_cap(inst)  # the slot's next life starts uncapped
         inst.ready_at = None
         if life.stop_requested or self._shutting_down:  # a restart asked for starts afresh
             self.standbys.drop(inst, "its instance was stopped")

@@ -237,3 +237,55 @@ def test_rollout_commands_are_safe_and_explained(installed: Path) -> None:
         with pytest.raises(ControlError, match=re.escape("succeeded; deploy 1.0.0 to go back")):
             d.ctl("rollout", action="promote", plugin="counter")
         assert {r["version"] for r in d.status("counter")} == {"2.0.0"}
+
+
+def _cpu_bandwidth(pid: int) -> tuple[str, str, str] | None:
+    """(cgroup path, quota, period) of ``pid``'s CPU bandwidth: v1 ``cpu.cfs_*``, else v2
+    ``cpu.max``; None if its cgroup has no cpu controller."""
+    mounts = [line.split() for line in Path("/proc/mounts").read_text().splitlines()]
+    lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if "cpu" in controllers.split(","):
+            for _, where, kind, options, *_ in mounts:
+                if kind == "cgroup" and "cpu" in options.split(","):
+                    d = Path(where) / path.lstrip("/")
+                    quota = (d / "cpu.cfs_quota_us").read_text().strip()
+                    return path, quota, (d / "cpu.cfs_period_us").read_text().strip()
+    for line in lines:
+        if line.startswith("0::"):
+            for _, where, kind, *_ in mounts:
+                cpu_max = Path(where) / line[3:].lstrip("/") / "cpu.max"
+                if kind == "cgroup2" and cpu_max.exists():
+                    quota, period = cpu_max.read_text().split()
+                    return line[3:], quota, period
+    return None
+
+
+def test_start_cpu_caps_a_new_instance_until_ready_or_its_time_is_up(installed: Path) -> None:
+    # 1 ms of CPU a second: the new instance stays capped for seconds, long enough to see
+    cap = "start_cpu = 0.001\nstart_cpu_for = 4.0"
+    with running_daemon(config(installed, 1, cap)) as d:
+        old = d.status("counter")[0]
+        first = _cpu_bandwidth(old["pid"])
+        if first is None or "counter" not in first[0]:
+            pytest.skip("the plugins' cgroups have no cpu controller here")
+        assert first[1] in ("-1", "max")  # nothing else served at its start: no cap
+        d.ctl("deploy", plugin="counter", version="^2", strategy="rolling")
+
+        def new_in_its_cgroup() -> tuple[int, tuple[str, str, str]] | None:
+            for row in d.status("counter"):
+                if row["version"] == "2.0.0" and row["pid"]:
+                    found = _cpu_bandwidth(row["pid"])
+                    if found is not None and "counter" in found[0]:
+                        return row["pid"], found
+            return None
+
+        pid, (_, quota, period) = d.wait_until(new_in_its_cgroup, what="the new instance")
+        assert (quota, period) == ("1000", "1000000")
+        done = d.wait_until(lambda: rollout_ended(d), timeout=60, what="rollout ended")
+        assert done["state"] == "succeeded", done  # the cap ended by its time, not a timeout
+        [row] = d.status("counter")
+        assert row["pid"] == pid and row["version"] == "2.0.0"
+        lifted = _cpu_bandwidth(pid)
+        assert lifted is not None and lifted[1] in ("-1", "max")
