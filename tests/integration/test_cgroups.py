@@ -249,6 +249,31 @@ def test_unsafe_names_are_refused(cgroups: Cgroups, bad: str) -> None:
 # ---- limits ----------------------------------------------------------------------------
 
 
+def _cpu_bandwidth(cgroups: Cgroups, cg: InstanceCgroup) -> list[str]:
+    """[quota, period] as the kernel shows them (v1: -1 for none; v2: max)."""
+    if cgroups.version == "v2":
+        return (cg.dirs[0] / "cpu.max").read_text().split()
+    quota, period = find_file(cg, "cpu.cfs_quota_us"), find_file(cg, "cpu.cfs_period_us")
+    assert quota is not None and period is not None
+    return [quota.read_text().strip(), period.read_text().strip()]
+
+
+def test_cpu_max_changes_a_live_cgroup_and_lifts_back(cgroups: Cgroups) -> None:
+    need(cgroups, "cpu")
+    cg = cgroups.create("cpumax-0", CgroupLimits(cpu_quota=0.005))  # under 1 ms per 100 ms
+    none = "max" if cgroups.version == "v2" else "-1"
+    try:
+        assert _cpu_bandwidth(cgroups, cg) == ["1000", "200000"]  # a longer period instead
+        cg.set_cpu_max(0.001)  # a start's cap
+        assert _cpu_bandwidth(cgroups, cg) == ["1000", "1000000"]
+        cg.set_cpu_max(0.5)
+        assert _cpu_bandwidth(cgroups, cg) == ["50000", "100000"]
+        cg.set_cpu_max(None)
+        assert _cpu_bandwidth(cgroups, cg) == [none, "100000"]
+    finally:
+        cg.remove()
+
+
 def test_limits_are_written_before_anyone_joins(cgroups: Cgroups) -> None:
     need(cgroups, "memory", "cpu", "pids")
     cg = cgroups.create("limits-0", CgroupLimits(64 * MiB, 0.25, 16))

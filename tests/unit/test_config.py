@@ -329,6 +329,8 @@ PLUGIN_ERRORS = [
     ("backoff = { factor = 0.5 }", "plugins.echo.backoff.factor", "must be >= 1, got 0.5"),
     ("backoff = { jitter = 2 }", "plugins.echo.backoff.jitter", "must be <= 1, got 2"),
     ("backoff = { base = -0.1 }", "plugins.echo.backoff.base", "must be >= 0, got -0.1"),
+    ("rollout = { start_cpu = -0.01 }", "plugins.echo.rollout.start_cpu", "must be >= 0"),
+    ("rollout = { start_cpu_for = 0 }", "plugins.echo.rollout.start_cpu_for", "must be > 0"),
 ]
 
 
