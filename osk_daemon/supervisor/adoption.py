@@ -13,8 +13,9 @@ How, at start-up, before anything is swept or bound (``find_survivors``):
    READY, is a *survivor*: its cgroup is kept (not swept), its output
    FIFOs are kept, and its instance is adopted instead of spawned. Anything else alive
    (its plugin removed or changed meanwhile, or caught mid-start or mid-stop) is killed by
-   pidfd, and its instance starts afresh. A record whose process died meanwhile is *lost*:
-   its instance starts afresh too, and ``plugin:lost`` says so.
+   pidfd, and its instance starts afresh (``plugin:not-adopted`` says why). A record whose
+   process died meanwhile is *lost*: its instance starts afresh too, and ``plugin:lost``
+   says so.
 
 Then, in the running supervisor: plugins loaded at run time are loaded again from their
 folders (``reload_survivors``), and when the tree starts a survivor's leaf,
@@ -87,6 +88,7 @@ class Survivors:
     reload: dict[str, str] = field(default_factory=dict)  # plugin -> folder
     lost: list[InstanceRecord] = field(default_factory=list)  # died while unwatched
     killed: list[InstanceRecord] = field(default_factory=list)  # alive, not adoptable
+    why_killed: dict[str, str] = field(default_factory=dict)  # leaf -> why not adoptable
 
     @property
     def cgroups(self) -> set[str]:
@@ -159,6 +161,7 @@ def find_survivors(config: Config) -> Survivors:
             )
             _kill(record, pidfd)
             found.killed.append(record)
+            found.why_killed[record.leaf] = why
             continue
         cfg = config.plugins.get(record.plugin)
         mine = sum(1 for s in found.adopt.values() if s.record.plugin == record.plugin)
@@ -172,6 +175,7 @@ def find_survivors(config: Config) -> Survivors:
             )
             _kill(record, pidfd)
             found.killed.append(record)
+            found.why_killed[record.leaf] = f"beyond the config's {cfg.instances} instance(s)"
             continue
         found.adopt[record.leaf] = Survivor(record, pidfd)
         if record.plugin not in config.plugins:

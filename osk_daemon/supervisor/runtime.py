@@ -175,6 +175,15 @@ class Supervisor:
                 pid=lost.pid,
                 detail="died while no daemon watched it; starting it again",
             )
+        for killed in self.survivors.killed:
+            why = self.survivors.why_killed.get(killed.leaf, "not adoptable")
+            self.events.publish(
+                "plugin:not-adopted",
+                pluginName=killed.plugin,
+                instance=killed.index,
+                pid=killed.pid,
+                detail=f"{why}: killed; starting it again",
+            )
         self.apply_tree_effects(self.tree.start(time.monotonic()))
         reload_survivors(self)  # plugins a previous daemon had loaded at run time
         for name, pcfg in self.config.plugins.items():

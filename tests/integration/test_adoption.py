@@ -137,6 +137,9 @@ def test_kill_9_the_daemon_under_load_and_its_plugins_keep_running() -> None:
         assert [e["pluginName"] for e in adopted] == ["counter"]
         lost = [e for e in events if e["type"] == "plugin:lost"]
         assert [(e["pluginName"], e["pid"]) for e in lost] == [("echo", before["echo"])]
+        killed = [e for e in events if e["type"] == "plugin:not-adopted"]
+        assert [(e["pluginName"], e["pid"]) for e in killed] == [("other", before["other"])]
+        assert killed[0]["detail"] == "started with another config: killed; starting it again"
         # the adopted worker checks its own health on and tells the new daemon at once
         d.wait_until(lambda: d.row("counter")["health"] == "healthy", timeout=5)
         assert d.row("counter")["state"] == "ready"
