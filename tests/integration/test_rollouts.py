@@ -23,6 +23,8 @@ from tests.integration.harness import ControlError, Daemon, daemon_config, runni
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 COUNTER = """
+import time
+
 from osk_daemon.worker import Plugin, rpc
 
 VERSION = "{version}"
@@ -32,6 +34,10 @@ BROKEN = {broken}
 class Counter(Plugin):
     async def start(self) -> None:
         self.count = getattr(self, "count", 0)
+        spin = self.ctx.config.get("start_spin_ms", 0) / 1000  # CPU time a start burns
+        begin = time.process_time()
+        while time.process_time() - begin < spin:
+            pass
 
     @rpc
     def incr(self) -> dict:
@@ -263,8 +269,9 @@ def _cpu_bandwidth(pid: int) -> tuple[str, str, str] | None:
 
 
 def test_start_cpu_caps_a_new_instance_until_ready_or_its_time_is_up(installed: Path) -> None:
-    # 1 ms of CPU a second: the new instance stays capped for seconds, long enough to see
-    cap = "start_cpu = 0.001\nstart_cpu_for = 4.0"
+    # 1 ms of CPU a second against a start that burns 30 ms: the new instance is capped
+    # until start_cpu_for ends, then starts at full speed
+    cap = "start_cpu = 0.001\nstart_cpu_for = 4.0\n[plugins.counter.config]\nstart_spin_ms = 30"
     with running_daemon(config(installed, 1, cap)) as d:
         old = d.status("counter")[0]
         first = _cpu_bandwidth(old["pid"])
