@@ -87,8 +87,8 @@ class Survivors:
     # these folders once the supervisor runs, and adopted as they start
     reload: dict[str, str] = field(default_factory=dict)  # plugin -> folder
     lost: list[InstanceRecord] = field(default_factory=list)  # died while unwatched
-    killed: list[InstanceRecord] = field(default_factory=list)  # alive, not adoptable
-    why_killed: dict[str, str] = field(default_factory=dict)  # leaf -> why not adoptable
+    # alive but not adoptable, so killed: each with why
+    killed: list[tuple[InstanceRecord, str]] = field(default_factory=list)
 
     @property
     def cgroups(self) -> set[str]:
@@ -160,8 +160,7 @@ def find_survivors(config: Config) -> Survivors:
                 why,
             )
             _kill(record, pidfd)
-            found.killed.append(record)
-            found.why_killed[record.leaf] = why
+            found.killed.append((record, why))
             continue
         cfg = config.plugins.get(record.plugin)
         mine = sum(1 for s in found.adopt.values() if s.record.plugin == record.plugin)
@@ -174,13 +173,13 @@ def find_survivors(config: Config) -> Survivors:
                 cfg.instances,
             )
             _kill(record, pidfd)
-            found.killed.append(record)
-            found.why_killed[record.leaf] = f"beyond the config's {cfg.instances} instance(s)"
+            found.killed.append((record, f"beyond the config's {cfg.instances} instance(s)"))
             continue
         found.adopt[record.leaf] = Survivor(record, pidfd)
         if record.plugin not in config.plugins:
             found.reload[record.plugin] = record.loaded_from
-    for record in (*found.lost, *found.killed):  # loaded at run time: loaded again, afresh
+    killed = [record for record, _ in found.killed]
+    for record in (*found.lost, *killed):  # loaded at run time: loaded again, afresh
         if record.loaded_from and record.plugin not in config.plugins:
             loaded = loaded_plugin(record.loaded_from)
             if loaded is not None and loaded[0] == record.plugin:

@@ -151,12 +151,12 @@ class InstanceProcesses:
         if not cores or cgroup is None:
             return
         limit = inst.config.limits.cpu
+        self.lift_start_cap(inst)  # an earlier life's, if one was left (before: same slot)
         try:
             cgroup.set_cpu_max(min(cores, limit) if limit is not None else cores)
         except OskError as exc:  # no cpu controller here: the start is only reniced
             log.debug("%s: no start CPU cap: %s", inst.leaf, exc)
             return
-        self.lift_start_cap(inst)  # an earlier life's, if one was left
         lift = self._loop.call_later(inst.config.rollout.start_cpu_for, self.lift_start_cap, inst)
         inst.start_cap = (lift, cgroup)
 

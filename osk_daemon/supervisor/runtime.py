@@ -175,8 +175,7 @@ class Supervisor:
                 pid=lost.pid,
                 detail="died while no daemon watched it; starting it again",
             )
-        for killed in self.survivors.killed:
-            why = self.survivors.why_killed.get(killed.leaf, "not adoptable")
+        for killed, why in self.survivors.killed:
             self.events.publish(
                 "plugin:not-adopted",
                 pluginName=killed.plugin,

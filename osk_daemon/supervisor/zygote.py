@@ -393,14 +393,18 @@ class _Pool:
         return _Hatching(ours, daemons, middle, time.monotonic() + WARM_HELLO_TIMEOUT)
 
 
-def _fork_b(b_main: Callable[[int | None], NoReturn]) -> int | None:
+def _fork_b(
+    b_main: Callable[[int | None], NoReturn],
+    middle_failed: Callable[[OSError], None] | None = None,
+) -> int | None:
     """Fork process B, which runs ``b_main(middle)`` as the daemon's child; the pid of a
     middle process A to reap (also given to ``b_main``), or None.
 
     With ``fork_sibling`` (``clone(CLONE_PARENT)``) B is the daemon's child from the start.
     Where that is unavailable (``SIBLING_FORK_UNAVAILABLE``), A forks B and exits at once,
-    and B is re-parented to the daemon, a child subreaper. Raises ``OSError`` if the
-    first fork fails.
+    and B is re-parented to the daemon, a child subreaper; if A cannot fork, A calls
+    ``middle_failed`` with the error before it exits. Raises ``OSError`` if the first fork
+    fails.
     """
     if SIBLING_FORK_UNAVAILABLE is None:
         if fork_sibling() == 0:
@@ -412,6 +416,9 @@ def _fork_b(b_main: Callable[[int | None], NoReturn]) -> int | None:
             middle = os.getpid()
             if os.fork() == 0:
                 _run_b(b_main, middle)
+        except OSError as exc:
+            if middle_failed is not None:
+                middle_failed(exc)
         finally:
             os._exit(0)
     return pid
@@ -458,7 +465,12 @@ class _ColdSpawns:
     def start(self, req_id: int, req: SpawnRequest) -> None:
         sock = self.daemon
         try:
-            middle = _fork_b(lambda a: child_main(req, on_session=_reporter(sock, req_id, a)))
+            middle = _fork_b(
+                lambda a: child_main(req, on_session=_reporter(sock, req_id, a)),
+                lambda exc: _send(
+                    sock, {"id": req_id, "error": f"fork of the plugin process failed: {exc}"}
+                ),
+            )
         except OSError as exc:
             _send(self.daemon, {"id": req_id, "error": f"zygote fork failed: {exc}"})
             return
