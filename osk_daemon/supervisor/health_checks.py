@@ -213,7 +213,11 @@ class HealthChecks:
         A healthy instance whose last beat is too recent to time out before the next
         sweep is skipped: at the default 1 s beats and 3 s timeout, each page is read
         every third sweep instead of every one (an idle daemon's largest cost at 500
-        plugins, after the health checks moved into the pages)."""
+        plugins, after the health checks moved into the pages).
+
+        An instance under its start CPU cap (``rollout.start_cpu``) is not judged: its
+        event loop may wait seconds for the CPU the daemon itself withholds. Its silence
+        is counted from the cap's end (``InstanceProcesses.lift_start_cap``)."""
         now = time.monotonic()
         fresh = self._hb_timeout - self._tick
         for inst in list(self._sup.instances.values()):
@@ -225,7 +229,11 @@ class HealthChecks:
                 inst.last_seen = max(inst.last_seen, page.beat)
                 if inst.health_push and inst.life.state is lc.State.READY:
                     self._read_checks(inst, page.healthy, page.durations, now)
-            if inst.life.state in _WATCHED and now - inst.last_seen > self._hb_timeout:
+            if (
+                inst.life.state in _WATCHED
+                and inst.start_cap is None  # a capped start is slowed by us, not hung
+                and now - inst.last_seen > self._hb_timeout
+            ):
                 silent = now - inst.last_seen
                 log.warning("%s sent no heartbeat for %.1fs: hung, killing it", inst.leaf, silent)
                 self._sup.feed(inst, lc.HeartbeatLost())

@@ -167,6 +167,7 @@ class InstanceProcesses:
             return
         (lift, cgroup), inst.start_cap = inst.start_cap, None
         lift.cancel()
+        inst.last_seen = max(inst.last_seen, time.monotonic())  # silence counts from now
         try:
             cgroup.set_cpu_max(inst.config.limits.cpu)
         except OskError as exc:
