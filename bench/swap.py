@@ -14,7 +14,10 @@ Reported, from the same run:
 - cut-over: per retired instance, from the rollout's decision to stop it (the new
   instance is ready and healthy by then, so its own start is excluded) to its last
   in-flight request answered, from the ``rollout:drained`` event (goal: <= 50 ms);
-- how long a whole swap takes, new instance start included.
+- how long a whole swap takes, new instance start included;
+- with ``--instances 1``: per swap, the calls the old version answered after it
+  exported its count, which the new version's count therefore lacks (the state
+  hand-over's age; ``supervisor.handover``).
 
 Each is measured twice by default, in one bench run: with the default
 ``rollout.start_cpu = 0`` (new instances start uncapped) and with 0.01 (each new instance's
@@ -32,6 +35,7 @@ import multiprocessing
 import os
 import socket
 import time
+from statistics import median
 from typing import Any
 
 from _common import (
@@ -53,6 +57,7 @@ from osk_daemon.errors import OskError
 from osk_daemon.ipc.client import Client
 
 INSTALLED = BENCH / "plugins" / "installed"
+Call = tuple[float, float, str | None, int, str]  # start, latency, version, count, error
 GOAL_FAILED = 0
 GOAL_P99_RATIO = 3.0
 GOAL_CUTOVER = 0.050
@@ -62,29 +67,29 @@ class Load:
     """Sequential calls from a separate *process* (a thread would share the bench's GIL:
     whenever the bench's own thread runs, a call's reply waits up to the 5 ms switch
     interval, which would be measured as the daemon's latency). Each call is recorded as
-    (start, latency, version or None, error); start is CLOCK_MONOTONIC, shared with the
-    parent, so calls can be matched with the swap windows."""
+    (start, latency, version or None, count, error); start is CLOCK_MONOTONIC, shared
+    with the parent, so calls can be matched with the swap windows."""
 
     def __init__(self, endpoint: str) -> None:
         self.endpoint = endpoint
-        self.calls: list[tuple[float, float, str | None, str]] = []
+        self.calls: list[Call] = []
         self.count = multiprocessing.Value("q", 0)
         self._stop = multiprocessing.Event()
         self._results, self._send = multiprocessing.Pipe(duplex=False)
         self._proc = multiprocessing.Process(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        calls: list[tuple[float, float, str | None, str]] = []
+        calls: list[Call] = []
         with Client(self.endpoint) as client:
             deadline = time.monotonic() + 600  # bounded whatever happens
             while not self._stop.is_set() and time.monotonic() < deadline:
                 start = time.monotonic()
                 try:
-                    _, version = client.call("counter", "incr", timeout=10.0)
-                    calls.append((start, time.monotonic() - start, version, ""))
+                    count, version = client.call("counter", "incr", timeout=10.0)
+                    calls.append((start, time.monotonic() - start, version, count, ""))
                 except OskError as exc:
                     err = f"{type(exc).__name__}: {exc}"
-                    calls.append((start, time.monotonic() - start, None, err))
+                    calls.append((start, time.monotonic() - start, None, 0, err))
                 with self.count.get_lock():
                     self.count.value += 1
         self._send.send(calls)
@@ -183,9 +188,9 @@ def measure(
     def during(start: float) -> bool:
         return any(a <= start <= b for a, b in windows)
 
-    steady = [lat for s, lat, _, err in calls if not err and not during(s)]
-    swapping = [lat for s, lat, _, err in calls if not err and during(s)]
-    failed = [err for _, _, _, err in calls if err]
+    steady = [lat for s, lat, _, _, err in calls if not err and not during(s)]
+    swapping = [lat for s, lat, _, _, err in calls if not err and during(s)]
+    failed = [err for *_, err in calls if err]
     cutovers = [e["drain_ms"] / 1000 for e in drained]
     return {
         "start_cpu": start_cpu,
@@ -213,8 +218,24 @@ def measure(
             "p50": percentile([b - a for a, b in windows], 0.5),
             "max": max(b - a for a, b in windows),
         },
-        "versions_seen": sorted({v for _, _, v, _ in calls if v}),
+        "versions_seen": sorted({v for _, _, v, _, _ in calls if v}),
+        "lost_in_handover": lost_in_handover(calls, windows) if instances == 1 else None,
     }
+
+
+def lost_in_handover(calls: list[Call], windows: list[tuple[float, float]]) -> list[int]:
+    """Per swap of a single instance: the old version's last count minus the count the
+    new version imported (its first count - 1). The load is one sequential caller, so
+    each count the old instance returned after its export is one call the state lacks."""
+    lost = []
+    for n, (begin, end) in enumerate(windows):
+        new = "2.0.0" if n % 2 == 0 else "1.0.0"
+        inside = [(v, c) for s, _, v, c, err in calls if not err and begin <= s <= end]
+        old_counts = [c for v, c in inside if v != new]
+        new_counts = [c for v, c in inside if v == new]
+        if old_counts and new_counts:
+            lost.append(max(old_counts) - (min(new_counts) - 1))
+    return lost
 
 
 def rows_of(r: dict[str, Any], min_calls: int) -> list[list[Any]]:
@@ -241,6 +262,18 @@ def rows_of(r: dict[str, Any], min_calls: int) -> list[list[Any]]:
             f"max {ms(r['swap_duration']['max'])}",
             "",
         ],
+        *(
+            [
+                [
+                    "calls missing from a handed-over state",
+                    f"p50 {median(lost):g}",
+                    f"max {max(lost)}",
+                    "",
+                ]
+            ]
+            if (lost := r["lost_in_handover"])
+            else []
+        ),
     ]
 
 

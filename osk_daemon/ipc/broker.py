@@ -69,6 +69,7 @@ _WORKER_KINDS = frozenset(
         Kind.HEALTH_REPLY,
         Kind.HEALTH_REPORT,
         Kind.START_FAILED,
+        Kind.STATE,
     }
 )
 _MAX_STRAYS = 1024

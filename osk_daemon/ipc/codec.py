@@ -59,6 +59,9 @@ class Kind(enum.IntEnum):
     STOP = 10  # daemon -> worker; run stop() and exit
     START_FAILED = 11  # worker -> daemon; body = packed error
     HEALTH_REPORT = 12  # worker -> daemon; its own check (worker.health); body = its result
+    # worker -> daemon: ready to import its hand-over state (empty body); daemon -> worker:
+    # the state as the previous version exported it (packed), or an empty body for none
+    STATE = 13
 
 
 _KINDS = {int(k): k for k in Kind}

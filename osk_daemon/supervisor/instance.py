@@ -26,7 +26,6 @@ from osk_daemon.supervisor.lifecycle import Lifecycle, State, Timer, describe_ex
 from osk_daemon.supervisor.runtime_state import InstanceRecord, config_fingerprint
 
 WORKER_TARGET = "osk_daemon.worker.runtime:run_worker"
-NO_STATE: Any = object()  # no hand-over state (None is a state a plugin may export)
 LIVE_STATES = frozenset({State.LOADING, State.INITIALIZING, State.READY, State.UNLOADING})
 
 
@@ -61,8 +60,9 @@ class Instance:
     usage: dict[str, Any] = field(default_factory=dict)  # last cgroup sample
     # what its sandbox does not enforce (require = false), as Confinement.check found it
     sandbox_degraded: tuple[str, ...] = ()
-    # state exported by the previous version, for this instance's next spawn only
-    handover: Any = NO_STATE
+    # the version whose ready instance hands its state over to this one, when this
+    # instance's worker asks for it (supervisor.handover); None once handed over
+    handover_from: str | None = None
     retiring: bool = False  # being drained and stopped by a rollout or reload
     gentle_start: bool = False  # start at a low CPU priority (added while others serve)
     # a gentle start's CPU cap (rollout.start_cpu) and the cgroup it is on: lifted at READY,
@@ -161,13 +161,14 @@ class Instance:
     def worker_spec(
         self, config: Config, endpoint: str, *, token: str | None = None
     ) -> dict[str, Any]:
-        """What the worker needs to run this instance. Takes the hand-over state: a later
-        respawn of the same instance starts from its own saved state, not this one. With
-        ``token`` (a standby's, not this life's) the hand-over state is left alone."""
+        """What the worker needs to run this instance. ``handover``: the worker asks for
+        the previous version's state before its plugin starts (until one life asked, every
+        life of this instance does). With ``token`` (a standby's, not this life's) there
+        is no hand-over."""
         d = config.daemon
         extra: dict[str, Any] = {}
-        if self.handover is not NO_STATE and token is None:
-            extra["state"], self.handover = self.handover, NO_STATE
+        if self.handover_from is not None and token is None:
+            extra["handover"] = self.handover_from
         if self.config.preserve_state and self.config.state_strategy is StateStrategy.DISK:
             extra["state_file"] = f"state-{self.index}.msgpack"  # in its state dir (cwd)
         t = config.tracing

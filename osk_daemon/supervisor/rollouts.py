@@ -7,9 +7,9 @@ own; one rollout per plugin at a time), builds the canary's ``PluginConfig`` and
 and performs the engine's effects:
 
 - ``StartInstances``: a new instance record (and tree leaf) per instance at once, so the
-  next observation counts it; then, in a task, the state hand-over (``osk.export_state``
-  of a ready stable instance, pinned to its version) and the start. The new instance
-  imports that state before its ``start()``.
+  next observation counts it, and its start. With ``preserve_state`` it takes the other
+  role's state when its worker asks for it (``supervisor.handover``), before its
+  ``start()``.
 - ``StopInstances``: pick instances of the role (not-ready ones first, newest first), mark
   them retiring, drain them in the broker (no new requests; the future resolves when their
   in-flight requests are answered, bounded by ``drain_timeout``), stop them through the
@@ -35,8 +35,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from osk_daemon.config import PluginConfig
-from osk_daemon.errors import ControlError, OskError
-from osk_daemon.ipc.codec import pack, unpack
+from osk_daemon.errors import ControlError
 from osk_daemon.rollout.analysis import AnalysisPolicy, Recorder, judge
 from osk_daemon.rollout.engine import (
     AnalysisDone,
@@ -55,7 +54,7 @@ from osk_daemon.rollout.engine import (
 )
 from osk_daemon.rollout.plan import Role, RolloutSpec, Strategy
 from osk_daemon.supervisor import lifecycle as lc
-from osk_daemon.supervisor.instance import NO_STATE, Instance
+from osk_daemon.supervisor.instance import Instance
 from osk_daemon.supervisor.priority import GENTLE_NICE, renice
 from osk_daemon.supervisor.start_gate import UP_STATUSES
 from osk_daemon.supervisor.tree_types import LeafState
@@ -251,25 +250,9 @@ class RolloutRun:
     def _start(self, role: Role) -> None:
         cfg = self.canary_config if role is Role.CANARY else self.stable_config
         inst = self._sup.members.add(self.spec.plugin, cfg)
-        self._sup.spawn_task(self._hand_over_and_start, inst, role)
-
-    async def _hand_over_and_start(self, inst: Instance, role: Role) -> None:
-        if inst.config.preserve_state and inst.config.state_strategy != "none":
-            inst.handover = await self._export_state(role)
+        if cfg.preserve_state and cfg.state_strategy != "none":
+            inst.handover_from = self.spec.stable if role is Role.CANARY else self.spec.canary
         self._sup.members.start(inst)
-
-    async def _export_state(self, role: Role) -> Any:
-        """The state of a ready instance of the other role, or NO_STATE."""
-        source_version = self.spec.stable if role is Role.CANARY else self.spec.canary
-        plugin = self.spec.plugin
-        try:
-            body = await self._sup.broker.call(
-                plugin, "osk.export_state", pack(None), 10.0, {"version": source_version}
-            )
-            return unpack(body, int(self._sup.config.daemon.max_message_size))
-        except OskError as exc:
-            log.warning("%s: no state handed over from %s: %s", plugin, source_version, exc)
-            return NO_STATE
 
     async def _retire(self, inst: Instance, since: float) -> None:
         """Drain, then stop ``inst``. The ``rollout:drained`` event says how long the

@@ -41,6 +41,7 @@ from osk_daemon.supervisor.adoption import Survivors, reload_survivors
 from osk_daemon.supervisor.confinement import Confinement
 from osk_daemon.supervisor.dependency_watch import DependencyWatch
 from osk_daemon.supervisor.events import EventStream
+from osk_daemon.supervisor.handover import hand_over
 from osk_daemon.supervisor.health_checks import HealthChecks
 from osk_daemon.supervisor.hot_reload import watch_plugin
 from osk_daemon.supervisor.instance import Instance
@@ -452,6 +453,8 @@ class Supervisor:
             self.checks.answered(inst, header.id, body)
         elif kind is Kind.HEALTH_REPORT:
             self.checks.reported(inst, body)
+        elif kind is Kind.STATE:
+            self.spawn_task(hand_over, self, inst)
         elif kind is Kind.EVENT and header.method.startswith("sandbox:"):
             self.publish(inst, header.method, _error_message(body))
         elif kind is Kind.EVENT:

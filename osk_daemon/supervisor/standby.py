@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 from osk_daemon.config import PluginConfig
 from osk_daemon.supervisor import unlinker
 from osk_daemon.supervisor.confinement import Prepared
-from osk_daemon.supervisor.instance import NO_STATE, Instance
+from osk_daemon.supervisor.instance import Instance
 from osk_daemon.supervisor.lifecycle import State
 from osk_daemon.supervisor.processes import LifeError, LifeParts, killpg
 from osk_daemon.supervisor.reaper import ChildReaper, ExitStatus
@@ -126,7 +126,7 @@ class Standbys:
             or sup.shutting_down
             or inst.retiring
             or inst.leaf in self._waiting
-            or inst.handover is not NO_STATE  # that state is for the next life: spawn it
+            or inst.handover_from is not None  # that state is for the next life: spawn it
         ):
             return
         if self.held(inst):  # a dropped one still holds the other slot: wait until it is gone

@@ -108,6 +108,7 @@ class DaemonLink:
         self.tracer = tracer
         self.spans: dict[int, Any] = {}  # request id -> its handler's span
         self.on_probe: Callable[[], object] | None = None  # set while we check ourselves
+        self.state_answer: asyncio.Future[bytes] | None = None  # while we ask for a hand-over
 
     def send(self, kind: Kind, body: bytes = b"", id: int = 0, **header: Any) -> None:
         """Queue a frame; never blocks (the socket's send queue is unbounded)."""
@@ -157,8 +158,27 @@ class DaemonLink:
             self.on_stop()
         elif header.kind is Kind.EVENT and header.method in _DEPENDENCY_EVENTS:
             self.on_dependency_event(header.method, body)
+        elif header.kind is Kind.STATE:
+            answer = self.state_answer
+            if answer is None or answer.done():
+                log.warning("dropped a hand-over state nobody asked for")
+            else:
+                answer.set_result(body)
         else:
             log.warning("dropped an unexpected %s frame", header.kind.name)
+
+    async def ask_state(self, timeout: float) -> bytes:
+        """The hand-over state the daemon sends for our STATE frame (``supervisor.handover``),
+        packed; b"" for none, or when no answer came within ``timeout`` seconds."""
+        answer = self.state_answer = asyncio.get_running_loop().create_future()
+        self.send(Kind.STATE)
+        try:
+            return await asyncio.wait_for(answer, timeout)
+        except TimeoutError:
+            log.warning("no hand-over state from the daemon in %gs; starting without it", timeout)
+            return b""
+        finally:
+            self.state_answer = None
 
     def on_dependency_event(self, event: str, body: bytes) -> None:
         """``dependency_down``/``dependency_up`` from the daemon: update the context and

@@ -17,6 +17,8 @@ How (theory of operation):
    a plugin that blocks the loop stops them, which is how the daemon detects a hang.
 3. The plugin class is loaded (``module:Class`` or an ``osk.plugins`` entry point),
    instantiated, given its handed-over state and started; then READY lists its methods.
+   The state is asked of the daemon only now (``spec["handover"]``: a STATE frame, see
+   ``supervisor.handover``), or read from the state file.
    Any failure is reported as START_FAILED and the process exits with 1.
 4. Frames are dispatched by kind in ``worker.link`` (``DaemonLink``, the socket's
    callback and the plugin's ``ContextLink``). REQUEST: sync handlers run inline, async
@@ -71,6 +73,9 @@ __all__ = ["run_worker", "warm_up"]
 LINGER_MS = 500
 RECONNECT_MS = 20  # how soon a restarted daemon's endpoint is tried again (no back-off)
 ARMED = b"a"  # a standby's word to the daemon on its go socket: ready to be promoted
+# seconds to wait for a hand-over state: the daemon's export call may take 10 s
+HANDOVER_TIMEOUT = 15.0
+_NO_STATE: Any = object()  # no hand-over state (None is a state a plugin may export)
 
 log = logging.getLogger("osk.worker")
 
@@ -289,14 +294,27 @@ class _Worker:
         )
         plugin = cls(ctx)
         methods = rpc_methods(plugin)
-        if "state" in self.spec:  # handed over by the previous version, over ZeroMQ
-            await plugin.import_state(self.spec["state"])
-        elif self.spec.get("state_file"):
+        state = await self.handed_over() if self.spec.get("handover") else _NO_STATE
+        if state is _NO_STATE and self.spec.get("state_file"):
             saved = _read_state(self.spec["state_file"], self.max_size)
-            if saved is not None:
-                await plugin.import_state(saved)
+            state = _NO_STATE if saved is None else saved
+        if state is not _NO_STATE:
+            await plugin.import_state(state)
         await plugin.start()
         self.link.plugin, self.link.methods = plugin, methods
+
+    async def handed_over(self) -> Any:
+        """The previous version's state, asked of the daemon now that the plugin exists
+        and is about to start (so the state is as fresh as it can be); _NO_STATE if the
+        daemon has none for us, or sent one that does not decode."""
+        body = await self.link.ask_state(HANDOVER_TIMEOUT)
+        if not body:
+            return _NO_STATE
+        try:
+            return unpack(body, self.max_size)
+        except FrameError as exc:
+            log.warning("dropped the hand-over state: %s", exc)
+            return _NO_STATE
 
     async def stop_plugin(self) -> None:
         plugin = self.link.plugin

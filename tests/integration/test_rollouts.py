@@ -23,6 +23,7 @@ from tests.integration.harness import ControlError, Daemon, daemon_config, runni
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 COUNTER = """
+import asyncio
 import time
 
 from osk_daemon.worker import Plugin, rpc
@@ -31,13 +32,21 @@ VERSION = "{version}"
 BROKEN = {broken}
 
 
+def spin(ms):  # burn this much CPU time
+    begin = time.process_time()
+    while time.process_time() - begin < ms / 1000:
+        pass
+
+
 class Counter(Plugin):
+    def __init__(self, ctx) -> None:
+        super().__init__(ctx)
+        spin(ctx.config.get("init_spin_ms", 0))  # before a hand-over
+
     async def start(self) -> None:
         self.count = getattr(self, "count", 0)
-        spin = self.ctx.config.get("start_spin_ms", 0) / 1000  # CPU time a start burns
-        begin = time.process_time()
-        while time.process_time() - begin < spin:
-            pass
+        spin(self.ctx.config.get("start_spin_ms", 0))  # after a hand-over, blocking the loop
+        await asyncio.to_thread(spin, self.ctx.config.get("start_work_ms", 0))  # not blocking
 
     @rpc
     def incr(self) -> dict:
@@ -86,6 +95,7 @@ class Load:
         self.failed: list[str] = []
         self.versions: set[str] = set()
         self.last: dict[str, Any] = {}
+        self.replies: list[tuple[str, int]] = []  # (version, count), in order
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -95,6 +105,7 @@ class Load:
             while not self._stop.is_set() and time.monotonic() < deadline:
                 try:
                     self.last = client.call("counter", "incr", timeout=5.0)
+                    self.replies.append((self.last["version"], self.last["count"]))
                     self.ok += 1
                     self.versions.add(self.last["version"])
                 except OskError as exc:
@@ -278,8 +289,12 @@ def test_start_cpu_caps_a_new_instance_until_ready_or_its_time_is_up(installed: 
     # capped until start_cpu_for ends, then starts at full speed. Its start() blocks its
     # event loop for seconds of the cap, past the 1 s heartbeat timeout: a capped start
     # is not taken for a hung one (the daemon withholds its CPU)
+    # (no state to hand over: a hand-over would lift the cap before start())
     cap = "start_cpu = 0.05\nstart_cpu_for = 3.0\n[plugins.counter.config]\nstart_spin_ms = 250"
-    with running_daemon(config(installed, 1, cap)) as d:
+    body = config(installed, 1, cap).replace(
+        "[plugins.counter.health_check]", "preserve_state = false\n[plugins.counter.health_check]"
+    )
+    with running_daemon(body) as d:
         old = d.status("counter")[0]
         first = _cpu_bandwidth(old["pid"])
         if first is None or "counter" not in first[0]:
@@ -303,3 +318,45 @@ def test_start_cpu_caps_a_new_instance_until_ready_or_its_time_is_up(installed: 
         assert row["pid"] == pid and row["version"] == "2.0.0"
         lifted = _cpu_bandwidth(pid)
         assert lifted is not None and lifted[1] in ("-1", "max")
+
+
+def test_the_state_is_handed_over_when_the_new_instance_is_ready_for_it(installed: Path) -> None:
+    # the new instance's __init__ burns 100 ms of CPU under a 0.05-core start cap (~2 s)
+    # and its start() 1 s after the hand-over (in a thread: its loop still beats). The
+    # state is asked for between the two: the cap is lifted then (start() runs at full
+    # speed), and the state lacks only the calls answered after it, not those of the
+    # whole capped start
+    cap = (
+        "start_cpu = 0.05\nstart_cpu_for = 60.0\n"
+        "[plugins.counter.config]\ninit_spin_ms = 100\nstart_work_ms = 1000"
+    )
+    with running_daemon(config(installed, 1, cap)) as d, Load(d) as load:
+        d.wait_until(lambda: load.ok >= 100, what="load flowing")
+        if _cpu_bandwidth(d.status("counter")[0]["pid"]) is None:
+            pytest.skip("the plugins' cgroups have no cpu controller here")
+        d.ctl("deploy", plugin="counter", version="^2", strategy="rolling")
+
+        def handed_over() -> dict[str, Any] | None:
+            events = d.ctl("events", lines=1000)
+            return next((e for e in events if e["type"] == "rollout:handed-over"), None)
+
+        event = d.wait_until(handed_over, what="the hand-over")
+        [new] = [r for r in d.status("counter") if r["version"] == "2.0.0"]
+        quota = _cpu_bandwidth(new["pid"])
+        still_starting = d.status("counter")
+        assert event["source"] == "1.0.0" and event["instance"] == new["instance"]
+        assert event["bytes"] > 0 and "detail" not in event
+        assert quota is not None and quota[1] in ("-1", "max")  # lifted at the hand-over,
+        assert any(r["state"] != "ready" for r in still_starting if r["version"] == "2.0.0")
+        done = d.wait_until(lambda: rollout_ended(d), timeout=60, what="rollout ended")
+        assert done["state"] == "succeeded", done
+        d.wait_until(lambda: load.last.get("version") == "2.0.0", what="calls to 2.0.0")
+    replies = load.replies
+    old_after_deploy = [c for v, c in replies if v == "1.0.0"]
+    imported = min(c for v, c in replies if v == "2.0.0") - 1
+    lost = max(old_after_deploy) - imported
+    answered_while_capped = sum(1 for v, c in replies if v == "1.0.0" and c > 100)
+    assert imported > 0 and load.failed == []
+    # handed over before start(), after __init__: the state lacks only the calls 1.0.0
+    # answered during start() (1 s of CPU), far fewer than during the ~2 s capped start
+    assert lost < answered_while_capped / 2, (lost, answered_while_capped)

@@ -171,7 +171,7 @@ class FakeDaemon:
                 self.heartbeats.append(time.monotonic())
                 if not keep_heartbeats:
                     continue
-            return header, unpack(body)
+            return header, unpack(body) if body else None  # empty: a STATE's ask
         raise TimeoutError("no frame from the worker in time")
 
     def recv_kind(self, kind: Kind, timeout: float = 10.0) -> tuple[Header, Any]:
@@ -454,8 +454,25 @@ def test_entry_point_and_state_handover(h: Harness) -> None:
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: echo-plugin\nVersion: 1.0\n")
     (dist / "entry_points.txt").write_text("[osk.plugins]\necho = plug:Echo\n")
-    h.start_ready(entry="echo", state={"count": 3})
+    h.start(entry="echo", handover="0.9.0")
+    h.daemon.recv_kind(Kind.HELLO)
+    assert h.daemon.recv_kind(Kind.STATE)[1] is None  # it asks, before its start()
+    h.daemon.send(Kind.STATE, {"count": 3})
+    h.daemon.recv_kind(Kind.READY)
     assert h.daemon.call("osk.export_state")[1] == {"exported": {"count": 3}}
+    h.daemon.send(Kind.STATE, {"count": 9})  # nobody asked for this one: dropped
+    assert h.daemon.call("osk.export_state", id=8)[1] == {"exported": {"count": 3}}
+    assert "dropped a hand-over state nobody asked for" in h.stderr()
+
+
+@pytest.mark.parametrize("answer", [b"", b"\xc1not msgpack"])
+def test_no_hand_over_state_starts_the_plugin_empty(h: Harness, answer: bytes) -> None:
+    h.start(handover="0.9.0")
+    h.daemon.recv_kind(Kind.HELLO)
+    h.daemon.recv_kind(Kind.STATE)
+    h.daemon.send_raw(encode_header(Kind.STATE, 0), answer)  # none, or one that is broken
+    h.daemon.recv_kind(Kind.READY)
+    assert h.daemon.call("osk.export_state")[1] == {"exported": None}
 
 
 def test_ctx_call_round_trip(h: Harness) -> None:
