@@ -20,11 +20,12 @@ Reported, from the same run:
   hand-over's age; ``supervisor.handover``).
 
 Each is measured twice by default, in one bench run: with the default
-``rollout.start_cpu = 0`` (new instances start uncapped) and with 0.01 (each new instance's
-cgroup may use 1 % of a core until it is ready, at most ``start_cpu_for`` seconds).
+``rollout.start_cpu = 0.01`` (each new instance's cgroup may use 1 % of a core until it
+asks for its hand-over state or is ready, at most ``start_cpu_for`` seconds) and with 0
+(new instances start uncapped).
 
 Usage: ``python bench/swap.py [--swaps N] [--instances N] [--min-calls N]
-[--start-cpu 0,0.01] [--json]``.
+[--start-cpu 0.01,0] [--json]``.
 """
 
 from __future__ import annotations
@@ -286,8 +287,8 @@ def main() -> None:
     parser.add_argument("--steady-calls", type=int, default=800)
     parser.add_argument(
         "--start-cpu",
-        default="0,0.01",
-        help="rollout.start_cpu values, one daemon run each (default: the default 0, 0.01)",
+        default="0.01,0",
+        help="rollout.start_cpu values, one daemon run each (default: the default 0.01, 0)",
     )
     args = parser.parse_args()
     runs = []
