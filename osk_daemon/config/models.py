@@ -255,6 +255,13 @@ class RolloutConfig(BaseModel):
     strategy: Annotated[RolloutStrategy, Strict(False)] = RolloutStrategy.ROLLING
     max_surge: int = Field(default=1, ge=0)
     max_unavailable: int = Field(default=0, ge=0)
+    min_ready: float = Field(
+        default=0.0,
+        ge=0,
+        description="seconds a new instance must stay ready and healthy before it counts "
+        "as available (it takes traffic at once): old instances are retired, and steps "
+        "taken, only then; one that fails meanwhile rolls the swap back",
+    )
     steps: list[int] = Field(default_factory=lambda: [5, 25, 50, 100])
     analysis_window: float = Field(default=10.0, gt=0)
     ab_split: int = Field(default=50, gt=0, lt=100)

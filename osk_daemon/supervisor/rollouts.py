@@ -21,12 +21,18 @@ and performs the engine's effects:
 
 The supervisor calls ``changed(inst)`` on every life or health change; the driver
 recounts the plugin's instances by role (``Observed``) and reports a canary instance
-that ended on its own as ``CanaryFailed``. When the engine succeeds, the plugin's running
-config becomes the canary's; when it rolls back, nothing of the canary is left.
+that ended on its own as ``CanaryFailed``. An instance the rollout started counts as
+ready once it has been ready and healthy for ``rollout.min_ready`` seconds (Kubernetes'
+``minReadySeconds``): it takes traffic at once, but old instances are retired, and steps
+taken, only then, so one that crashes soon after its start rolls the swap back with the
+old ones still up. A timer recounts when the first of them comes of age. When the
+engine succeeds, the plugin's running config becomes the canary's; when it rolls back,
+nothing of the canary is left.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -87,7 +93,10 @@ class RolloutRun:
             max_latency_ratio=r.max_latency_ratio,
         )
         self.started_at = time.monotonic()
+        self.min_ready = r.min_ready
         self._loop_timer: Any = None
+        self._recount: asyncio.TimerHandle | None = None  # when an instance comes of age
+        self._started: set[str] = set()  # leaves of the instances this rollout started
         self._retiring: set[str] = set()
         self._held_end: Publish | None = None  # the end, once the retiring are gone
         self._span: Any = None  # tracing: the whole rollout
@@ -101,16 +110,41 @@ class RolloutRun:
         return Role.CANARY if inst.config is self.canary_config else Role.STABLE
 
     def observed(self) -> Observed:
+        """The instances by role, and how many of them are ready: ready and healthy, for
+        ``min_ready`` seconds if this rollout started them (a recount is armed for the
+        first one not yet)."""
         counts = {Role.STABLE: [0, 0], Role.CANARY: [0, 0]}
+        now = time.monotonic()
+        of_age: float | None = None  # seconds until the next one has been ready long enough
         for inst in self._sup.members.of_plugin(self.spec.plugin):
             if inst.retiring:
                 continue
             role = self.role_of(inst)
             counts[role][1] += 1
             if inst.life.state is lc.State.READY and inst.health.status in UP_STATUSES:
-                counts[role][0] += 1
+                ready_for = now - (inst.ready_at or now)
+                left = self.min_ready - ready_for if inst.leaf in self._started else 0.0
+                if left > 0:
+                    of_age = left if of_age is None else min(of_age, left)
+                else:
+                    counts[role][0] += 1
+        if of_age is not None:
+            self._recount_in(of_age)
         (sr, st), (cr, ct) = counts[Role.STABLE], counts[Role.CANARY]
         return Observed(sr, st, cr, ct)
+
+    def _recount_in(self, delay: float) -> None:
+        when = self._sup.loop.time() + delay + 0.001  # past the boundary, not on it
+        if self._recount is not None and self._recount.when() <= when:
+            return
+        if self._recount is not None:
+            self._recount.cancel()
+        self._recount = self._sup.loop.call_at(when, self._recounted)
+
+    def _recounted(self) -> None:
+        self._recount = None
+        if self.engine.state not in (State.SUCCEEDED, State.ROLLED_BACK):
+            self.perform(self.engine.observe(self.observed()))
 
     def changed(self, inst: Instance) -> None:
         if self.engine.state in (State.SUCCEEDED, State.ROLLED_BACK):
@@ -221,8 +255,9 @@ class RolloutRun:
             self._finish(succeeded=effect.event == "rollout:succeeded")
 
     def _finish(self, succeeded: bool) -> None:
-        if self._loop_timer is not None:
-            self._loop_timer.cancel()
+        for timer in (self._loop_timer, self._recount):
+            if timer is not None:
+                timer.cancel()
         plugin = self.spec.plugin
         if succeeded:
             self._sup.members.adopt(plugin, self.canary_config)
@@ -250,6 +285,7 @@ class RolloutRun:
     def _start(self, role: Role) -> None:
         cfg = self.canary_config if role is Role.CANARY else self.stable_config
         inst = self._sup.members.add(self.spec.plugin, cfg)
+        self._started.add(inst.leaf)
         if cfg.preserve_state and cfg.state_strategy != "none":
             inst.handover_from = self.spec.stable if role is Role.CANARY else self.spec.canary
         self._sup.members.start(inst)

@@ -24,12 +24,14 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 COUNTER = """
 import asyncio
+import os
 import time
 
 from osk_daemon.worker import Plugin, rpc
 
 VERSION = "{version}"
 BROKEN = {broken}
+CRASH_AFTER = {crash_after}  # seconds after start(): the process exits with 3
 
 
 def spin(ms):  # burn this much CPU time
@@ -46,6 +48,8 @@ class Counter(Plugin):
     async def start(self) -> None:
         self.count = getattr(self, "count", 0)
         spin(self.ctx.config.get("start_spin_ms", 0))  # after a hand-over, blocking the loop
+        if CRASH_AFTER is not None:
+            asyncio.get_running_loop().call_later(CRASH_AFTER, os._exit, 3)
         await asyncio.to_thread(spin, self.ctx.config.get("start_work_ms", 0))  # not blocking
 
     @rpc
@@ -67,10 +71,13 @@ class Counter(Plugin):
 """
 
 
-def install_counter(root: Path, version: str, broken: bool = False) -> None:
+def install_counter(
+    root: Path, version: str, broken: bool = False, crash_after: float | None = None
+) -> None:
     folder = root / "counter" / version
     folder.mkdir(parents=True)
-    (folder / "counter_plugin.py").write_text(COUNTER.format(version=version, broken=broken))
+    source = COUNTER.format(version=version, broken=broken, crash_after=crash_after)
+    (folder / "counter_plugin.py").write_text(source)
     (folder / "osk-plugin.toml").write_text(
         f'name = "counter"\nversion = "{version}"\nentry = "counter_plugin:Counter"\n'
     )
@@ -82,6 +89,7 @@ def installed(tmp_path: Path) -> Path:
     install_counter(root, "1.0.0")
     install_counter(root, "2.0.0")
     install_counter(root, "3.0.0", broken=True)
+    install_counter(root, "4.0.0", crash_after=0.3)
     root.chmod(0o755)
     return root
 
@@ -365,3 +373,28 @@ def test_the_state_is_handed_over_when_the_new_instance_is_ready_for_it(installe
     # handed over before start(), after __init__: the state lacks only the calls 1.0.0
     # answered during start() (1 s of CPU), far fewer than during the ~2 s capped start
     assert lost < answered_while_capped / 2, (lost, answered_while_capped)
+
+
+def test_min_ready_keeps_the_old_instance_until_the_new_one_has_lasted(installed: Path) -> None:
+    # 4.0.0 is ready, then exits 0.3 s later: without min_ready the old instance would be
+    # gone by then, and the plugin left crash-looping on 4.0.0
+    with running_daemon(config(installed, 1, "min_ready = 2.0")) as d:
+        [old] = d.status("counter")
+        d.ctl("deploy", plugin="counter", version="4.0.0", strategy="rolling")
+        done = d.wait_until(lambda: rollout_ended(d), timeout=60, what="rollout ended")
+        assert done["state"] == "rolled-back", done
+        assert "exit 3" in done["reason"], done
+        [row] = d.status("counter")
+        assert (row["pid"], row["version"]) == (old["pid"], "1.0.0")  # never retired
+        # a version that lasts is kept waiting until it has been ready for min_ready
+        d.ctl("deploy", plugin="counter", version="2.0.0", strategy="rolling")
+        done = d.wait_until(lambda: rollout_ended(d), timeout=60, what="rollout ended")
+        assert done["state"] == "succeeded", done
+        events = d.ctl("events", lines=1000)
+        started = [
+            e["timestamp"]
+            for e in events
+            if e["type"] == "plugin:started" and str(e.get("version")) == "2.0.0"
+        ]
+        drained = [e["timestamp"] for e in events if e["type"] == "rollout:drained"]
+        assert started and drained and drained[-1] - started[-1] >= 1999  # ms, truncated

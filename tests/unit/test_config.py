@@ -331,6 +331,7 @@ PLUGIN_ERRORS = [
     ("backoff = { base = -0.1 }", "plugins.echo.backoff.base", "must be >= 0, got -0.1"),
     ("rollout = { start_cpu = -0.01 }", "plugins.echo.rollout.start_cpu", "must be >= 0"),
     ("rollout = { start_cpu_for = 0 }", "plugins.echo.rollout.start_cpu_for", "must be > 0"),
+    ("rollout = { min_ready = -1 }", "plugins.echo.rollout.min_ready", "must be >= 0"),
 ]
 
 
