@@ -16,16 +16,22 @@ versions over the step's window. The canary fails when
   do not fail on noise.
 
 The stable version is the baseline *in the same window*, so load that slows both does
-not fail the canary. Each verdict carries a sentence with the numbers. Pure: no clock.
+not fail the canary. ``judge_health`` adds the instances' health at the step's end: the
+canary fails when it is less healthy than the stable version (one of its instances
+unhealthy or failed, or degraded while no stable instance is). Each verdict carries a
+sentence with the numbers. Pure: no clock.
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["AnalysisPolicy", "Recorder", "Verdict", "WindowStats", "judge"]
+__all__ = ["AnalysisPolicy", "Recorder", "Verdict", "WindowStats", "judge", "judge_health"]
+
+_BAD = frozenset({"unhealthy", "failed"})
 
 
 @dataclass(frozen=True)
@@ -107,3 +113,15 @@ def judge(stable: WindowStats, canary: WindowStats, policy: AnalysisPolicy) -> V
         f"{canary.requests} calls, error rate {rate:.1%} (stable {base:.1%}), "
         f"p99 {canary.p99 * 1e3:.1f} ms (stable {stable.p99 * 1e3:.1f} ms)",
     )
+
+
+def judge_health(stable: Sequence[str], canary: Sequence[tuple[str, str, str]]) -> Verdict:
+    """Fail the canary if it is less healthy than the stable version. ``stable``: the
+    health statuses of its instances; ``canary``: (instance, status, detail) of each.
+    ``unknown`` (no checks configured, or none run yet) counts against neither."""
+    for leaf, status, detail in canary:
+        if status in _BAD or (status == "degraded" and "degraded" not in stable):
+            why = f": {detail}" if detail else ""
+            healthy = ", ".join(sorted(set(stable))) or "none"
+            return Verdict(False, f"health: {leaf} is {status}{why} (stable: {healthy})")
+    return Verdict(True, "health no worse than the stable version's")

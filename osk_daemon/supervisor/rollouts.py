@@ -42,7 +42,7 @@ import anyio
 
 from osk_daemon.config import PluginConfig
 from osk_daemon.errors import ControlError
-from osk_daemon.rollout.analysis import AnalysisPolicy, Recorder, judge
+from osk_daemon.rollout.analysis import AnalysisPolicy, Recorder, Verdict, judge, judge_health
 from osk_daemon.rollout.engine import (
     AnalysisDone,
     Analyze,
@@ -222,8 +222,23 @@ class RolloutRun:
         stable = self.recorder.window(self.spec.stable, since)
         canary = self.recorder.window(self.spec.canary, since)
         verdict = judge(stable, canary, self.policy)
+        if verdict.passed:
+            verdict = self._judge_health() or verdict
         log.info("%s: analysis of %s: %s", self.spec.plugin, self.spec.canary, verdict.reason)
         self.perform(self.engine.analysis_done(AnalysisDone(verdict.passed, verdict.reason)))
+
+    def _judge_health(self) -> Verdict | None:
+        """A failing verdict if the canary's instances are less healthy than the stable
+        ones (``rollout.analysis.judge_health``), else None."""
+        by_role: dict[Role, list[Instance]] = {Role.STABLE: [], Role.CANARY: []}
+        for inst in self._sup.members.of_plugin(self.spec.plugin):
+            if not inst.retiring:
+                by_role[self.role_of(inst)].append(inst)
+        verdict = judge_health(
+            [i.health.status.value for i in by_role[Role.STABLE]],
+            [(i.leaf, i.health.status.value, i.health.detail) for i in by_role[Role.CANARY]],
+        )
+        return None if verdict.passed else verdict
 
     def _set_weights(self, weights: tuple[int, int] | None) -> None:
         s = self.spec

@@ -32,6 +32,7 @@ from osk_daemon.worker import Plugin, rpc
 VERSION = "{version}"
 BROKEN = {broken}
 CRASH_AFTER = {crash_after}  # seconds after start(): the process exits with 3
+HEALTH = "{health}"
 
 
 def spin(ms):  # burn this much CPU time
@@ -63,6 +64,9 @@ class Counter(Plugin):
     def get(self) -> dict:
         return {{"count": self.count, "version": VERSION}}
 
+    async def health(self):
+        return HEALTH
+
     async def export_state(self) -> dict:
         return {{"count": self.count}}
 
@@ -72,11 +76,15 @@ class Counter(Plugin):
 
 
 def install_counter(
-    root: Path, version: str, broken: bool = False, crash_after: float | None = None
+    root: Path,
+    version: str,
+    broken: bool = False,
+    crash_after: float | None = None,
+    health: str = "healthy",
 ) -> None:
     folder = root / "counter" / version
     folder.mkdir(parents=True)
-    source = COUNTER.format(version=version, broken=broken, crash_after=crash_after)
+    source = COUNTER.format(version=version, broken=broken, crash_after=crash_after, health=health)
     (folder / "counter_plugin.py").write_text(source)
     (folder / "osk-plugin.toml").write_text(
         f'name = "counter"\nversion = "{version}"\nentry = "counter_plugin:Counter"\n'
@@ -90,6 +98,7 @@ def installed(tmp_path: Path) -> Path:
     install_counter(root, "2.0.0")
     install_counter(root, "3.0.0", broken=True)
     install_counter(root, "4.0.0", crash_after=0.3)
+    install_counter(root, "5.0.0", health="degraded")
     root.chmod(0o755)
     return root
 
@@ -236,6 +245,19 @@ def test_a_bad_canary_is_rolled_back_by_itself(installed: Path) -> None:
         before = load.ok
         d.wait_until(lambda: load.ok >= before + 30, what="load after the rollback")
         assert len(load.failed) == failed_before  # once rolled back, nothing fails
+
+
+def test_a_canary_less_healthy_than_the_stable_version_is_rolled_back(installed: Path) -> None:
+    # 5.0.0 answers every call, as fast, but says it is degraded
+    with running_daemon(config(installed, 2, QUICK_ANALYSIS)) as d, Load(d) as load:
+        d.wait_until(lambda: load.ok >= 20, what="load flowing")
+        d.ctl("deploy", plugin="counter", version="5.0.0", strategy="canary")
+        done = d.wait_until(lambda: rollout_ended(d), timeout=60, what="rollout ended")
+        assert done["state"] == "rolled-back", done
+        assert "analysis failed: health: counter/" in done["reason"]
+        assert "is degraded (stable: healthy)" in done["reason"]
+        assert {r["version"] for r in d.status("counter")} == {"1.0.0"}
+    assert load.failed == []
 
 
 def test_rollout_commands_are_safe_and_explained(installed: Path) -> None:

@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from osk_daemon.rollout.analysis import AnalysisPolicy, Recorder, WindowStats, judge
+from osk_daemon.rollout.analysis import AnalysisPolicy, Recorder, WindowStats, judge, judge_health
 from osk_daemon.rollout.traffic import TrafficSplit
 
 pytestmark = pytest.mark.timeout(10)
@@ -73,6 +73,26 @@ POLICY = AnalysisPolicy(min_requests=20, max_error_rate_increase=0.01, max_laten
 )
 def test_judge(stable: WindowStats, canary: WindowStats, passed: bool, words: str) -> None:
     verdict = judge(stable, canary, POLICY)
+    assert verdict.passed is passed
+    assert words in verdict.reason
+
+
+@pytest.mark.parametrize(
+    ("stable", "canary", "passed", "words"),
+    [
+        (["healthy"], [("c/1", "healthy", "")], True, "no worse"),
+        (["healthy"], [("c/1", "unhealthy", "db down")], False, "c/1 is unhealthy: db down"),
+        (["healthy"], [("c/1", "healthy", ""), ("c/2", "failed", "")], False, "c/2 is failed"),
+        (["healthy", "healthy"], [("c/1", "degraded", "slow")], False, "(stable: healthy)"),
+        (["degraded"], [("c/1", "degraded", "slow")], True, "no worse"),  # both degraded
+        (["healthy"], [("c/1", "unknown", "")], True, "no worse"),  # no checks: no verdict
+        ([], [("c/1", "unhealthy", "")], False, "(stable: none)"),
+    ],
+)
+def test_judge_health(
+    stable: list[str], canary: list[tuple[str, str, str]], passed: bool, words: str
+) -> None:
+    verdict = judge_health(stable, canary)
     assert verdict.passed is passed
     assert words in verdict.reason
 
