@@ -1,7 +1,8 @@
 """What changed between the running config and a newly loaded one, for ``reload``.
 
 Both configs are already planned (versions pinned, code folders chosen), so a plugin whose
-range now resolves to a newer installed version shows as a changed ``version``. Per plugin
+range now resolves to a newer installed version shows as a changed ``version`` (the reload
+passes, as the new config, only what the file's edit changed: ``supervisor.reload``). Per plugin
 the diff lists the changed keys as dotted paths (``health_check.interval``); the reload
 decides what each means:
 

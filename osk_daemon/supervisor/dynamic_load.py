@@ -75,6 +75,7 @@ def load_plugin(sup: Supervisor, path: str) -> dict[str, Any]:
     old = sup.deps.plan
     plugins = {**sup.config.plugins, name: cfg}
     sup.config = sup.config.model_copy(update={"plugins": plugins})
+    sup.hot_reloads.sync()
     sup.deps.replan(
         StartPlan(
             config=sup.config,
@@ -146,6 +147,7 @@ async def unload_plugin(
     old = sup.deps.plan
     plugins = {p: c for p, c in sup.config.plugins.items() if p != name}
     sup.config = sup.config.model_copy(update={"plugins": plugins})
+    sup.hot_reloads.sync()
     sup.loaded.pop(name, None)
     sup.deps.replan(
         StartPlan(

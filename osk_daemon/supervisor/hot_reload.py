@@ -11,6 +11,12 @@ not version, so new processes import the edited code while the old ones keep ser
 and the state is handed over as in any swap. A change that arrives while a swap runs is
 remembered and applied once that swap ends, so the last edit always wins.
 
+``HotReloads.sync`` keeps one watcher per plugin that wants one, in step with the running
+config: it is called at start and whenever the config changes (reload, load, unload, a
+finished swap), starts a watcher for a plugin that now has ``watch``, and restarts one
+whose folders or globs changed (a deployed version has another folder) or cancels one
+whose plugin is gone or no longer watched.
+
 The watcher reads the file system only; it never imports plugin code in the daemon.
 """
 
@@ -31,7 +37,37 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("osk.hot-reload")
 
-__all__ = ["watch_plugin"]
+__all__ = ["HotReloads", "watch_plugin"]
+
+_Watched = tuple[tuple[str, ...], tuple[str, ...], float]  # folders, globs, debounce
+
+
+class HotReloads:
+    """The running watchers, one per watching plugin (see the module docstring)."""
+
+    def __init__(self, sup: Supervisor) -> None:
+        self._sup = sup
+        self._watching: dict[str, tuple[_Watched, anyio.CancelScope]] = {}
+
+    def sync(self) -> None:
+        wanted: dict[str, _Watched] = {
+            name: (tuple(map(str, cfg.path)), tuple(cfg.watch), cfg.watch_debounce)
+            for name, cfg in self._sup.config.plugins.items()
+            if cfg.watch
+        }
+        for name, (what, scope) in list(self._watching.items()):
+            if wanted.get(name) != what:
+                scope.cancel()
+                del self._watching[name]
+        for name, what in wanted.items():
+            if name not in self._watching:
+                scope = anyio.CancelScope()
+                self._watching[name] = (what, scope)
+                self._sup.spawn_task(self._watch, name, scope)
+
+    async def _watch(self, plugin: str, scope: anyio.CancelScope) -> None:
+        with scope:
+            await watch_plugin(self._sup, plugin)
 
 
 def _matches(path: str, roots: list[Path], globs: list[str]) -> bool:
@@ -73,7 +109,9 @@ async def _swap_when_free(sup: Supervisor, plugin: str) -> None:
     running = sup.rollouts.runs.get(plugin)
     if running is not None and not running.finished.is_set():
         await running.finished.wait()  # the last edit wins: swap once more after it
-    current = sup.config.plugins[plugin]
+    current = sup.config.plugins.get(plugin)
+    if current is None:
+        return  # unloaded meanwhile (its watcher is being cancelled)
     fresh = current.model_copy()  # same settings, a new identity: new processes, new code
     live = len([i for i in sup.members.of_plugin(plugin) if not i.retiring]) or 1
     try:

@@ -126,3 +126,4 @@ class Membership:
         plugins = dict(sup.config.plugins)
         plugins[plugin] = cfg.model_copy(update={"instances": len(self.of_plugin(plugin))})
         sup.config = sup.config.model_copy(update={"plugins": plugins})
+        sup.hot_reloads.sync()  # a new version's code is in another folder

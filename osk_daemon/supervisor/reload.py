@@ -4,8 +4,18 @@ Theory of operation
 -------------------
 The new file is loaded and planned exactly as at start (drop-ins, versions, start order);
 any error is refused with its file, key and reason and the running config stays, whole.
-Then ``config.diff`` says what changed, and each kind is applied the way that keeps
-serving:
+
+A reload applies what the *file* changed since it was last loaded (``sup.file_plan``),
+not every difference between the file and what runs. A plugin whose entry the edit did
+not touch runs on as it runs: a version deployed with ``oskctl deploy`` stays, a newer
+version inside its range is left to ``update.mode`` (``oskctl updates`` lists it, or
+the auto mode deploys it in its window), an instance count set at run time stays, and a
+plugin unloaded at run time stays unloaded. Likewise, with its range unchanged, an
+edited plugin keeps its running version and only the rest of the edit applies. Plugins
+loaded at run time (``oskctl load``) are not the file's: a reload leaves them be.
+
+Then ``config.diff`` compares that with what runs, and each kind of change is applied
+the way that keeps serving:
 
 - removed plugins stop (dependents first) and are forgotten;
 - added plugins get their instances (in the group the new config names, if the running
@@ -26,17 +36,18 @@ dependency graph replaces the old one once the moves are under way.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from osk_daemon.config import GroupConfig, PluginConfig, load_config
+from osk_daemon.config import Config, GroupConfig, PluginConfig, load_config
 from osk_daemon.config.diff import ConfigDiff, diff_configs
 from osk_daemon.errors import ConfigError, ControlError
 from osk_daemon.supervisor.instance import health_policy
 from osk_daemon.supervisor.rollouts import spec_for
 from osk_daemon.supervisor.tree_build import leaf_spec
-from osk_daemon.versioning.planning import plan_start
+from osk_daemon.versioning.planning import StartPlan, plan_start
 
 if TYPE_CHECKING:
     from osk_daemon.supervisor.runtime import Supervisor
@@ -56,14 +67,14 @@ async def reload_config(sup: Supervisor) -> dict[str, Any]:
     except ConfigError as exc:
         log.error("reload refused, the running config stays: %s", exc)
         raise ControlError(f"reload refused, the running config stays: {exc}") from exc
-    diff = diff_configs(sup.config, plan.config)
+    new = _effective(sup, plan)
+    diff = diff_configs(sup.config, new)
     if diff.daemon_restart:
         raise ControlError(
             "reload refused, the running config stays: "
             f"{', '.join('daemon.' + k for k in diff.daemon_restart)} cannot change while the "
             "daemon runs; restart it to apply"
         )
-    new = plan.config
     old_groups = sup.config.groups
     for name in reversed([p for wave in sup.deps.plan.waves for p in wave]):
         if name in diff.removed:
@@ -83,7 +94,9 @@ async def reload_config(sup: Supervisor) -> dict[str, Any]:
     # groups and daemon settings stay as they run (reported below): the tree and the
     # broker were built from them
     sup.config = sup.config.model_copy(update={"plugins": merged})
-    sup.deps.replan(plan)
+    sup.deps.replan(_running_plan(sup, plan))
+    sup.file_plan = plan
+    sup.hot_reloads.sync()
     for name in diff.added:
         _add_plugin(sup, name, new.plugins[name], new.groups)
     for name in diff.scale:
@@ -98,6 +111,66 @@ async def reload_config(sup: Supervisor) -> dict[str, Any]:
     sup.events.publish("kernel:reloaded", **{k: v for k, v in summary.items() if v})
     log.info("reloaded %s: %s", source, _describe(diff))
     return summary
+
+
+def _effective(sup: Supervisor, plan: StartPlan) -> Config:
+    """What should run after this reload: the new file's plugins, each as it runs now if
+    the edit did not touch its entry (see the module docstring), plus the plugins loaded
+    at run time. Its daemon settings and groups are the new file's."""
+    before, now = sup.file_plan, plan
+    plugins: dict[str, PluginConfig] = {}
+    for name, planned in now.config.plugins.items():
+        running = sup.config.plugins.get(name)
+        old = before.config.plugins.get(name)
+        same_range = old is not None and before.ranges.get(name) == now.ranges.get(name)
+        resolved = name in now.installed and name in before.installed
+        if (
+            same_range
+            and old is not None
+            and _declared(old, resolved) == _declared(planned, resolved)
+        ):
+            if running is not None:  # untouched by the edit: as it runs
+                plugins[name] = running
+            continue  # (or unloaded at run time: it stays so)
+        if same_range and resolved and running is not None:  # the version that runs stays
+            keep = {"version": running.version, "entry": running.entry, "path": running.path}
+            plugins[name] = planned.model_copy(update=keep)
+        else:
+            plugins[name] = planned
+    for name, running in sup.config.plugins.items():
+        if name not in before.config.plugins and name not in plugins:
+            plugins[name] = running  # loaded at run time: not the file's to change
+    return now.config.model_copy(update={"plugins": plugins})
+
+
+def _declared(cfg: PluginConfig, resolved: bool) -> PluginConfig:
+    """``cfg`` as the file declares it: for an installed plugin, without what the planner
+    chose (version, entry, code folder; its range is compared apart)."""
+    if not resolved:
+        return cfg
+    return cfg.model_copy(update={"version": None, "entry": None, "path": []})
+
+
+def _running_plan(sup: Supervisor, plan: StartPlan) -> StartPlan:
+    """The dependency plan of what runs now: the new file's, for its plugins that run,
+    and the previous one's for the plugins loaded at run time."""
+    old, names = sup.deps.plan, set(sup.config.plugins)
+    kept = [p for p in sup.config.plugins if p not in plan.config.plugins]
+    return dataclasses.replace(
+        plan,
+        config=sup.config,
+        requires={
+            **{p: d for p, d in plan.requires.items() if p in names},
+            **{p: old.requires.get(p, frozenset()) for p in kept},
+        },
+        optional={
+            **{p: d for p, d in plan.optional.items() if p in names},
+            **{p: old.optional.get(p, frozenset()) for p in kept},
+        },
+        waves=[w for w in ([p for p in wave if p in names] for wave in plan.waves) if w]
+        + [[p] for p in kept],
+        offline_capable=(plan.offline_capable & names) | (old.offline_capable & set(kept)),
+    )
 
 
 def _describe(diff: ConfigDiff) -> str:

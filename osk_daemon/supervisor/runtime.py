@@ -43,7 +43,7 @@ from osk_daemon.supervisor.dependency_watch import DependencyWatch
 from osk_daemon.supervisor.events import EventStream
 from osk_daemon.supervisor.handover import hand_over
 from osk_daemon.supervisor.health_checks import HealthChecks
-from osk_daemon.supervisor.hot_reload import watch_plugin
+from osk_daemon.supervisor.hot_reload import HotReloads
 from osk_daemon.supervisor.instance import Instance
 from osk_daemon.supervisor.membership import Membership
 from osk_daemon.supervisor.output import LogRing
@@ -97,6 +97,7 @@ class Supervisor:
     ) -> None:
         config = plan.config
         self.config = config
+        self.file_plan = plan  # the config file as last loaded: what a reload diffs against
         self.confinement = confinement
         self.events = EventStream()
         self.logs: dict[str, LogRing] = {}
@@ -143,6 +144,7 @@ class Supervisor:
             self.tracer = self.broker.tracer = RpcTracer(provider) if provider else None
         self.deps = DependencyWatch(self, plan)
         self.rollouts = Rollouts(self)
+        self.hot_reloads = HotReloads(self)
         self.members = Membership(self)
         self.updates = Updates(self)
         self._tree_effects = TreeEffects(self)
@@ -186,9 +188,7 @@ class Supervisor:
             )
         self.apply_tree_effects(self.tree.start(time.monotonic()))
         reload_survivors(self)  # plugins a previous daemon had loaded at run time
-        for name, pcfg in self.config.plugins.items():
-            if pcfg.watch:
-                self._tg.start_soon(watch_plugin, self, name)
+        self.hot_reloads.sync()
         self._tg.start_soon(self.updates.run)
         if self.config.metrics.listen:
             # imported only when asked for: prometheus_client (with http.server, email,

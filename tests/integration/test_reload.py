@@ -262,3 +262,98 @@ def test_newer_versions_are_listed_or_deployed_by_update_mode(installed: Path) -
         assert listed["counter"]["mode"] == "manual"
         assert "auto" not in listed  # it runs the newest already
         assert {r["version"] for r in d.status("counter")} == {"1.0.0"}  # manual: untouched
+
+
+def test_a_reload_applies_the_files_edit_and_keeps_what_was_set_at_run_time(
+    installed: Path, tmp_path: Path
+) -> None:
+    # a deploy, a newer version inside the range (manual updates), a plugin loaded at run
+    # time: none of them is the file's edit, so a reload that adds a plugin keeps them all
+    body = config(installed, "^1", '[plugins.counter.update]\nmode = "manual"\n')
+    with running_daemon(body) as d:
+        extra = tmp_path / "extra"
+        extra.mkdir()
+        (extra / "x.py").write_text(
+            "from osk_daemon.worker import Plugin\n\n\nclass X(Plugin):\n    pass\n"
+        )
+        (extra / "osk-plugin.toml").write_text('name = "extra"\nversion = "0.1.0"\nentry = "x:X"\n')
+        extra.chmod(0o755)
+        d.ctl("load", path=str(extra))
+        d.ctl("deploy", plugin="counter", version="2.0.0", strategy="rolling")
+        d.wait_until(
+            lambda: (
+                [(r["version"], r["state"]) for r in d.status("counter")] == [("2.0.0", "ready")]
+            ),
+            what="deployed 2.0.0",
+        )
+        install_counter(installed, "1.1.0")  # newer inside ^1: listed, not deployed
+        before = pids(d)
+        d.config.write_text(
+            config(
+                installed,
+                "^1",
+                '[plugins.counter.update]\nmode = "manual"\n' + plugin_block("newbie"),
+            )
+        )
+        summary = d.ctl("reload")
+        assert summary["added"] == ["newbie"]
+        assert summary["swapped"] == [] and summary["removed"] == []
+        after = pids(d)
+        assert after["counter"] == before["counter"] and after["extra"] == before["extra"]
+        assert [r["version"] for r in d.status("counter")] == ["2.0.0"]
+        # an edit of counter's own entry applies, on the version that runs
+        edited = '[plugins.counter.update]\nmode = "manual"\n[plugins.counter.config]\nx = 1\n'
+        d.config.write_text(config(installed, "^1", edited + plugin_block("newbie")))
+        assert d.ctl("reload")["swapped"] == ["counter"]
+        d.wait_until(
+            lambda: d.ctl("rollout", action="status", plugin="counter")["state"] == "succeeded",
+            what="the swap",
+        )
+        assert [r["version"] for r in d.status("counter")] == ["2.0.0"]
+        assert d.status("counter")[0]["pid"] not in before["counter"]
+        assert pids(d)["extra"] == before["extra"]
+
+
+def test_a_watcher_follows_the_config_a_reload_gives(tmp_path: Path) -> None:
+    code = tmp_path / "w"
+    code.mkdir()
+    (code / "w_plugin.py").write_text(
+        "from osk_daemon.worker import Plugin, rpc\n\n\nclass W(Plugin):\n"
+        "    @rpc\n    def v(self) -> int:\n        return 1\n"
+    )
+    code.chmod(0o755)
+    plain = plugin_block("w", entry="w_plugin:W", plugins=code)
+    watched = plugin_block(
+        "w", entry="w_plugin:W", plugins=code, watch=["*.py"], watch_debounce=0.05
+    )
+    with running_daemon(daemon_config(plain)) as d:
+        d.config.write_text(daemon_config(watched))
+        assert d.ctl("reload")["retuned"] == ["w"]  # watch alone: no restart
+        d.wait_until(lambda: d.status("w")[0]["state"] == "ready", what="w ready")
+        edited = (code / "w_plugin.py").read_text().replace("1", "2")
+
+        def seen() -> bool:  # the watcher starts as the reload ends: edit until it saw one
+            events = d.ctl("events", lines=1000)
+            if not any(e["type"] == "plugin:code-changed" for e in events):
+                (code / "w_plugin.py").write_text(edited)
+                return False
+            return True
+
+        d.wait_until(seen, timeout=30, what="the watcher saw the edit")
+        d.wait_until(lambda: d.call("w", "v") == 2, timeout=30, what="the hot reload")
+        d.wait_until(
+            lambda: d.ctl("rollout", action="status", plugin="w")["state"] == "succeeded",
+            what="the swap's end",
+        )
+
+        # unloaded, its watcher goes: a later edit touches nothing and the daemon runs on
+        def code_changes() -> int:
+            return sum(e["type"] == "plugin:code-changed" for e in d.ctl("events", lines=1000))
+
+        swaps = code_changes()
+        d.ctl("unload", name="w")
+        (code / "w_plugin.py").write_text((code / "w_plugin.py").read_text().replace("2", "3"))
+        d.config.write_text(daemon_config(""))
+        d.ctl("reload")  # the daemon answers: it did not fall over the edit
+        assert d.status() == []
+        assert code_changes() == swaps  # the edit after the unload started no swap
