@@ -406,6 +406,9 @@ class Rollout:
         ]
         if not self._weights_done:
             if obs.canary_ready < phase.canary or (phase.stable and obs.stable_ready < 1):
+                if self.weights is None:  # the first weighted phase: until its canary is
+                    self.weights = (100, 0)  # ready, the stable version keeps every call
+                    out.append(SetWeights(self.weights))
                 return out  # traffic moves only to instances that are ready
             self._weights_done = True
             if phase.weights != self.weights:

@@ -64,6 +64,9 @@ class Instance:
     # instance's worker asks for it (supervisor.handover); None once handed over
     handover_from: str | None = None
     retiring: bool = False  # being drained and stopped by a rollout or reload
+    # a rollout's new instance: the broker routes to it once the rollout counts it ready
+    # (ready and healthy), not at its READY
+    traffic_held: bool = False
     gentle_start: bool = False  # start at a low CPU priority (added while others serve)
     # a gentle start's CPU cap (rollout.start_cpu) and the cgroup it is on: lifted at READY,
     # when the life ends or by this timer, whichever comes first

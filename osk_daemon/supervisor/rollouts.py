@@ -7,9 +7,11 @@ own; one rollout per plugin at a time), builds the canary's ``PluginConfig`` and
 and performs the engine's effects:
 
 - ``StartInstances``: a new instance record (and tree leaf) per instance at once, so the
-  next observation counts it, and its start. With ``preserve_state`` it takes the other
-  role's state when its worker asks for it (``supervisor.handover``), before its
-  ``start()``.
+  next observation counts it, and its start. The broker routes to it only once it is
+  ready *and healthy* (the recount that sees it so lets it in), and under the weights
+  of a weighted strategy, which hold the stable version at 100 % until then. With
+  ``preserve_state`` it takes the other role's state when its worker asks for it
+  (``supervisor.handover``), before its ``start()``.
 - ``StopInstances``: pick instances of the role (not-ready ones first, newest first), mark
   them retiring, drain them in the broker (no new requests; the future resolves when their
   in-flight requests are answered, bounded by ``drain_timeout``), stop them through the
@@ -122,6 +124,7 @@ class RolloutRun:
             role = self.role_of(inst)
             counts[role][1] += 1
             if inst.life.state is lc.State.READY and inst.health.status in UP_STATUSES:
+                self._let_in(inst)
                 ready_for = now - (inst.ready_at or now)
                 left = self.min_ready - ready_for if inst.leaf in self._started else 0.0
                 if left > 0:
@@ -132,6 +135,12 @@ class RolloutRun:
             self._recount_in(of_age)
         (sr, st), (cr, ct) = counts[Role.STABLE], counts[Role.CANARY]
         return Observed(sr, st, cr, ct)
+
+    def _let_in(self, inst: Instance) -> None:
+        """Route calls to ``inst``, a new instance held until it is ready and healthy."""
+        if inst.traffic_held:
+            inst.traffic_held = False
+            self._sup.broker.set_ready(inst.key, True)
 
     def _recount_in(self, delay: float) -> None:
         when = self._sup.loop.time() + delay + 0.001  # past the boundary, not on it
@@ -273,6 +282,11 @@ class RolloutRun:
         for timer in (self._loop_timer, self._recount):
             if timer is not None:
                 timer.cancel()
+        for inst in self._sup.members.of_plugin(self.spec.plugin):
+            if inst.life.state is lc.State.READY:
+                self._let_in(inst)  # whatever it kept, a READY instance serves again
+            else:
+                inst.traffic_held = False  # a later READY lets it in
         plugin = self.spec.plugin
         if succeeded:
             self._sup.members.adopt(plugin, self.canary_config)
@@ -300,6 +314,7 @@ class RolloutRun:
     def _start(self, role: Role) -> None:
         cfg = self.canary_config if role is Role.CANARY else self.stable_config
         inst = self._sup.members.add(self.spec.plugin, cfg)
+        inst.traffic_held = True
         self._started.add(inst.leaf)
         if cfg.preserve_state and cfg.state_strategy != "none":
             inst.handover_from = self.spec.stable if role is Role.CANARY else self.spec.canary

@@ -329,7 +329,8 @@ class Supervisor:
         if inst.gentle_start and inst.life.pid is not None:
             renice(inst.life.pid, 0)
             inst.gentle_start = False
-        self.broker.set_ready(inst.key, True)
+        if not inst.traffic_held:  # else its rollout lets calls in once it is healthy
+            self.broker.set_ready(inst.key, True)
         self.checks.schedule(inst)
         self.apply_tree_effects(self.tree.child_started(inst.leaf, now))
         self.standbys.ready(inst)  # its next life is made ahead (standby = true)

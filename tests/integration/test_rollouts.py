@@ -195,6 +195,9 @@ def test_a_swap_under_load_fails_no_call_and_carries_state(
         assert {r["version"] for r in rows} == {"2.0.0"}
         assert len(rows) == instances
         assert load.last["version"] == "2.0.0"
+        if strategy == "blue-green":  # one cut-over: no call reached 2.0.0 before it
+            served = [v for v, _ in load.replies[before_deploy:]]
+            assert "1.0.0" not in served[served.index("2.0.0") :]
         if instances == 1:
             # one instance: its count went on from where 1.0.0 handed it over; only the
             # calls 1.0.0 answered between the export and the cut-over are not in it,

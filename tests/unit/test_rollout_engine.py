@@ -158,7 +158,10 @@ def test_canary_walks_its_weight_steps_with_an_analysis_each() -> None:
     c.run()
     assert c.r.state is State.SUCCEEDED
     weights = [e.weights for e in c.log if isinstance(e, SetWeights)]
-    assert weights == [(90, 10), (50, 50), (0, 100)]
+    # (100, 0) first: a ready canary instance gets no call before its step's weights
+    assert weights == [(100, 0), (90, 10), (50, 50), (0, 100)]
+    begun = Rollout(spec(Strategy.CANARY, instances=4, steps=(10, 50, 100))).begin()
+    assert SetWeights((100, 0)) in begun  # with the first start, before anything is ready
     assert c.analyses == 2
     starts = [e.count for e in c.log if isinstance(e, StartInstances)]
     assert starts == [1, 1, 2]  # ceil(4 * 10%) = 1, ceil(4 * 50%) = 2, then all 4
