@@ -23,8 +23,6 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import anyio
-
 from osk_daemon.config import PluginConfig
 from osk_daemon.errors import ConfigError, ControlError
 from osk_daemon.versioning.manifest import load_manifest
@@ -140,8 +138,7 @@ async def unload_plugin(
                 unloaded += done["unloaded"]
     for inst in reversed(sup.members.of_plugin(name)):
         if strategy == "drain":
-            with anyio.move_on_after(inst.config.rollout.drain_timeout):
-                await sup.broker.drain(inst.key)
+            await sup.members.drain(inst, inst.config.rollout.drain_timeout)
         await sup.members.remove(inst, force=strategy == "forceful")
     sup.broker.set_accepting(name, False)
     old = sup.deps.plan

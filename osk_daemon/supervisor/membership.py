@@ -13,6 +13,8 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+import anyio
+
 from osk_daemon.config import PluginConfig
 from osk_daemon.errors import ControlError
 from osk_daemon.supervisor.instance import Instance
@@ -98,6 +100,21 @@ class Membership:
 
     def start(self, inst: Instance) -> None:
         self._sup.apply_tree_effects(self._sup.tree.start_children([inst.leaf], time.monotonic()))
+
+    async def drain(self, inst: Instance, timeout: float) -> bool:
+        """Send ``inst`` no new calls (they go to the plugin's other instances, or wait for
+        one) and wait, at most ``timeout`` seconds, until the calls it has in flight are
+        answered; True if they were. It is marked retiring: nothing counts on it now."""
+        inst.retiring = True
+        with anyio.move_on_after(timeout) as scope:
+            await self._sup.broker.drain(inst.key)
+        return not scope.cancelled_caught
+
+    async def retire(self, inst: Instance) -> None:
+        """``drain`` (bounded by its ``rollout.drain_timeout``), then ``remove``: how a
+        reload scales down or removes an instance without failing a call."""
+        await self.drain(inst, inst.config.rollout.drain_timeout)
+        await self.remove(inst)
 
     async def remove(self, inst: Instance, force: bool = False) -> None:
         """Stop ``inst`` (the stop ladder; ``force``: SIGKILL once the stop is under way,

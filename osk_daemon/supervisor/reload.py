@@ -79,7 +79,7 @@ async def reload_config(sup: Supervisor) -> dict[str, Any]:
     for name in reversed([p for wave in sup.deps.plan.waves for p in wave]):
         if name in diff.removed:
             for inst in reversed(sup.members.of_plugin(name)):
-                await sup.members.remove(inst)
+                await sup.members.retire(inst)
             sup.broker.set_accepting(name, False)
     merged = dict(sup.config.plugins)
     for name in diff.removed:
@@ -230,7 +230,7 @@ async def _scale(sup: Supervisor, name: str, cfg: PluginConfig) -> None:
     for _ in range(cfg.instances - len(mine)):
         sup.members.start(sup.members.add(name, mine[-1].config if mine else cfg))
     for inst in sorted(mine, key=lambda i: -i.index)[: max(0, len(mine) - cfg.instances)]:
-        await sup.members.remove(inst)
+        await sup.members.retire(inst)
 
 
 def _retune(sup: Supervisor, name: str, cfg: PluginConfig) -> PluginConfig:

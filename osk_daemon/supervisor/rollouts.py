@@ -323,12 +323,10 @@ class RolloutRun:
     async def _retire(self, inst: Instance, since: float) -> None:
         """Drain, then stop ``inst``. The ``rollout:drained`` event says how long the
         cut-over took: from the decision to stop it to its last request answered."""
-        drained = self._sup.broker.drain(inst.key)
-        with anyio.move_on_after(self.drain_timeout) as scope:
-            await drained
+        drained = await self._sup.members.drain(inst, self.drain_timeout)
         if inst.life.pid is not None:  # its stop and exit need not compete with serving
             renice(inst.life.pid, GENTLE_NICE)
-        if scope.cancelled_caught:
+        if not drained:
             log.warning(
                 "%s: still busy after the %gs drain timeout; stopping it anyway",
                 inst.leaf,
@@ -343,7 +341,7 @@ class RolloutRun:
             version=str(inst.config.version),
             drain_ms=drain_ms,
             stopped_ms=round((time.monotonic() - since) * 1000, 3),
-            timed_out=scope.cancelled_caught,
+            timed_out=not drained,
         )
         self._retiring.discard(inst.leaf)
         self.perform(self.engine.observe(self.observed()))

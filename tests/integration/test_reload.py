@@ -15,7 +15,7 @@ from tests.integration.harness import (
     plugin_block,
     running_daemon,
 )
-from tests.integration.test_rollouts import install_counter
+from tests.integration.test_rollouts import Load, install_counter
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -357,3 +357,21 @@ def test_a_watcher_follows_the_config_a_reload_gives(tmp_path: Path) -> None:
         d.ctl("reload")  # the daemon answers: it did not fall over the edit
         assert d.status() == []
         assert code_changes() == swaps  # the edit after the unload started no swap
+
+
+def test_a_reload_scales_down_without_failing_a_call(installed: Path) -> None:
+    # the instances a reload removes are drained first: their calls in flight finish,
+    # new calls go to the ones that stay
+    three = config(installed, "1.0.0", "").replace(
+        "[plugins.counter.health", "instances = 3\n[plugins.counter.health", 1
+    )
+    with running_daemon(three) as d, Load(d) as load:
+        d.wait_until(lambda: load.ok >= 100, what="load flowing")
+        d.config.write_text(config(installed, "1.0.0", ""))
+        assert d.ctl("reload")["scaled"] == ["counter"]
+        assert len(d.status("counter")) == 1
+        mark = load.ok
+        d.wait_until(lambda: load.ok >= mark + 100, what="load after the scale-down")
+        drained = [e for e in d.ctl("events", lines=1000) if e["type"] == "plugin:destroyed"]
+        assert len(drained) == 2
+    assert load.failed == []
