@@ -267,9 +267,15 @@ class RolloutConfig(BaseModel):
     ab_split: int = Field(default=50, gt=0, lt=100)
     drain_timeout: float = Field(default=30.0, gt=0)
     progress_deadline: float = Field(default=120.0, gt=0)
-    min_requests: int = Field(default=20, ge=0, description="analysis: fewer fails the step")
+    min_requests: int = Field(default=20, ge=1, description="analysis: fewer fails the step")
     max_error_rate_increase: float = Field(default=0.01, ge=0, le=1)
     max_latency_ratio: float = Field(default=1.5, ge=1)
+    latency_floor: float = Field(
+        default=0.005,
+        ge=0,
+        description="analysis: seconds of p99 slack, so two fast versions (0.2 ms and "
+        "0.6 ms) do not fail on noise",
+    )
     start_cpu: float = Field(
         default=0.01,
         ge=0,
@@ -287,6 +293,12 @@ class RolloutConfig(BaseModel):
         if not value or any(not 0 < w <= 100 for w in value) or value != sorted(set(value)):
             raise ValueError(f"must be increasing percentages in 1..100, got {value}")
         return value
+
+    @model_validator(mode="after")
+    def _check_surge(self) -> RolloutConfig:
+        if self.max_surge == 0 and self.max_unavailable == 0:
+            raise ValueError("max_surge and max_unavailable cannot both be 0: nothing could move")
+        return self
 
 
 class UpdateMode(StrEnum):

@@ -130,6 +130,8 @@ async def unload_plugin(
             f"{', '.join(needing)} require{'s' if len(needing) == 1 else ''} '{name}'; "
             "unload them first, or use --dependents warn or cascade"
         )
+    going = [name, *(needing if dependents == "cascade" else [])]
+    sup.rollouts.refuse_while_running(going, f"unload {name}")
     unloaded: list[str] = []
     if dependents == "cascade":
         for other in needing:

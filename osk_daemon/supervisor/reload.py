@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 from osk_daemon.config import Config, GroupConfig, PluginConfig, load_config
 from osk_daemon.config.diff import ConfigDiff, diff_configs
 from osk_daemon.errors import ConfigError, ControlError
+from osk_daemon.rollout.plan import RolloutSpec
 from osk_daemon.supervisor.instance import health_policy
 from osk_daemon.supervisor.rollouts import spec_for
 from osk_daemon.supervisor.tree_build import leaf_spec
@@ -59,8 +60,14 @@ __all__ = ["reload_config"]
 
 async def reload_config(sup: Supervisor) -> dict[str, Any]:
     """Load ``sup.config.source`` again and apply what changed. Raises ControlError (the
-    running config stays) for an invalid file, a conflict, or a daemon key that needs a
-    restart."""
+    running config stays) for an invalid file, a conflict, a daemon key that needs a
+    restart, or a plugin it would change that a rollout is moving. One reload at a time
+    (SIGHUP and ``oskctl reload`` queue)."""
+    async with sup.reloading:
+        return await _reload(sup)
+
+
+async def _reload(sup: Supervisor) -> dict[str, Any]:
     source = sup.config.source
     try:
         plan = plan_start(load_config(source))
@@ -75,6 +82,9 @@ async def reload_config(sup: Supervisor) -> dict[str, Any]:
             f"{', '.join('daemon.' + k for k in diff.daemon_restart)} cannot change while the "
             "daemon runs; restart it to apply"
         )
+    # everything that can refuse is checked before anything changes: all or nothing
+    sup.rollouts.refuse_while_running([*diff.removed, *diff.swap, *diff.scale], "reload")
+    swaps = {name: _swap_spec(sup, name, new.plugins[name]) for name in diff.swap}
     old_groups = sup.config.groups
     for name in reversed([p for wave in sup.deps.plan.waves for p in wave]):
         if name in diff.removed:
@@ -101,8 +111,8 @@ async def reload_config(sup: Supervisor) -> dict[str, Any]:
         _add_plugin(sup, name, new.plugins[name], new.groups)
     for name in diff.scale:
         await _scale(sup, name, new.plugins[name])
-    for name in diff.swap:
-        _swap(sup, name, new.plugins[name])
+    for name, spec in swaps.items():
+        sup.rollouts.deploy(name, new.plugins[name], spec)
     summary = diff.summary()
     summary["not_applied"] = [
         *(f"groups.{g}" for g in _restructured(diff, old_groups, new.groups)),
@@ -247,7 +257,12 @@ def _retune(sup: Supervisor, name: str, cfg: PluginConfig) -> PluginConfig:
     return cfg
 
 
-def _swap(sup: Supervisor, name: str, cfg: PluginConfig) -> None:
-    current = sup.config.plugins[name]
-    overrides = {"strategy": "rolling", "instances": cfg.instances}
-    sup.rollouts.deploy(name, cfg, spec_for(name, current, cfg, overrides))
+def _swap_spec(sup: Supervisor, name: str, cfg: PluginConfig) -> RolloutSpec:
+    """The rolling rollout that swaps ``name`` to ``cfg``; ControlError if it cannot."""
+    try:
+        spec = spec_for(
+            name, sup.config.plugins[name], cfg, {"strategy": "rolling", "instances": cfg.instances}
+        )
+    except ControlError as exc:
+        raise ControlError(f"reload refused, the running config stays: {exc}") from exc
+    return spec

@@ -37,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -93,6 +93,7 @@ class RolloutRun:
             min_requests=r.min_requests,
             max_error_rate_increase=r.max_error_rate_increase,
             max_latency_ratio=r.max_latency_ratio,
+            latency_floor=r.latency_floor,
         )
         self.started_at = time.monotonic()
         self.min_ready = r.min_ready
@@ -361,6 +362,22 @@ class Rollouts:
         run = self.runs.get(inst.plugin)
         if run is not None:
             run.changed(inst)
+
+    def running(self, plugin: str) -> RolloutRun | None:
+        """The rollout of ``plugin`` that has not finished yet, if any."""
+        run = self.runs.get(plugin)
+        return run if run is not None and not run.finished.is_set() else None
+
+    def refuse_while_running(self, plugins: Iterable[str], what: str) -> None:
+        """Raise ControlError naming the first of ``plugins`` a rollout is moving."""
+        for plugin in plugins:
+            run = self.running(plugin)
+            if run is not None:
+                raise ControlError(
+                    f"cannot {what}: a rollout of '{plugin}' to {run.spec.canary} is "
+                    f"{run.engine.state}; abort it (oskctl rollout abort {plugin}) or let "
+                    "it end first"
+                )
 
     def get(self, plugin: str) -> RolloutRun:
         run = self.runs.get(plugin)

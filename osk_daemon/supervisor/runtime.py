@@ -145,6 +145,7 @@ class Supervisor:
         self.deps = DependencyWatch(self, plan)
         self.rollouts = Rollouts(self)
         self.hot_reloads = HotReloads(self)
+        self.reloading = anyio.Lock()  # one config reload at a time
         self.members = Membership(self)
         self.updates = Updates(self)
         self._tree_effects = TreeEffects(self)

@@ -375,3 +375,28 @@ def test_a_reload_scales_down_without_failing_a_call(installed: Path) -> None:
         drained = [e for e in d.ctl("events", lines=1000) if e["type"] == "plugin:destroyed"]
         assert len(drained) == 2
     assert load.failed == []
+
+
+def test_a_reload_or_unload_that_would_cut_into_a_rollout_is_refused_whole(
+    installed: Path,
+) -> None:
+    with running_daemon(config(installed, "1.0.0", plugin_block("other"))) as d:
+        d.ctl("deploy", plugin="counter", version="2.0.0", strategy="ab")
+        d.wait_until(
+            lambda: d.ctl("rollout", action="status", plugin="counter")["state"] == "serving",
+            what="A/B serving",
+        )
+        before = pids(d)
+        d.config.write_text(daemon_config(plugin_block("newbie"), plugins_dir=str(installed)))
+        with pytest.raises(ControlError, match=r"a rollout of 'counter' to 2\.0\.0 is serving"):
+            d.ctl("reload")
+        assert pids(d) == before  # nothing of it applied: other runs, newbie does not
+        with pytest.raises(ControlError, match="cannot unload counter: a rollout"):
+            d.ctl("unload", name="counter")
+        d.ctl("rollout", action="abort", plugin="counter")
+        d.wait_until(
+            lambda: d.ctl("rollout", action="status", plugin="counter")["state"] == "rolled-back",
+            what="aborted",
+        )
+        summary = d.ctl("reload")
+        assert summary["added"] == ["newbie"] and sorted(summary["removed"]) == ["counter", "other"]

@@ -332,6 +332,12 @@ PLUGIN_ERRORS = [
     ("rollout = { start_cpu = -0.01 }", "plugins.echo.rollout.start_cpu", "must be >= 0"),
     ("rollout = { start_cpu_for = 0 }", "plugins.echo.rollout.start_cpu_for", "must be > 0"),
     ("rollout = { min_ready = -1 }", "plugins.echo.rollout.min_ready", "must be >= 0"),
+    ("rollout = { min_requests = 0 }", "plugins.echo.rollout.min_requests", "must be >= 1"),
+    (
+        "rollout = { max_surge = 0, max_unavailable = 0 }",
+        "plugins.echo.rollout",
+        "max_surge and max_unavailable cannot both be 0",
+    ),
 ]
 
 
