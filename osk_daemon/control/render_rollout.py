@@ -84,5 +84,7 @@ def format_updates(rows: list[Any]) -> str:
         line = f"{r.get('plugin')}: {r.get('running')} -> {r.get('available')} ({state})"
         if r.get("failed"):
             line += f"\n  last try failed: {r['failed']}"
+        if r.get("waiting"):
+            line += f"\n  waiting: {r['waiting']}"
         lines.append(line)
     return "\n".join(lines)

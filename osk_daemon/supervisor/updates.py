@@ -12,7 +12,9 @@ maintenance window that opens is noticed without a file change):
 - ``update.mode = "auto"``: inside ``update.window`` (any time if unset) and when no swap
   of the plugin runs, it is deployed with ``update.strategy``. A swap that rolls back
   marks that version as failed: it is not tried again by itself (an operator's
-  ``oskctl deploy`` still can), and ``oskctl updates`` says why.
+  ``oskctl deploy`` still can), and ``oskctl updates`` says why. A deploy refused before
+  it began (an instance of the plugin is stopped, say) is only waiting: it is tried
+  again at the next check, and ``oskctl updates`` shows the refusal meanwhile.
 
 Only versions newer than the running one and inside the config's range count, so an
 operator who pinned ``1.2.3`` gets no updates.
@@ -46,6 +48,7 @@ class Updates:
         self._sup = sup
         self.available: dict[str, str] = {}  # plugin -> newest fitting version not running
         self.failed: dict[str, tuple[str, str]] = {}  # plugin -> (version, why it failed)
+        self.waiting: dict[str, tuple[str, str]] = {}  # plugin -> (version, why it was refused)
 
     async def run(self) -> None:
         """Check now, then on every change of the plugins directory and every minute."""
@@ -107,6 +110,7 @@ class Updates:
                 continue  # deployed since the last check
             update = cfg.update
             failed = self.failed.get(plugin)
+            waiting = self.waiting.get(plugin)
             rows.append(
                 {
                     "plugin": plugin,
@@ -117,6 +121,7 @@ class Updates:
                     "in_window": update.window is None
                     or in_window(parse_window(update.window), now),
                     "failed": failed[1] if failed and failed[0] == version else None,
+                    "waiting": waiting[1] if waiting and waiting[0] == version else None,
                 }
             )
         return rows
@@ -137,9 +142,11 @@ class Updates:
         try:
             start_deploy(self._sup, plugin, version, {"strategy": strategy})
         except ControlError as exc:
-            log.warning("%s: automatic update to %s not started: %s", plugin, version, exc)
-            self.failed[plugin] = (version, str(exc))
+            if self.waiting.get(plugin) != (version, str(exc)):  # once per refusal
+                log.warning("%s: automatic update to %s waits: %s", plugin, version, exc)
+            self.waiting[plugin] = (version, str(exc))
             return
+        self.waiting.pop(plugin, None)
         log.info("%s: automatic update to %s started (%s)", plugin, version, strategy)
 
     def _note_rollbacks(self) -> None:
