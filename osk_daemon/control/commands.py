@@ -19,7 +19,7 @@ import anyio
 from osk_daemon.control import rollout_commands
 from osk_daemon.control.peercred import PeerCred
 from osk_daemon.errors import ControlError
-from osk_daemon.ipc.codec import pack, unpack
+from osk_daemon.ipc.codec import pack, routing_meta, unpack
 from osk_daemon.observability.notify import service_notifier
 from osk_daemon.supervisor.dynamic_load import load_plugin, unload_plugin
 from osk_daemon.supervisor.instance import Instance
@@ -88,8 +88,12 @@ def _operate(action: str) -> Command:
 async def call(sup: Supervisor, args: dict[str, Any]) -> Any:
     plugin = _str(args, "plugin")
     method = _str(args, "method")
-    version = args.get("version")
-    meta = {"version": version} if isinstance(version, str) and version else None
+    version, key, instance = args.get("version"), args.get("key"), args.get("instance")
+    meta = routing_meta(
+        version if isinstance(version, str) else None,
+        key if isinstance(key, str) else None,
+        instance if isinstance(instance, int) and not isinstance(instance, bool) else None,
+    )
     body = await sup.broker.call(
         plugin, method, pack(args.get("args")), _opt_float(args, "timeout"), meta
     )

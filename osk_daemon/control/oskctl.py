@@ -287,6 +287,8 @@ def _run(ns: argparse.Namespace, choice: SocketChoice, timeout: float) -> None:
             "args": ns.call_args,
             "timeout": ns.call_timeout,
             "version": ns.version,
+            "key": ns.key,
+            "instance": ns.instance,
         }
         _out(render.format_json(_request(choice, timeout, "call", args)))
     elif cmd == "logs":
@@ -391,6 +393,8 @@ def _call_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("call_args", nargs="?", type=_json_arg, default=None, metavar="ARGS_JSON")
     p.add_argument("--timeout", dest="call_timeout", type=_positive, default=None)
     p.add_argument("--version", default=None, metavar="V", help="version constraint")
+    p.add_argument("--key", default=None, metavar="K", help="sticky routing key (A/B, canary)")
+    p.add_argument("--instance", type=int, default=None, metavar="N", help="prefer instance N")
 
 
 def _logs_args(p: argparse.ArgumentParser) -> None:

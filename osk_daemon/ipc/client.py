@@ -35,6 +35,7 @@ from osk_daemon.ipc.codec import (
     check_batch,
     decode_header,
     decode_reply_header,
+    routing_meta,
     unpack,
 )
 
@@ -79,8 +80,12 @@ class Client:
         *,
         timeout: float | None = None,
         version: str | None = None,
+        key: str | None = None,
+        instance: int | None = None,
     ) -> Any:
-        """Call ``plugin.method(args)`` and return its result.
+        """Call ``plugin.method(args)`` and return its result. ``version`` pins a version,
+        ``key`` sticks the call to the version its earlier calls with that key went to
+        during an A/B or canary split, ``instance`` prefers that instance.
 
         Raises the plugin's error (``RemoteError``, ``MethodNotFound``), ``Unavailable``
         or ``DeadlineExceeded``, all ``OskError``s; TypeError (nothing sent) for
@@ -89,7 +94,7 @@ class Client:
         deadline = time.monotonic() + (timeout or self.timeout)
         rid = next(self._ids)
         body = self._enc.body(args)
-        meta = {"version": version} if version else None
+        meta = routing_meta(version, key, instance)
         header = self._enc.request(rid, plugin, method, deadline, meta)
         _send_frame(self._sock, header, _SNDMORE)
         _send_frame(self._sock, body, 0)
@@ -106,10 +111,11 @@ class Client:
         *,
         timeout: float | None = None,
         version: str | None = None,
+        key: str | None = None,
     ) -> list[Any]:
         """Send all calls at once, then collect; a failed call's slot holds its OskError."""
         deadline = time.monotonic() + (timeout or self.timeout)
-        meta = {"version": version} if version else None
+        meta = routing_meta(version, key)
         order: dict[int, int] = {}
         request, body = self._enc.request, self._enc.body
         frames: list[bytes] = []

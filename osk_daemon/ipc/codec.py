@@ -285,3 +285,19 @@ def split_batch(frames: list[bytes], first: int = 0) -> list[tuple[Header, bytes
     id). Raises FrameError if the frames do not split into pairs or a header is bad."""
     check_batch(frames, first)
     return [(decode_header(frames[i]), frames[i + 1]) for i in range(first, len(frames), 2)]
+
+
+def routing_meta(
+    version: str | None = None, key: str | None = None, instance: int | None = None
+) -> dict[str, Any] | None:
+    """A request header's routing fields (``ipc.routing.pick``): ``version`` pins the
+    version, ``key`` sticks to one version (consistent hashing, e.g. a user id, for A/B),
+    ``instance`` prefers that instance; None when none is given."""
+    meta: dict[str, Any] = {}
+    if version:
+        meta["version"] = version
+    if key is not None:
+        meta["key"] = key
+    if instance is not None:
+        meta["instance"] = instance
+    return meta or None

@@ -64,10 +64,17 @@ class PluginRoutes:
 
 
 def pick(entry: PluginRoutes, meta: dict[str, Any] | None) -> Route | None:
-    """The instance for a request with header ``meta`` (``version`` pin, ``key``)."""
+    """The instance for a request with header ``meta`` (``version`` pin, ``key``, and
+    ``instance``: that instance if it is ready and of the pinned version, if any)."""
     pin = meta.get("version") if meta else None
     key = meta.get("key") if meta else None
     pin = pin if isinstance(pin, str) and pin else None
+    wanted = meta.get("instance") if meta else None
+    if isinstance(wanted, int) and not isinstance(wanted, bool):
+        route = entry.routes.get(wanted)
+        usable = route is not None and route.ready and not route.draining
+        if usable and (pin is None or route.version == pin):
+            return route
     if pin is None and entry.split is None:
         return least_loaded(entry)
     if pin is not None:

@@ -10,8 +10,9 @@ frame: ready for the state. ``hand_over`` then
 1. lifts the instance's start CPU cap (``rollout.start_cpu``): the fork and the imports,
    the costly part of a start, are behind it; what is left should run at full speed,
    because every call the old version answers from now on is missing from the state;
-2. calls ``osk.export_state`` on a ready instance of the source version (the version is
-   pinned in the call's meta, so the broker picks one of that version);
+2. calls ``osk.export_state`` on the instance it replaces (``handover_donor``, which the
+   rollout paired with it; any ready instance of the source version if that one is not
+   ready): the version is pinned in the call's meta and the instance preferred;
 3. answers with a STATE frame whose body is the exported reply as it came (no unpacking
    and packing again), or an empty body for no state (the export failed or timed out;
    the new instance starts empty and the log says why);
@@ -58,7 +59,7 @@ async def hand_over(sup: Supervisor, inst: Instance) -> None:
         return
     sup.processes.lift_start_cap(inst)
     began = time.monotonic()
-    body, why = await export_state(sup, inst.plugin, source)
+    body, why = await export_state(sup, inst.plugin, source, inst.handover_donor)
     if inst.generation != generation or inst.life.pid is None:
         return  # it ended (or lives again) meanwhile: nobody waits for this state
     if not sup.broker.send_to(inst.key, Header(Kind.STATE), body):
@@ -69,6 +70,7 @@ async def hand_over(sup: Supervisor, inst: Instance) -> None:
         "rollout:handed-over",
         pluginName=inst.plugin,
         instance=inst.index,
+        donor=inst.handover_donor,
         version=str(inst.config.version),
         source=source,
         bytes=len(body) if not why else 0,
@@ -77,13 +79,16 @@ async def hand_over(sup: Supervisor, inst: Instance) -> None:
     )
 
 
-async def export_state(sup: Supervisor, plugin: str, version: str) -> tuple[bytes, str]:
-    """``osk.export_state`` of a ready instance of ``version``: (the packed state, "") or
-    (b"", why there is none)."""
+async def export_state(
+    sup: Supervisor, plugin: str, version: str, donor: int | None
+) -> tuple[bytes, str]:
+    """``osk.export_state`` of instance ``donor`` if it is ready, else of a ready instance
+    of ``version``: (the packed state, "") or (b"", why there is none)."""
+    meta: dict[str, object] = {"version": version}
+    if donor is not None:
+        meta["instance"] = donor
     try:
-        body = await sup.broker.call(
-            plugin, "osk.export_state", pack(None), EXPORT_TIMEOUT, {"version": version}
-        )
+        body = await sup.broker.call(plugin, "osk.export_state", pack(None), EXPORT_TIMEOUT, meta)
     except OskError as exc:
         return b"", str(exc)
     return body, ""

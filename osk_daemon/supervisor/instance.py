@@ -63,6 +63,10 @@ class Instance:
     # the version whose ready instance hands its state over to this one, when this
     # instance's worker asks for it (supervisor.handover); None once handed over
     handover_from: str | None = None
+    handover_donor: int | None = None  # that instance's index, if one was paired with it
+    # which of the plugin's state files (state-<n>.msgpack) this instance keeps: its
+    # index, or the slot of the instance it replaces in a swap (None: its index)
+    state_slot: int | None = None
     retiring: bool = False  # being drained and stopped by a rollout or reload
     # a rollout's new instance: the broker routes to it once the rollout counts it ready
     # (ready and healthy), not at its READY
@@ -138,6 +142,11 @@ class Instance:
         return inst
 
     @property
+    def state_index(self) -> int:
+        """The number of this instance's state file (``state_slot``, else its index)."""
+        return self.index if self.state_slot is None else self.state_slot
+
+    @property
     def key(self) -> tuple[str, int]:
         return (self.plugin, self.index)
 
@@ -173,7 +182,7 @@ class Instance:
         if self.handover_from is not None and token is None:
             extra["handover"] = self.handover_from
         if self.config.preserve_state and self.config.state_strategy is StateStrategy.DISK:
-            extra["state_file"] = f"state-{self.index}.msgpack"  # in its state dir (cwd)
+            extra["state_file"] = f"state-{self.state_index}.msgpack"  # in its state dir
         t = config.tracing
         if t.exporter != "none":
             traces = t.file or d.runtime_dir / "traces.jsonl"

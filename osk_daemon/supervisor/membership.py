@@ -94,6 +94,8 @@ class Membership:
         group = group or sup.tree.topology.root
         sup.tree.add_leaf(leaf_spec(plugin, inst.index, cfg), group, after=last)
         inst.gentle_start = bool(mine)  # others of the plugin serve meanwhile
+        held = {i.state_index for i in mine if not i.retiring}
+        inst.state_slot = next(n for n in range(len(held) + 1) if n not in held)
         sup.instances[inst.leaf] = inst
         sup.broker.set_version(inst.key, str(cfg.version))
         return inst

@@ -100,6 +100,7 @@ class RolloutRun:
         self._loop_timer: Any = None
         self._recount: asyncio.TimerHandle | None = None  # when an instance comes of age
         self._started: set[str] = set()  # leaves of the instances this rollout started
+        self._donors: set[str] = set()  # leaves of the instances those replace
         self._retiring: set[str] = set()
         self._held_end: Publish | None = None  # the end, once the retiring are gone
         self._span: Any = None  # tracing: the whole rollout
@@ -309,7 +310,11 @@ class RolloutRun:
             for i in self._sup.members.of_plugin(self.spec.plugin)
             if not i.retiring and self.role_of(i) is role
         ]
-        mine.sort(key=lambda i: (i.life.state is lc.State.READY, -i.index))
+        # not-ready ones first (stopping them costs no availability), then those whose
+        # state a new instance took over, newest first (the order donors are chosen in)
+        mine.sort(
+            key=lambda i: (i.life.state is lc.State.READY, i.leaf not in self._donors, -i.index)
+        )
         return mine[:count]
 
     def _start(self, role: Role) -> None:
@@ -317,9 +322,27 @@ class RolloutRun:
         inst = self._sup.members.add(self.spec.plugin, cfg)
         inst.traffic_held = True
         self._started.add(inst.leaf)
+        donor = self._donor_for(role)
+        if donor is not None:  # it takes that one's place: its state, its state file
+            inst.state_slot, inst.handover_donor = donor.state_index, donor.index
         if cfg.preserve_state and cfg.state_strategy != "none":
             inst.handover_from = self.spec.stable if role is Role.CANARY else self.spec.canary
         self._sup.members.start(inst)
+
+    def _donor_for(self, role: Role) -> Instance | None:
+        """The instance of the other role a new one of ``role`` replaces: a ready one not
+        yet replaced, newest first, as ``_pick`` retires them (each old instance's state
+        goes to one new instance: N instances hand over N states, not one N times)."""
+        others = [
+            i
+            for i in self._sup.members.of_plugin(self.spec.plugin)
+            if self.role_of(i) is not role and not i.retiring and i.leaf not in self._donors
+        ]
+        others.sort(key=lambda i: (i.life.state is not lc.State.READY, -i.index))
+        if not others:
+            return None
+        self._donors.add(others[0].leaf)
+        return others[0]
 
     async def _retire(self, inst: Instance, since: float) -> None:
         """Drain, then stop ``inst``. The ``rollout:drained`` event says how long the

@@ -28,7 +28,9 @@ RESERVED_EVENT_PREFIXES = ("sandbox:", "plugin:", "kernel:")
 class ContextLink(Protocol):
     """The runtime's side of ``Context.call`` and ``Context.emit``."""
 
-    async def call(self, plugin: str, method: str, args: Any, timeout: float | None) -> Any: ...
+    async def call(
+        self, plugin: str, method: str, args: Any, timeout: float | None, key: str | None
+    ) -> Any: ...
 
     def emit(self, event: str, data: Any) -> None: ...
 
@@ -60,21 +62,29 @@ class Context:
         self._link = link
 
     async def call(
-        self, plugin: str, method: str, args: Any = None, timeout: float | None = None
+        self,
+        plugin: str,
+        method: str,
+        args: Any = None,
+        timeout: float | None = None,
+        *,
+        key: str | None = None,
     ) -> Any:
         """Call ``method`` on another plugin through the daemon and return its result.
 
         ``args`` follows the request convention: a dict is keyword arguments, a list
         positional arguments, None nothing, any other value one argument. ``timeout``
-        defaults to the daemon's ``call_timeout``. Raises the callee's error as an
-        ``OskError`` (``RemoteError`` for a handler exception, ``MethodNotFound``,
-        ``Unavailable``, ``DeadlineExceeded``), or TypeError if ``args`` cannot be packed.
+        defaults to the daemon's ``call_timeout``. ``key`` (a user or session id) sticks
+        the call to one version while the callee runs two (A/B, canary). Raises the
+        callee's error as an ``OskError`` (``RemoteError`` for a handler exception,
+        ``MethodNotFound``, ``Unavailable``, ``DeadlineExceeded``), or TypeError if
+        ``args`` cannot be packed.
         """
         if self._link is None:
             raise Unavailable(
                 f"plugin {self.name!r} is not attached to a daemon; cannot call {plugin}.{method}"
             )
-        return await self._link.call(plugin, method, args, timeout)
+        return await self._link.call(plugin, method, args, timeout, key)
 
     def emit(self, event: str, data: Any = None) -> None:
         """Publish ``event`` with ``data`` through the daemon; returns without waiting.

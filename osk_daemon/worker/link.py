@@ -319,7 +319,9 @@ class DaemonLink:
         status, detail = await self.check_health()
         self.send(Kind.HEALTH_REPLY, pack({"status": status, "detail": detail}), id)
 
-    async def call(self, plugin: str, method: str, args: Any, timeout: float | None) -> Any:
+    async def call(
+        self, plugin: str, method: str, args: Any, timeout: float | None, key: str | None = None
+    ) -> Any:
         timeout = self.call_timeout if timeout is None else timeout
         body = self.pack_limited(args, f"the arguments for {plugin}.{method}")
         id = next(self.ids)
@@ -327,7 +329,8 @@ class DaemonLink:
         self.pending[id] = fut
         try:
             assert self.sock is not None
-            header = _enc.request(id, plugin, method, time.monotonic() + timeout, None)
+            meta = None if key is None else {"key": key}
+            header = _enc.request(id, plugin, method, time.monotonic() + timeout, meta)
             self.sock.post(b"", header, body)
             async with asyncio.timeout(timeout + CALL_GRACE):
                 kind, reply = await fut

@@ -423,3 +423,39 @@ def test_min_ready_keeps_the_old_instance_until_the_new_one_has_lasted(installed
         ]
         drained = [e["timestamp"] for e in events if e["type"] == "rollout:drained"]
         assert started and drained and drained[-1] - started[-1] >= 1999  # ms, truncated
+
+
+def test_each_new_instance_takes_over_the_state_of_the_one_it_replaces(installed: Path) -> None:
+    # two instances with two counts: a swap hands over both (not one of them twice), and
+    # with the disk strategy the state files stay theirs across a daemon restart
+    body = config(installed, 2).replace(
+        "[plugins.counter.health_check]", 'state_strategy = "disk"\n[plugins.counter.health_check]'
+    )
+    with running_daemon(body) as d:
+        endpoint = f"ipc://{d.runtime / 'broker.sock'}"
+
+        def counts() -> list[int]:
+            with Client(endpoint) as c:
+                rows = d.status("counter")
+                return sorted(
+                    c.call("counter", "get", instance=r["instance"])["count"] for r in rows
+                )
+
+        with Client(endpoint) as c:
+            for instance, calls in ((0, 3), (1, 7)):
+                for _ in range(calls):
+                    assert c.call("counter", "incr", instance=instance)["version"] == "1.0.0"
+        assert counts() == [3, 7]
+        d.ctl("deploy", plugin="counter", version="^2", strategy="rolling")
+        done = d.wait_until(lambda: rollout_ended(d), timeout=60, what="rollout ended")
+        assert done["state"] == "succeeded", done
+        assert {r["version"] for r in d.status("counter")} == {"2.0.0"}
+        assert counts() == [3, 7]
+        handed = [e for e in d.ctl("events", lines=1000) if e["type"] == "rollout:handed-over"]
+        assert sorted(e["donor"] for e in handed) == [0, 1]
+        d.stop()  # a graceful stop saves each state; the new daemon's instances 0 and 1
+        d.start()  # read the files the swapped instances kept, not their donors' older ones
+        d.wait_until(d.all_ready, what="all ready again")
+        assert counts() == [3, 7]
+        saved = sorted(p.name for p in (d.workdir / "state" / "counter").glob("state-*"))
+        assert saved == ["state-0.msgpack", "state-1.msgpack"]
