@@ -72,8 +72,12 @@ def pick(entry: PluginRoutes, meta: dict[str, Any] | None) -> Route | None:
     wanted = meta.get("instance") if meta else None
     if isinstance(wanted, int) and not isinstance(wanted, bool):
         route = entry.routes.get(wanted)
-        usable = route is not None and route.ready and not route.draining
-        if usable and (pin is None or route.version == pin):
+        if (
+            route is not None
+            and route.ready
+            and not route.draining
+            and (pin is None or route.version == pin)
+        ):
             return route
     if pin is None and entry.split is None:
         return least_loaded(entry)
