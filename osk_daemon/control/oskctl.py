@@ -251,11 +251,14 @@ def _run(ns: argparse.Namespace, choice: SocketChoice, timeout: float) -> None:
         show = render.format_json_line if as_json else render_rollout.format_rollout_progress
         _stream(choice, timeout, "deploy", args, follow=not ns.no_follow, show=show)
     elif cmd == "rollout":
-        args = {"action": ns.action, "plugin": ns.plugin, "follow": ns.action == "rollback"}
+        follow = ns.action == "rollback" or (ns.action == "status" and ns.follow)
+        args = {"action": ns.action, "plugin": ns.plugin, "follow": follow}
         if ns.action in ("pause", "resume", "promote", "abort", "rollback") and not ns.plugin:
             raise UsageError(f"rollout {ns.action} needs the plugin's name")
+        if ns.follow and not (ns.action == "status" and ns.plugin):
+            raise UsageError("-f follows one plugin's rollout: oskctl rollout status PLUGIN -f")
         show = render.format_json_line if as_json else _rollout_line
-        _stream(choice, timeout, "rollout", args, follow=ns.action == "rollback", show=show)
+        _stream(choice, timeout, "rollout", args, follow=follow, show=show)
     elif cmd == "top":
 
         def fetch() -> list[Any]:
@@ -423,6 +426,9 @@ def _deploy_args(p: argparse.ArgumentParser) -> None:
 def _rollout_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["status", "pause", "resume", "promote", "abort", "rollback"])
     p.add_argument("plugin", nargs="?", default=None, metavar="PLUGIN")
+    p.add_argument(
+        "-f", dest="follow", action="store_true", help="status: follow it live until it ends"
+    )
 
 
 def _top_args(p: argparse.ArgumentParser) -> None:

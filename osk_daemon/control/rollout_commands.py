@@ -23,6 +23,7 @@ from osk_daemon.supervisor.rollouts import RolloutRun
 from osk_daemon.supervisor.runtime import Supervisor
 
 _END_EVENTS = frozenset({"rollout:succeeded", "rollout:rolled-back"})
+_TICK = 1.0  # seconds between looks at a followed rollout's status
 
 
 def _str(args: dict[str, Any], key: str) -> str:
@@ -50,15 +51,26 @@ def _started(
 async def _follow(
     sup: Supervisor, run: RolloutRun, queue: asyncio.Queue[dict[str, Any]]
 ) -> AsyncIterator[Any]:
+    """The rollout's status, then each of its events with the status after it, until it
+    ends; between events, the status again whenever it changed (instances that became
+    ready, say), looked at every ``_TICK`` seconds."""
     try:
-        yield run.status()
+        last = run.status()
+        yield last
         while not run.finished.is_set() or not queue.empty():
-            event = await queue.get()
+            try:
+                event = await asyncio.wait_for(queue.get(), _TICK)
+            except TimeoutError:
+                if (now := run.status()) != last:
+                    last = now
+                    yield now
+                continue
             if event.get("pluginName") != run.spec.plugin or not str(
                 event.get("type", "")
             ).startswith("rollout:"):
                 continue
-            yield {"event": event, "status": run.status()}
+            last = run.status()
+            yield {"event": event, "status": last}
             if event["type"] in _END_EVENTS:
                 return
     finally:
@@ -79,7 +91,10 @@ async def rollout(sup: Supervisor, args: dict[str, Any]) -> Any:
     if action == "status":
         if name is None:
             return sup.rollouts.statuses()
-        return sup.rollouts.get(_str(args, "plugin")).status()
+        run = sup.rollouts.get(_str(args, "plugin"))
+        if not args.get("follow") or run.finished.is_set():
+            return run.status()
+        return _follow(sup, run, sup.events.follow())  # whoever started it: live
     plugin = _str(args, "plugin")
     run = sup.rollouts.get(plugin)
     if action == "rollback":

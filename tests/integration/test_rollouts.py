@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import re
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -459,3 +461,29 @@ def test_each_new_instance_takes_over_the_state_of_the_one_it_replaces(installed
         assert counts() == [3, 7]
         saved = sorted(p.name for p in (d.workdir / "state" / "counter").glob("state-*"))
         assert saved == ["state-0.msgpack", "state-1.msgpack"]
+
+
+def test_rollout_status_follows_a_rollout_someone_else_started(installed: Path) -> None:
+    with running_daemon(config(installed, 2)) as d:
+        d.ctl("deploy", plugin="counter", version="2.0.0", strategy="ab")
+        d.wait_until(
+            lambda: d.ctl("rollout", action="status", plugin="counter")["state"] == "serving",
+            what="A/B serving",
+        )
+        cmd = [sys.executable, "-m", "osk_daemon.control.oskctl", "--socket", str(d.socket)]
+        with subprocess.Popen(
+            [*cmd, "rollout", "status", "counter", "-f"], stdout=subprocess.PIPE, text=True
+        ) as proc:
+            try:
+                assert proc.stdout is not None
+                first = proc.stdout.readline()  # the status at once, then live
+                assert "counter 1.0.0 -> 2.0.0 (ab): serving" in first, first
+                d.ctl("rollout", action="promote", plugin="counter")
+                rest, _ = proc.communicate(timeout=60)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+        assert proc.returncode == 0
+        assert "succeeded: version=2.0.0" in rest, rest
+        with pytest.raises(subprocess.CalledProcessError):  # -f without a plugin: usage
+            subprocess.run([*cmd, "rollout", "status", "-f"], check=True, capture_output=True)
