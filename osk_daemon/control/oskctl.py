@@ -246,6 +246,10 @@ def _run(ns: argparse.Namespace, choice: SocketChoice, timeout: float) -> None:
             "strategy": ns.strategy,
             "steps": ns.steps,
             "analysis_window": ns.analysis_window,
+            "max_surge": ns.max_surge,
+            "max_unavailable": ns.max_unavailable,
+            "min_ready": ns.min_ready,
+            "ab_split": ns.ab_split,
             "follow": not ns.no_follow,
         }
         show = render.format_json_line if as_json else render_rollout.format_rollout_progress
@@ -420,6 +424,10 @@ def _deploy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", choices=["rolling", "blue-green", "canary", "ab"], default=None)
     p.add_argument("--steps", type=_steps, default=None, help="canary weights, e.g. 5,25,50,100")
     p.add_argument("--analysis-window", type=_positive, default=None, metavar="SECONDS")
+    p.add_argument("--max-surge", type=int, default=None, metavar="N", help="rolling: extra")
+    p.add_argument("--max-unavailable", type=int, default=None, metavar="N", help="rolling")
+    p.add_argument("--min-ready", type=float, default=None, metavar="SECONDS")
+    p.add_argument("--ab-split", type=int, default=None, metavar="PERCENT", help="ab: new share")
     p.add_argument("--no-follow", action="store_true", help="start it and return at once")
 
 

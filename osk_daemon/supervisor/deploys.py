@@ -82,5 +82,11 @@ def start_deploy(sup: Supervisor, plugin: str, wanted: str, args: dict[str, Any]
         raise ControlError(f"'{plugin}' already runs {install.version}")
     check_requirements(sup, install)
     canary = canary_config(current, install)
+    min_ready = args.get("min_ready")
+    if min_ready is not None:
+        if not isinstance(min_ready, int | float) or isinstance(min_ready, bool) or min_ready < 0:
+            raise ControlError(f"min_ready must be seconds >= 0, got {min_ready!r}")
+        rollout = canary.rollout.model_copy(update={"min_ready": float(min_ready)})
+        canary = canary.model_copy(update={"rollout": rollout})
     spec = spec_for(plugin, current, canary, args)
     return sup.rollouts.deploy(plugin, canary, spec)

@@ -487,3 +487,20 @@ def test_rollout_status_follows_a_rollout_someone_else_started(installed: Path) 
         assert "succeeded: version=2.0.0" in rest, rest
         with pytest.raises(subprocess.CalledProcessError):  # -f without a plugin: usage
             subprocess.run([*cmd, "rollout", "status", "-f"], check=True, capture_output=True)
+
+
+def test_deploy_takes_the_rollouts_settings_and_refuses_bad_ones(installed: Path) -> None:
+    with running_daemon(config(installed, 2)) as d:
+        with pytest.raises(ControlError, match="cannot both be 0"):
+            d.ctl("deploy", plugin="counter", version="2.0.0", max_surge=0, max_unavailable=0)
+        with pytest.raises(ControlError, match="min_ready must be seconds >= 0"):
+            d.ctl("deploy", plugin="counter", version="2.0.0", min_ready=-1)
+        assert d.ctl("rollout", action="status") == []  # nothing started
+        d.ctl("deploy", plugin="counter", version="2.0.0", strategy="ab", ab_split=30)
+        d.wait_until(
+            lambda: d.ctl("rollout", action="status", plugin="counter")["state"] == "serving",
+            what="A/B serving",
+        )
+        assert d.ctl("rollout", action="status", plugin="counter")["weights"] == [70, 30]
+        d.ctl("rollout", action="abort", plugin="counter")
+        d.wait_until(lambda: rollout_ended(d), timeout=60, what="aborted")
