@@ -25,7 +25,7 @@ asks for its hand-over state or is ready, at most ``start_cpu_for`` seconds) and
 (new instances start uncapped).
 
 Usage: ``python bench/swap.py [--swaps N] [--instances N] [--min-calls N]
-[--start-cpu 0.01,0] [--json]``.
+[--start-cpu 0.01,0] [--callers N] [--json]``.
 """
 
 from __future__ import annotations
@@ -65,21 +65,26 @@ GOAL_CUTOVER = 0.050
 
 
 class Load:
-    """Sequential calls from a separate *process* (a thread would share the bench's GIL:
-    whenever the bench's own thread runs, a call's reply waits up to the 5 ms switch
-    interval, which would be measured as the daemon's latency). Each call is recorded as
-    (start, latency, version or None, count, error); start is CLOCK_MONOTONIC, shared
-    with the parent, so calls can be matched with the swap windows."""
+    """``callers`` sequential callers, each its own *process* (a thread would share the
+    bench's GIL: whenever the bench's own thread runs, a call's reply waits up to the 5 ms
+    switch interval, which would be measured as the daemon's latency); with more than
+    one, calls are in flight together, as a leaving instance's drain should see them.
+    Each call is recorded as (start, latency, version or None, count, error); start is
+    CLOCK_MONOTONIC, shared with the parent, so calls can be matched with the swap
+    windows."""
 
-    def __init__(self, endpoint: str) -> None:
+    def __init__(self, endpoint: str, callers: int = 1) -> None:
         self.endpoint = endpoint
         self.calls: list[Call] = []
         self.count = multiprocessing.Value("q", 0)
         self._stop = multiprocessing.Event()
-        self._results, self._send = multiprocessing.Pipe(duplex=False)
-        self._proc = multiprocessing.Process(target=self._run, daemon=True)
+        self._pipes = [multiprocessing.Pipe(duplex=False) for _ in range(callers)]
+        self._procs = [
+            multiprocessing.Process(target=self._run, args=(send,), daemon=True)
+            for _, send in self._pipes
+        ]
 
-    def _run(self) -> None:
+    def _run(self, send: Any) -> None:
         calls: list[Call] = []
         with Client(self.endpoint) as client:
             deadline = time.monotonic() + 600  # bounded whatever happens
@@ -93,21 +98,24 @@ class Load:
                     calls.append((start, time.monotonic() - start, None, 0, err))
                 with self.count.get_lock():
                     self.count.value += 1
-        self._send.send(calls)
+        send.send(calls)
 
     def start(self) -> None:
-        self._proc.start()
+        for proc in self._procs:
+            proc.start()
 
     def done(self) -> int:
         return int(self.count.value)
 
     def stop(self) -> None:
         self._stop.set()
-        if self._results.poll(60):
-            self.calls = self._results.recv()
-        self._proc.join(30)
-        if self._proc.is_alive():
-            self._proc.kill()
+        for (results, _), proc in zip(self._pipes, self._procs, strict=True):
+            if results.poll(60):
+                self.calls += results.recv()
+            proc.join(30)
+            if proc.is_alive():
+                proc.kill()
+        self.calls.sort()
 
 
 def swap(d: BenchDaemon, version: str) -> tuple[float, float]:
@@ -155,7 +163,12 @@ def wait_calls(d: BenchDaemon, load: Load, count: int) -> None:
 
 
 def measure(
-    swaps: int, instances: int, min_calls: int, steady_calls: int, start_cpu: float
+    swaps: int,
+    instances: int,
+    min_calls: int,
+    steady_calls: int,
+    start_cpu: float,
+    callers: int = 1,
 ) -> dict[str, Any]:
     rollout = {"drain_timeout": 10.0, "max_surge": 1, "max_unavailable": 0}
     config = daemon_config(
@@ -172,7 +185,7 @@ def measure(
     )
     windows: list[tuple[float, float]] = []
     with open_daemon(config) as d:
-        load = Load(d.broker)
+        load = Load(d.broker, callers)
         load.start()
         try:
             wait_calls(d, load, steady_calls)
@@ -193,8 +206,10 @@ def measure(
     swapping = [lat for s, lat, _, _, err in calls if not err and during(s)]
     failed = [err for *_, err in calls if err]
     cutovers = [e["drain_ms"] / 1000 for e in drained]
+    in_flight = [int(e.get("in_flight", 0)) for e in drained]
     return {
         "start_cpu": start_cpu,
+        "callers": callers,
         "swaps": swaps,
         "instances": instances,
         "calls": len(calls),
@@ -212,6 +227,7 @@ def measure(
         },
         "cutover": {
             "n": len(cutovers),
+            "in_flight_max": max(in_flight, default=0),
             "p50": percentile(cutovers, 0.5),
             "max": max(cutovers) if cutovers else 0.0,
         },
@@ -226,8 +242,8 @@ def measure(
 
 def lost_in_handover(calls: list[Call], windows: list[tuple[float, float]]) -> list[int]:
     """Per swap of a single instance: the old version's last count minus the count the
-    new version imported (its first count - 1). The load is one sequential caller, so
-    each count the old instance returned after its export is one call the state lacks."""
+    new version imported (its first count - 1): each count the old instance returned
+    after its export is one call the state lacks."""
     lost = []
     for n, (begin, end) in enumerate(windows):
         new = "2.0.0" if n % 2 == 0 else "1.0.0"
@@ -252,7 +268,7 @@ def rows_of(r: dict[str, Any], min_calls: int) -> list[list[Any]]:
             f"p99 <= {GOAL_P99_RATIO:g}x steady: {ratio:.2f}x {verdict(ratio <= GOAL_P99_RATIO)}",
         ],
         [
-            "cut-over (stop decided -> drained)",
+            f"cut-over (stop decided -> drained; <= {r['cutover']['in_flight_max']} in flight)",
             f"p50 {ms(r['cutover']['p50'])}",
             f"max {ms(r['cutover']['max'])}",
             f"<= {ms(GOAL_CUTOVER)}: {verdict(r['cutover']['max'] <= GOAL_CUTOVER)}",
@@ -283,6 +299,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print exact JSON on stdout")
     parser.add_argument("--swaps", type=int, default=10)
     parser.add_argument("--instances", type=int, default=2)
+    parser.add_argument("--callers", type=int, default=1, help="concurrent sequential callers")
     parser.add_argument("--min-calls", type=int, default=10_000)
     parser.add_argument("--steady-calls", type=int, default=800)
     parser.add_argument(
@@ -293,7 +310,9 @@ def main() -> None:
     args = parser.parse_args()
     runs = []
     for start_cpu in (float(v) for v in args.start_cpu.split(",")):
-        r = measure(args.swaps, args.instances, args.min_calls, args.steady_calls, start_cpu)
+        r = measure(
+            args.swaps, args.instances, args.min_calls, args.steady_calls, start_cpu, args.callers
+        )
         steady = r["steady"]["p99"]
         r["p99_ratio"] = r["during"]["p99"] / steady if steady else float("inf")
         runs.append(r)
@@ -301,7 +320,8 @@ def main() -> None:
     for r in runs:
         parts.append(
             f"rollout.start_cpu = {r['start_cpu']:g}: {r['swaps']} rolling swaps of "
-            f"{r['instances']} instance(s) under one sequential caller; versions seen "
+            f"{r['instances']} instance(s) under {r['callers']} sequential caller(s); "
+            f"versions seen "
             f"{', '.join(r['versions_seen'])}\n"
             + table(["metric", "a", "b", "goal"], rows_of(r, args.min_calls))
         )

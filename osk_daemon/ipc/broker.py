@@ -209,6 +209,11 @@ class Broker:
         for plugin, entry in sorted(self._plugins.items()):
             yield plugin, dict(entry.outcomes), entry.latency.cumulative(), entry.latency.sum
 
+    def in_flight(self, key: InstanceKey) -> int:
+        """Requests instance ``key`` has been sent and not yet answered."""
+        route = self._route_of(key)
+        return route.in_flight if route is not None else 0
+
     def counts(self, key: InstanceKey) -> tuple[int, int]:
         """(answered calls, errors) of instance ``key`` in its current life."""
         route = self._route_of(key)

@@ -347,6 +347,7 @@ class RolloutRun:
     async def _retire(self, inst: Instance, since: float) -> None:
         """Drain, then stop ``inst``. The ``rollout:drained`` event says how long the
         cut-over took: from the decision to stop it to its last request answered."""
+        in_flight = self._sup.broker.in_flight(inst.key)  # what the drain waits for
         drained = await self._sup.members.drain(inst, self.drain_timeout)
         if inst.life.pid is not None:  # its stop and exit need not compete with serving
             renice(inst.life.pid, GENTLE_NICE)
@@ -364,6 +365,7 @@ class RolloutRun:
             instance=inst.index,
             version=str(inst.config.version),
             drain_ms=drain_ms,
+            in_flight=in_flight,
             stopped_ms=round((time.monotonic() - since) * 1000, 3),
             timed_out=not drained,
         )
