@@ -98,6 +98,11 @@ async def rollout(sup: Supervisor, args: dict[str, Any]) -> Any:
     plugin = _str(args, "plugin")
     run = sup.rollouts.get(plugin)
     if action == "rollback":
+        if not run.finished.is_set() and run.status()["state"] == "finishing":
+            raise ControlError(
+                f"the rollout of '{plugin}' is finishing (its last leaving instances are "
+                "stopping); roll back once it has ended"
+            )
         if not run.finished.is_set():
             return run.command("abort")
         back = run.spec.stable if run.engine.state == "succeeded" else None
