@@ -258,9 +258,9 @@ class RolloutConfig(BaseModel):
     min_ready: float = Field(
         default=0.0,
         ge=0,
-        description="seconds a new instance must stay ready and healthy before it counts "
-        "as available (it takes traffic at once): old instances are retired, and steps "
-        "taken, only then; one that fails meanwhile rolls the swap back",
+        description="seconds since its READY before a new instance (healthy by then) "
+        "counts as available (it takes calls once healthy): old instances are retired, "
+        "and steps taken, only then; one that fails meanwhile rolls the swap back",
     )
     steps: list[int] = Field(default_factory=lambda: [5, 25, 50, 100])
     analysis_window: float = Field(default=10.0, gt=0)

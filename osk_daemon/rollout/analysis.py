@@ -17,8 +17,9 @@ versions over the step's window. The canary fails when
 
 The stable version is the baseline *in the same window*, so load that slows both does
 not fail the canary. ``judge_health`` adds the instances' health at the step's end: the
-canary fails when it is less healthy than the stable version (one of its instances
-unhealthy or failed, or degraded while no stable instance is). Each verdict carries a
+canary fails when one of its instances is unhealthy or failed (whatever the stable
+version's health: a canary is not promoted while it fails its checks), or degraded
+while no stable instance is. Each verdict carries a
 sentence with the numbers. Pure: no clock.
 """
 
@@ -116,9 +117,10 @@ def judge(stable: WindowStats, canary: WindowStats, policy: AnalysisPolicy) -> V
 
 
 def judge_health(stable: Sequence[str], canary: Sequence[tuple[str, str, str]]) -> Verdict:
-    """Fail the canary if it is less healthy than the stable version. ``stable``: the
-    health statuses of its instances; ``canary``: (instance, status, detail) of each.
-    ``unknown`` (no checks configured, or none run yet) counts against neither."""
+    """Fail the canary if one of its instances is unhealthy or failed, or degraded while no
+    stable instance is. ``stable``: the health statuses of the stable instances;
+    ``canary``: (instance, status, detail) of each. ``unknown`` (no checks configured, or
+    none run yet) counts against neither."""
     for leaf, status, detail in canary:
         if status in _BAD or (status == "degraded" and "degraded" not in stable):
             why = f": {detail}" if detail else ""

@@ -76,6 +76,8 @@ def canary_config(current: PluginConfig, install: Installed) -> PluginConfig:
 def start_deploy(sup: Supervisor, plugin: str, wanted: str, args: dict[str, Any]) -> RolloutRun:
     if plugin not in sup.config.plugins:
         raise ControlError(f"no plugin named '{plugin}'")
+    if sup.reloading.locked():  # it checked what it changes against the rollouts running
+        raise ControlError("a config reload is being applied; deploy once it has ended")
     current = sup.config.plugins[plugin]
     install = choose_install(sup, plugin, wanted)
     if str(install.version) == str(current.version):

@@ -46,11 +46,15 @@ __all__ = ["EXPORT_TIMEOUT", "hand_over"]
 
 log = logging.getLogger("osk.rollout")
 
-EXPORT_TIMEOUT = 10.0  # seconds the old version has to export its state
+EXPORT_TIMEOUT = 10.0  # seconds, at most, the old version has to export its state
+START_LEFT = 1.0  # seconds of its start_timeout left to the new instance after the export
 
 
 async def hand_over(sup: Supervisor, inst: Instance) -> None:
-    """Answer ``inst``'s STATE frame with the state of a ready ``handover_from`` instance."""
+    """Answer ``inst``'s STATE frame with the state of a ready ``handover_from`` instance
+    (or the one its donor exported as it retired, ``handover_stash``). The export gets
+    what is left of the new instance's ``start_timeout`` less ``START_LEFT`` (at most
+    ``EXPORT_TIMEOUT``): a slow old version costs the new one its state, not its start."""
     generation, source = inst.generation, inst.handover_from
     inst.handover_from = None  # later lives of this instance start from their own state
     if source is None:
@@ -59,8 +63,14 @@ async def hand_over(sup: Supervisor, inst: Instance) -> None:
         return
     sup.processes.lift_start_cap(inst)
     began = time.monotonic()
-    body, why = await export_state(sup, inst.plugin, source, inst.handover_donor)
+    if inst.handover_stash is not None:
+        body, why, inst.handover_stash = inst.handover_stash, "", None
+    else:
+        left = inst.config.start_timeout - (began - inst.spawned_at) - START_LEFT
+        budget = min(EXPORT_TIMEOUT, max(0.5, left))
+        body, why = await export_state(sup, inst.plugin, source, inst.handover_donor, budget)
     if inst.generation != generation or inst.life.pid is None:
+        inst.handover_from = inst.handover_from or source  # its next life asks again
         return  # it ended (or lives again) meanwhile: nobody waits for this state
     if not sup.broker.send_to(inst.key, Header(Kind.STATE), body):
         why = "the new instance is not connected"
@@ -80,7 +90,11 @@ async def hand_over(sup: Supervisor, inst: Instance) -> None:
 
 
 async def export_state(
-    sup: Supervisor, plugin: str, version: str, donor: int | None
+    sup: Supervisor,
+    plugin: str,
+    version: str,
+    donor: int | None,
+    timeout: float = EXPORT_TIMEOUT,
 ) -> tuple[bytes, str]:
     """``osk.export_state`` of instance ``donor`` if it is ready, else of a ready instance
     of ``version``: (the packed state, "") or (b"", why there is none)."""
@@ -88,7 +102,7 @@ async def export_state(
     if donor is not None:
         meta["instance"] = donor
     try:
-        body = await sup.broker.call(plugin, "osk.export_state", pack(None), EXPORT_TIMEOUT, meta)
+        body = await sup.broker.call(plugin, "osk.export_state", pack(None), timeout, meta)
     except OskError as exc:
         return b"", str(exc)
     return body, ""

@@ -109,16 +109,17 @@ async def _swap_when_free(sup: Supervisor, plugin: str) -> None:
     running = sup.rollouts.runs.get(plugin)
     if running is not None and not running.finished.is_set():
         await running.finished.wait()  # the last edit wins: swap once more after it
-    current = sup.config.plugins.get(plugin)
-    if current is None:
-        return  # unloaded meanwhile (its watcher is being cancelled)
-    fresh = current.model_copy()  # same settings, a new identity: new processes, new code
-    live = len([i for i in sup.members.of_plugin(plugin) if not i.retiring]) or 1
-    try:
-        spec = spec_for(plugin, current, fresh, {"strategy": "rolling", "instances": live})
-        run = sup.rollouts.deploy(plugin, fresh, spec)
-    except ControlError as exc:
-        log.warning("%s: cannot hot-reload now: %s", plugin, exc)
-        return
+    async with sup.reloading:  # not while a reload changes plugins (it checked rollouts)
+        current = sup.config.plugins.get(plugin)
+        if current is None:
+            return  # unloaded meanwhile (its watcher is being cancelled)
+        fresh = current.model_copy()  # same settings, a new identity: new processes, code
+        live = len([i for i in sup.members.of_plugin(plugin) if not i.retiring]) or 1
+        try:
+            spec = spec_for(plugin, current, fresh, {"strategy": "rolling", "instances": live})
+            run = sup.rollouts.deploy(plugin, fresh, spec)
+        except ControlError as exc:
+            log.warning("%s: cannot hot-reload now: %s", plugin, exc)
+            return
     with anyio.move_on_after(current.rollout.progress_deadline + 30):
         await run.finished.wait()

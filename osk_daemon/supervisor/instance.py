@@ -64,6 +64,7 @@ class Instance:
     # instance's worker asks for it (supervisor.handover); None once handed over
     handover_from: str | None = None
     handover_donor: int | None = None  # that instance's index, if one was paired with it
+    handover_stash: bytes | None = None  # its state, exported as it retired before we asked
     # which of the plugin's state files (state-<n>.msgpack) this instance keeps: its
     # index, or the slot of the instance it replaces in a swap (None: its index)
     state_slot: int | None = None
@@ -108,6 +109,7 @@ class Instance:
             self.config,
             loaded_from,
             self.slot,
+            self.state_slot,
         )
         cached = self._record
         if cached is None or cached[0] != made_of:
@@ -125,6 +127,7 @@ class Instance:
                 loaded_from=loaded_from,
                 daemon=daemon,
                 slot=self.slot,
+                state_slot=self.state_slot,
             )
             cached = self._record = (made_of, record.encode())
         return cached[1]

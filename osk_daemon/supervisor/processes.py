@@ -297,6 +297,7 @@ class InstanceProcesses:
         self._new_life(inst, record.token)
         inst.start_ticks = record.start_ticks
         inst.slot = record.slot
+        inst.state_slot = record.state_slot
         inst.prepared = self._confinement.adopt(inst.plugin, inst.config, inst.index, inst.slot)
         inst.fifos = (Path(record.stdout), Path(record.stderr))
         inst.beat = Beat.attach(beat_path(inst.fifos[0]))

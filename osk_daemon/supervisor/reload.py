@@ -83,8 +83,13 @@ async def _reload(sup: Supervisor) -> dict[str, Any]:
             "daemon runs; restart it to apply"
         )
     # everything that can refuse is checked before anything changes: all or nothing
-    sup.rollouts.refuse_while_running([*diff.removed, *diff.swap, *diff.scale], "reload")
+    changing = [*diff.removed, *diff.swap, *diff.scale, *diff.retune]
+    sup.rollouts.refuse_while_running(changing, "reload")
     swaps = {name: _swap_spec(sup, name, new.plugins[name]) for name in diff.swap}
+    # the swaps start now, with no await since the check: nothing else can start a
+    # rollout of these plugins in between (deploys also wait for the reload's lock)
+    for name, spec in swaps.items():
+        sup.rollouts.deploy(name, new.plugins[name], spec)
     old_groups = sup.config.groups
     for name in reversed([p for wave in sup.deps.plan.waves for p in wave]):
         if name in diff.removed:
@@ -100,7 +105,12 @@ async def _reload(sup: Supervisor) -> dict[str, Any]:
     for name in diff.retune:
         merged[name] = _retune(sup, name, new.plugins[name])
     for name in diff.scale:
-        merged[name] = merged[name].model_copy(update={"instances": new.plugins[name].instances})
+        if _top_keys(diff.changed[name]) - {"instances"}:  # with supervision settings too
+            merged[name] = _retune(sup, name, new.plugins[name])
+        else:
+            merged[name] = merged[name].model_copy(
+                update={"instances": new.plugins[name].instances}
+            )
     # groups and daemon settings stay as they run (reported below): the tree and the
     # broker were built from them
     sup.config = sup.config.model_copy(update={"plugins": merged})
@@ -111,8 +121,6 @@ async def _reload(sup: Supervisor) -> dict[str, Any]:
         _add_plugin(sup, name, new.plugins[name], new.groups)
     for name in diff.scale:
         await _scale(sup, name, new.plugins[name])
-    for name, spec in swaps.items():
-        sup.rollouts.deploy(name, new.plugins[name], spec)
     summary = diff.summary()
     summary["not_applied"] = [
         *(f"groups.{g}" for g in _restructured(diff, old_groups, new.groups)),
@@ -147,10 +155,32 @@ def _effective(sup: Supervisor, plan: StartPlan) -> Config:
             plugins[name] = planned.model_copy(update=keep)
         else:
             plugins[name] = planned
+    _follow_the_plan(sup, now, plugins)
     for name, running in sup.config.plugins.items():
         if name not in before.config.plugins and name not in plugins:
             plugins[name] = running  # loaded at run time: not the file's to change
     return now.config.model_copy(update={"plugins": plugins})
+
+
+def _follow_the_plan(sup: Supervisor, now: StartPlan, plugins: dict[str, PluginConfig]) -> None:
+    """A plugin kept as it runs takes the new plan's version after all where a plugin the
+    edit changed requires it (or uses it): the plan's versions are the ones the resolver
+    proved to fit together, a kept one may not fit the changed one's requirements."""
+    changed = {n for n, cfg in plugins.items() if cfg is not sup.config.plugins.get(n)}
+    moved = True
+    while moved:
+        moved = False
+        for name, cfg in list(plugins.items()):
+            planned = now.config.plugins[name]
+            if name in changed or cfg.version == planned.version:
+                continue
+            none: frozenset[str] = frozenset()
+            uses = (now.requires.get(p, none) | now.optional.get(p, none) for p in changed)
+            if any(name in used for used in uses):
+                keep = {"version": planned.version, "entry": planned.entry, "path": planned.path}
+                plugins[name] = cfg.model_copy(update=keep)
+                changed.add(name)
+                moved = True
 
 
 def _declared(cfg: PluginConfig, resolved: bool) -> PluginConfig:
@@ -255,6 +285,10 @@ def _retune(sup: Supervisor, name: str, cfg: PluginConfig) -> PluginConfig:
         inst.life.shutdown_timeout = cfg.shutdown_timeout
         sup.tree.update_leaf(leaf_spec(name, inst.index, cfg))
     return cfg
+
+
+def _top_keys(keys: tuple[str, ...]) -> set[str]:
+    return {k.split(".")[0] for k in keys}
 
 
 def _swap_spec(sup: Supervisor, name: str, cfg: PluginConfig) -> RolloutSpec:

@@ -12,10 +12,12 @@ and performs the engine's effects:
   of a weighted strategy, which hold the stable version at 100 % until then. With
   ``preserve_state`` it takes the other role's state when its worker asks for it
   (``supervisor.handover``), before its ``start()``.
-- ``StopInstances``: pick instances of the role (not-ready ones first, newest first), mark
-  them retiring, drain them in the broker (no new requests; the future resolves when their
-  in-flight requests are answered, bounded by ``drain_timeout``), stop them through the
-  tree and remove their leaves.
+- ``StopInstances``: pick instances of the role (not-ready ones first, then those a new
+  instance replaces, newest first), mark them retiring (one whose replacement has not
+  asked for its state yet exports it first, for the replacement to take), drain them in
+  the broker (no new requests; the future resolves when their in-flight requests are
+  answered, bounded by ``drain_timeout``), stop them through the tree and remove their
+  leaves.
 - ``SetWeights``: the broker's traffic split for the plugin (None: by ready instances).
 - ``Analyze``: judge the canary against the stable version over the window from the
   broker's per-version ``Recorder``; the verdict goes back to the engine.
@@ -24,12 +26,12 @@ and performs the engine's effects:
 The supervisor calls ``changed(inst)`` on every life or health change; the driver
 recounts the plugin's instances by role (``Observed``) and reports a canary instance
 that ended on its own as ``CanaryFailed``. An instance the rollout started counts as
-ready once it has been ready and healthy for ``rollout.min_ready`` seconds (Kubernetes'
-``minReadySeconds``): it takes traffic at once, but old instances are retired, and steps
-taken, only then, so one that crashes soon after its start rolls the swap back with the
-old ones still up. A timer recounts when the first of them comes of age. When the
-engine succeeds, the plugin's running config becomes the canary's; when it rolls back,
-nothing of the canary is left.
+ready once it is healthy and ``rollout.min_ready`` seconds have passed since its READY
+(Kubernetes' ``minReadySeconds``): it takes calls once healthy, but old instances are
+retired, and steps taken, only then, so one that crashes soon after its start rolls the
+swap back with the old ones still up. A timer recounts when the first of them comes of
+age. When the engine succeeds, the plugin's running config becomes the canary's; when it
+rolls back, nothing of the canary is left.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ from osk_daemon.rollout.engine import (
 )
 from osk_daemon.rollout.plan import Role, RolloutSpec, Strategy
 from osk_daemon.supervisor import lifecycle as lc
+from osk_daemon.supervisor.handover import export_state
 from osk_daemon.supervisor.instance import Instance
 from osk_daemon.supervisor.priority import GENTLE_NICE, renice
 from osk_daemon.supervisor.start_gate import UP_STATUSES
@@ -101,6 +104,7 @@ class RolloutRun:
         self._recount: asyncio.TimerHandle | None = None  # when an instance comes of age
         self._started: set[str] = set()  # leaves of the instances this rollout started
         self._donors: set[str] = set()  # leaves of the instances those replace
+        self._replacements: dict[str, Instance] = {}  # donor leaf -> the one replacing it
         self._retiring: set[str] = set()
         self._held_end: Publish | None = None  # the end, once the retiring are gone
         self._span: Any = None  # tracing: the whole rollout
@@ -239,8 +243,8 @@ class RolloutRun:
         self.perform(self.engine.analysis_done(AnalysisDone(verdict.passed, verdict.reason)))
 
     def _judge_health(self) -> Verdict | None:
-        """A failing verdict if the canary's instances are less healthy than the stable
-        ones (``rollout.analysis.judge_health``), else None."""
+        """A failing verdict if a canary instance is unhealthy, or degraded while no stable
+        one is (``rollout.analysis.judge_health``), else None."""
         by_role: dict[Role, list[Instance]] = {Role.STABLE: [], Role.CANARY: []}
         for inst in self._sup.members.of_plugin(self.spec.plugin):
             if not inst.retiring:
@@ -325,9 +329,16 @@ class RolloutRun:
         donor = self._donor_for(role)
         if donor is not None:  # it takes that one's place: its state, its state file
             inst.state_slot, inst.handover_donor = donor.state_index, donor.index
+            self._replacements[donor.leaf] = inst
         if cfg.preserve_state and cfg.state_strategy != "none":
             inst.handover_from = self.spec.stable if role is Role.CANARY else self.spec.canary
-        self._sup.members.start(inst)
+        # started in the next loop pass, not here: a start reports back (changed ->
+        # observe -> perform) and must not re-enter this batch of effects half done
+        self._sup.loop.call_soon(self._start_added, inst)
+
+    def _start_added(self, inst: Instance) -> None:
+        if self._sup.instances.get(inst.leaf) is inst and not inst.retiring:
+            self._sup.members.start(inst)
 
     def _donor_for(self, role: Role) -> Instance | None:
         """The instance of the other role a new one of ``role`` replaces: a ready one not
@@ -344,9 +355,28 @@ class RolloutRun:
         self._donors.add(others[0].leaf)
         return others[0]
 
+    async def _stash_state(self, donor: Instance) -> None:
+        """A donor retiring before its replacement asked for its state (the engine may
+        stop one in the same step as it starts another, ``max_unavailable``): export its
+        state now, before its drain, for the replacement to take when it asks (it lacks
+        the calls the donor answers while it drains)."""
+        new = self._replacements.get(donor.leaf)
+        if new is None or new.handover_from is None or new.handover_stash is not None:
+            return
+        if donor.life.state is not lc.State.READY:
+            return  # it cannot export; the replacement takes another one's state
+        body, why = await export_state(
+            self._sup, self.spec.plugin, str(donor.config.version), donor.index
+        )
+        if why:
+            log.warning("%s: its state could not be kept for %s: %s", donor.leaf, new.leaf, why)
+        elif new.handover_from is not None:  # it has not asked meanwhile
+            new.handover_stash = body
+
     async def _retire(self, inst: Instance, since: float) -> None:
         """Drain, then stop ``inst``. The ``rollout:drained`` event says how long the
         cut-over took: from the decision to stop it to its last request answered."""
+        await self._stash_state(inst)  # while calls still reach it (a drained one: none)
         in_flight = self._sup.broker.in_flight(inst.key)  # what the drain waits for
         drained = await self._sup.members.drain(inst, self.drain_timeout)
         if inst.life.pid is not None:  # its stop and exit need not compete with serving

@@ -68,6 +68,7 @@ class InstanceRecord:
     loaded_from: str = ""  # the plugin folder, for a plugin loaded at run time (oskctl load)
     daemon: str = ""  # daemon_fingerprint() of the daemon that started it
     slot: int = 0  # its cgroup slot (confinement.instance_cgroup)
+    state_slot: int | None = None  # its state file's number, if not its index (a swap's)
 
     @property
     def leaf(self) -> str:

@@ -393,6 +393,17 @@ def test_a_reload_or_unload_that_would_cut_into_a_rollout_is_refused_whole(
         assert pids(d) == before  # nothing of it applied: other runs, newbie does not
         with pytest.raises(ControlError, match="cannot unload counter: a rollout"):
             d.ctl("unload", name="counter")
+        # a supervision setting alone would retune every instance, the new ones too
+        retuned = config(installed, "1.0.0", plugin_block("other")).replace(
+            "interval = 0.2", "interval = 0.3"
+        )
+        d.config.write_text(retuned)
+        with pytest.raises(ControlError, match="cannot reload: a rollout of 'counter'"):
+            d.ctl("reload")
+        with pytest.raises(ControlError, match=r"a rollout of 'counter' to 2\.0\.0"):
+            d.ctl("deploy", plugin="counter", version="2.0.0")
+        assert pids(d) == before
+        d.config.write_text(daemon_config(plugin_block("newbie"), plugins_dir=str(installed)))
         d.ctl("rollout", action="abort", plugin="counter")
         d.wait_until(
             lambda: d.ctl("rollout", action="status", plugin="counter")["state"] == "rolled-back",
@@ -400,3 +411,49 @@ def test_a_reload_or_unload_that_would_cut_into_a_rollout_is_refused_whole(
         )
         summary = d.ctl("reload")
         assert summary["added"] == ["newbie"] and sorted(summary["removed"]) == ["counter", "other"]
+
+
+def test_a_plugin_kept_as_it_runs_follows_the_plan_where_a_changed_one_needs_it(
+    tmp_path: Path,
+) -> None:
+    # app 2 needs lib ^2; the edit moves app to ^2 and leaves lib's entry as it was: lib
+    # must move too, or app 2.0.0 would run against lib 1.0.0
+    root = tmp_path / "installed"
+    for name, version, needs in (
+        ("lib", "1.0.0", ""),
+        ("lib", "2.0.0", ""),
+        ("app", "1.0.0", "lib ^1"),
+        ("app", "2.0.0", "lib ^2"),
+    ):
+        folder = root / name / version
+        folder.mkdir(parents=True)
+        (folder / "p.py").write_text(
+            "from osk_daemon.worker import Plugin\n\n\nclass P(Plugin):\n    pass\n"
+        )
+        requires = ""
+        if needs:
+            dep, rng = needs.split()
+            requires = f'[[requires]]\nname = "{dep}"\nrange = "{rng}"\n'
+        (folder / "osk-plugin.toml").write_text(
+            f'name = "{name}"\nversion = "{version}"\nentry = "p:P"\n{requires}'
+        )
+    root.chmod(0o755)
+
+    def body(app: str) -> str:
+        return daemon_config(
+            f'[plugins.app]\nversion = "{app}"\n[plugins.lib]\nversion = "*"\n',
+            plugins_dir=str(root),
+        )
+
+    with running_daemon(body("^1")) as d:
+        assert {r["plugin"]: r["version"] for r in d.status()} == {"app": "1.0.0", "lib": "1.0.0"}
+        d.config.write_text(body("^2"))
+        assert sorted(d.ctl("reload")["swapped"]) == ["app", "lib"]
+        d.wait_until(
+            lambda: (
+                {(r["plugin"], r["version"], r["state"]) for r in d.status()}
+                == {("app", "2.0.0", "ready"), ("lib", "2.0.0", "ready")}
+            ),
+            timeout=60,
+            what="both on 2.0.0",
+        )

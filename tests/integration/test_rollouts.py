@@ -427,10 +427,15 @@ def test_min_ready_keeps_the_old_instance_until_the_new_one_has_lasted(installed
         assert started and drained and drained[-1] - started[-1] >= 1999  # ms, truncated
 
 
-def test_each_new_instance_takes_over_the_state_of_the_one_it_replaces(installed: Path) -> None:
+@pytest.mark.parametrize("unavailable", [0, 1])
+def test_each_new_instance_takes_over_the_state_of_the_one_it_replaces(
+    installed: Path, unavailable: int
+) -> None:
     # two instances with two counts: a swap hands over both (not one of them twice), and
-    # with the disk strategy the state files stay theirs across a daemon restart
-    body = config(installed, 2).replace(
+    # with the disk strategy the state files stay theirs across a daemon restart. With
+    # max_unavailable = 1 an old instance is stopped as its replacement starts: it hands
+    # its state over as it goes
+    body = config(installed, 2, f"max_unavailable = {unavailable}").replace(
         "[plugins.counter.health_check]", 'state_strategy = "disk"\n[plugins.counter.health_check]'
     )
     with running_daemon(body) as d:
@@ -455,6 +460,7 @@ def test_each_new_instance_takes_over_the_state_of_the_one_it_replaces(installed
         assert counts() == [3, 7]
         handed = [e for e in d.ctl("events", lines=1000) if e["type"] == "rollout:handed-over"]
         assert sorted(e["donor"] for e in handed) == [0, 1]
+        assert all(e["bytes"] > 0 for e in handed)
         d.stop()  # a graceful stop saves each state; the new daemon's instances 0 and 1
         d.start()  # read the files the swapped instances kept, not their donors' older ones
         d.wait_until(d.all_ready, what="all ready again")
