@@ -29,7 +29,7 @@ from pydantic import BaseModel
 
 from osk_daemon.config.models import Config
 
-__all__ = ["ConfigDiff", "diff_configs"]
+__all__ = ["ConfigDiff", "diff_configs", "top_keys"]
 
 SWAP_KEYS = frozenset({"version", "entry", "path", "config", "env", "limits", "sandbox", "spawn"})
 SCALE_KEYS = frozenset({"instances"})
@@ -50,12 +50,14 @@ class ConfigDiff:
     @property
     def swap(self) -> tuple[str, ...]:
         """Changed plugins that need new processes."""
-        return tuple(p for p, keys in self.changed.items() if _top(keys) & SWAP_KEYS)
+        return tuple(p for p, keys in self.changed.items() if top_keys(keys) & SWAP_KEYS)
 
     @property
     def scale(self) -> tuple[str, ...]:
         return tuple(
-            p for p, keys in self.changed.items() if p not in self.swap and _top(keys) & SCALE_KEYS
+            p
+            for p, keys in self.changed.items()
+            if p not in self.swap and top_keys(keys) & SCALE_KEYS
         )
 
     @property
@@ -85,7 +87,8 @@ class ConfigDiff:
         }
 
 
-def _top(keys: tuple[str, ...]) -> set[str]:
+def top_keys(keys: tuple[str, ...]) -> set[str]:
+    """The top-level keys of dotted paths (``health_check.interval`` -> ``health_check``)."""
     return {k.split(".")[0] for k in keys}
 
 

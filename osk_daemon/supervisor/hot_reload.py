@@ -106,8 +106,8 @@ async def watch_plugin(sup: Supervisor, plugin: str) -> None:
 
 
 async def _swap_when_free(sup: Supervisor, plugin: str) -> None:
-    running = sup.rollouts.runs.get(plugin)
-    if running is not None and not running.finished.is_set():
+    running = sup.rollouts.running(plugin)
+    if running is not None:
         await running.finished.wait()  # the last edit wins: swap once more after it
     async with sup.reloading:  # not while a reload changes plugins (it checked rollouts)
         current = sup.config.plugins.get(plugin)

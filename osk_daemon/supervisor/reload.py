@@ -42,7 +42,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from osk_daemon.config import Config, GroupConfig, PluginConfig, load_config
-from osk_daemon.config.diff import ConfigDiff, diff_configs
+from osk_daemon.config.diff import ConfigDiff, diff_configs, top_keys
 from osk_daemon.errors import ConfigError, ControlError
 from osk_daemon.rollout.plan import RolloutSpec
 from osk_daemon.supervisor.instance import health_policy
@@ -105,7 +105,7 @@ async def _reload(sup: Supervisor) -> dict[str, Any]:
     for name in diff.retune:
         merged[name] = _retune(sup, name, new.plugins[name])
     for name in diff.scale:
-        if _top_keys(diff.changed[name]) - {"instances"}:  # with supervision settings too
+        if top_keys(diff.changed[name]) - {"instances"}:  # with supervision settings too
             merged[name] = _retune(sup, name, new.plugins[name])
         else:
             merged[name] = merged[name].model_copy(
@@ -285,10 +285,6 @@ def _retune(sup: Supervisor, name: str, cfg: PluginConfig) -> PluginConfig:
         inst.life.shutdown_timeout = cfg.shutdown_timeout
         sup.tree.update_leaf(leaf_spec(name, inst.index, cfg))
     return cfg
-
-
-def _top_keys(keys: tuple[str, ...]) -> set[str]:
-    return {k.split(".")[0] for k in keys}
 
 
 def _swap_spec(sup: Supervisor, name: str, cfg: PluginConfig) -> RolloutSpec:

@@ -103,8 +103,8 @@ class RolloutRun:
         self._loop_timer: Any = None
         self._recount: asyncio.TimerHandle | None = None  # when an instance comes of age
         self._started: set[str] = set()  # leaves of the instances this rollout started
-        self._donors: set[str] = set()  # leaves of the instances those replace
-        self._replacements: dict[str, Instance] = {}  # donor leaf -> the one replacing it
+        # the instances those replace: donor leaf -> the new instance that takes its place
+        self._replacements: dict[str, Instance] = {}
         self._retiring: set[str] = set()
         self._held_end: Publish | None = None  # the end, once the retiring are gone
         self._span: Any = None  # tracing: the whole rollout
@@ -317,7 +317,11 @@ class RolloutRun:
         # not-ready ones first (stopping them costs no availability), then those whose
         # state a new instance took over, newest first (the order donors are chosen in)
         mine.sort(
-            key=lambda i: (i.life.state is lc.State.READY, i.leaf not in self._donors, -i.index)
+            key=lambda i: (
+                i.life.state is lc.State.READY,
+                i.leaf not in self._replacements,
+                -i.index,
+            )
         )
         return mine[:count]
 
@@ -347,13 +351,10 @@ class RolloutRun:
         others = [
             i
             for i in self._sup.members.of_plugin(self.spec.plugin)
-            if self.role_of(i) is not role and not i.retiring and i.leaf not in self._donors
+            if self.role_of(i) is not role and not i.retiring and i.leaf not in self._replacements
         ]
         others.sort(key=lambda i: (i.life.state is not lc.State.READY, -i.index))
-        if not others:
-            return None
-        self._donors.add(others[0].leaf)
-        return others[0]
+        return others[0] if others else None
 
     async def _stash_state(self, donor: Instance) -> None:
         """A donor retiring before its replacement asked for its state (the engine may
@@ -444,8 +445,8 @@ class Rollouts:
 
     def deploy(self, plugin: str, canary: PluginConfig, spec: RolloutSpec) -> RolloutRun:
         """Start a rollout; raises ControlError if one of this plugin is still running."""
-        current = self.runs.get(plugin)
-        if current is not None and not current.finished.is_set():
+        current = self.running(plugin)
+        if current is not None:
             raise ControlError(
                 f"a rollout of '{plugin}' to {current.spec.canary} is {current.engine.state}; "
                 "abort or promote it first"

@@ -132,8 +132,7 @@ class Updates:
             return False
         if self.failed.get(plugin, ("", ""))[0] == version:
             return False
-        running = self._sup.rollouts.runs.get(plugin)
-        if running is not None and not running.finished.is_set():
+        if self._sup.rollouts.running(plugin) is not None:
             return False
         return update.window is None or in_window(parse_window(update.window), now)
 

@@ -56,6 +56,7 @@ from osk_daemon.ipc.codec import (
     encode_header,
     encode_reply_header,
     pack,
+    routing_meta,
     unpack,
 )
 from osk_daemon.ipc.endpoint import LoopSocket
@@ -329,7 +330,7 @@ class DaemonLink:
         self.pending[id] = fut
         try:
             assert self.sock is not None
-            meta = None if key is None else {"key": key}
+            meta = routing_meta(key=key)
             header = _enc.request(id, plugin, method, time.monotonic() + timeout, meta)
             self.sock.post(b"", header, body)
             async with asyncio.timeout(timeout + CALL_GRACE):
